@@ -1,0 +1,78 @@
+"""Command line.  Kept import-light: `virt-forward hook` runs at every guest start."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+
+from .errors import ExitCode, VirtForwardError
+
+HELP = """\
+Forward ports of this host to libvirt guests (DNAT with nftables maps), following each
+guest's life through libvirt's qemu hook.  Config: /etc/virt-forward/guests/<domain>.toml."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="virt-forward", description=HELP,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config-dir", help="default /etc/virt-forward (env VIRT_FORWARD_CONFIG_DIR)")
+    p.add_argument("--state-dir", help="default /run/virt-forward (env VIRT_FORWARD_STATE_DIR)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    h = sub.add_parser("hook", help="entry point for libvirt's qemu hook (domain XML on stdin)")
+    h.add_argument("args", nargs=argparse.REMAINDER, help="DOMAIN OPERATION SUB-OPERATION [EXTRA]")
+    sub.add_parser("check", help="validate config.toml and every guest file; non-zero exit on any error")
+    pl = sub.add_parser("plan", help="print the nft batch that `apply GUEST` would run; changes nothing")
+    pl.add_argument("guest")
+    a = sub.add_parser("apply", help="apply a guest's forwards now (what the hook does at start)")
+    a.add_argument("guest")
+    r = sub.add_parser("remove", help="remove what was applied for a guest (what the hook does at stop)")
+    r.add_argument("guest")
+    s = sub.add_parser("status", help="guests, their forwards and whether they are live in the kernel")
+    s.add_argument("guest", nargs="?")
+    s.add_argument("--json", action="store_true")
+    d = sub.add_parser("demo", help="show a forward working in throw-away network namespaces (no libvirt)")
+    d.add_argument("--keep-going", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from . import engine  # after parsing: --help stays cheap
+    ctx = engine.default_context(args.config_dir, args.state_dir)
+    try:
+        if args.command == "hook":
+            from . import hook
+            return int(hook.main(args.args, ctx))
+        if args.command == "check":
+            from .commands import check
+            return int(check(ctx))
+        if args.command == "plan":
+            from .commands import plan
+            return int(plan(ctx, args.guest))
+        if args.command == "apply":
+            print(engine.apply(ctx, args.guest))
+            return ExitCode.OK
+        if args.command == "remove":
+            print(engine.remove(ctx, args.guest, why="by hand"))
+            return ExitCode.OK
+        if args.command == "status":
+            from .commands import status
+            return int(status(ctx, args.guest, as_json=args.json))
+        if args.command == "demo":
+            from .demo import run_demo
+            return int(run_demo())
+    except VirtForwardError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"virt-forward: {exc}", file=sys.stderr)
+        return int(exc.exit_code)
+    except KeyboardInterrupt:
+        return 130
+    return ExitCode.USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""check, plan and status: read-only commands."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from . import engine, nft
+from .config import guest_names, load_guest, load_settings
+from .errors import ConfigError, ExitCode, VirtForwardError
+from .plan import GuestPlan, find_conflicts, plan_guest
+from .runner import run, which
+
+
+def check(ctx: engine.Context) -> int:
+    errors: list[str] = []
+    plans: list[tuple[GuestPlan, str]] = []
+    try:
+        settings = load_settings(ctx.config_dir)
+    except ConfigError as exc:
+        print(f"error: {exc}")
+        return ExitCode.CONFIG
+    names = guest_names(ctx.config_dir)
+    for name in names:
+        try:
+            guest = load_guest(ctx.config_dir, name)
+            if guest is not None:
+                plans.append((plan_guest(guest, settings), guest.path))
+        except VirtForwardError as exc:
+            errors.append(str(exc))
+    errors += [str(e) for e in find_conflicts(plans)]
+    for line in errors:
+        print(f"error: {line}")
+    forwards = sum(len(p.forwards) for p, _ in plans)
+    print(f"{'FAILED' if errors else 'ok'}: {len(names)} guest file(s), {forwards} forward(s), "
+          f"{len(errors)} error(s) in {ctx.config_dir}")
+    return ExitCode.CONFIG if errors else ExitCode.OK
+
+
+def plan(ctx: engine.Context, domain: str) -> int:
+    want = engine.desired(ctx, domain)
+    old = ctx.store.read(domain)
+    if want.plan is None:
+        print(f"# {domain}: no config file; applying would remove what is recorded")
+    else:
+        print(f"# {domain}: {len(want.plan.forwards)} forward(s) from {want.guest.path if want.guest else '?'}")
+        for fwd in want.plan.forwards:
+            print(f"#   {fwd.describe()}")
+        if want.plan.allow is not None:
+            print(f"#   only from: {', '.join(map(str, want.plan.allow))}")
+    print(f"# recorded as applied now: {'nothing' if old is None else f'{len(old.forwards)} forward(s)'}")
+    print("# guards: one rule on top of iptables' filter FORWARD (ip and ip6) when a FORWARD chain there "
+          "rejects or drops: " + " ".join(["iptables -I FORWARD 1", _guard_spec()]))
+    print(nft.change(old, want.plan, hairpin=want.settings.hairpin), end="")
+    return ExitCode.OK
+
+
+def _guard_spec() -> str:
+    from .guards import GUARD_SPEC
+    return GUARD_SPEC
+
+
+def live_elements() -> dict[str, dict[tuple[str, ...], tuple[str, ...]]] | None:
+    if which("nft") is None:
+        return None
+    result = run(["nft", "-j", "list", "table", nft.FAMILY, nft.TABLE], check=False)
+    if result.returncode != 0:
+        return {}
+    return nft.parse_live(json.loads(result.stdout))
+
+
+def status(ctx: engine.Context, only: str | None, as_json: bool) -> int:
+    live = live_elements() or {}
+    names = sorted(set(ctx.store.domains()) | set(guest_names(ctx.config_dir)))
+    if only is not None:
+        names = [n for n in names if n == only]
+    report: list[dict[str, Any]] = []
+    for name in names:
+        applied = ctx.store.read(name)
+        entry: dict[str, Any] = {"guest": name, "applied": applied is not None, "forwards": []}
+        try:
+            guest = load_guest(ctx.config_dir, name)
+            configured = None if guest is None else plan_guest(guest, load_settings(ctx.config_dir))
+        except VirtForwardError as exc:
+            configured, entry["config_error"] = None, str(exc)
+        shown = applied or configured
+        for fwd in (shown.forwards if shown else ()):
+            mname, key, value = nft.dnat_element(fwd)
+            entry["forwards"].append({"forward": fwd.describe(), "live": live.get(mname, {}).get(key) == value})
+        entry["config_differs"] = (applied is not None and configured is not None
+                                   and applied.forwards != configured.forwards)
+        report.append(entry)
+    if as_json:
+        json.dump(report, sys.stdout, indent=1)
+        print()
+        return ExitCode.OK
+    if not report:
+        print(f"no guests configured in {ctx.config_dir}")
+    for entry in report:
+        state = "applied" if entry["applied"] else "not applied (guest stopped, or no hook call yet)"
+        print(f"{entry['guest']}: {state}")
+        if "config_error" in entry:
+            print(f"  config error: {entry['config_error']}")
+        if entry["config_differs"]:
+            print("  config changed since it was applied (runs `apply` to take it)")
+        for f in entry["forwards"]:
+            mark = "live" if f["live"] else ("MISSING" if entry["applied"] else "-")
+            print(f"  {f['forward']:<48} {mark}")
+    return ExitCode.OK

@@ -1,0 +1,281 @@
+"""Read and validate /etc/virt-forward: config.toml and guests/<domain>.toml.
+
+Files decide which ports of the host are open, so, like sshd's StrictModes, a
+file that is not root's or that group/other may write is refused.  Every error
+names the file, the line (found in the text, since tomllib gives no positions
+for values), the key and the bad value.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import stat
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from .errors import ConfigError, PortSpecError, UsageError
+from .ports import IPAddress, PortSpec, parse_port_spec
+
+Backend = Literal["auto", "nftables", "iptables"]
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+DEFAULT_CONFIG_DIR = Path("/etc/virt-forward")
+MAX_FILE_BYTES = 1 << 20
+_SETTINGS_KEYS = {"backend", "public", "hairpin", "strict"}
+_GUEST_KEYS = {"address", "public", "ports", "allow"}
+
+
+@dataclass(frozen=True)
+class Settings:
+    backend: Backend = "auto"
+    public: tuple[IPAddress, ...] = ()
+    hairpin: bool = True
+    strict: bool = False
+    path: str | None = None
+
+
+@dataclass(frozen=True)
+class PortEntry:
+    spec: PortSpec
+    text: str
+    line: int | None
+
+
+@dataclass(frozen=True)
+class GuestConfig:
+    name: str
+    path: str
+    addresses: tuple[IPAddress, ...]
+    ports: tuple[PortEntry, ...]
+    public: tuple[IPAddress, ...] | None = None  # None: config.toml's default
+    allow: tuple[IPNetwork, ...] | None = None  # None: every source
+    lines: dict[str, int] = field(default_factory=dict, compare=False, hash=False)
+
+    def line_of(self, key: str) -> int | None:
+        return self.lines.get(key)
+
+
+def config_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
+    if explicit is not None:
+        return Path(explicit)
+    env = os.environ.get("VIRT_FORWARD_CONFIG_DIR")
+    return Path(env) if env else DEFAULT_CONFIG_DIR
+
+
+def check_domain_name(name: str) -> str:
+    """libvirt names may hold almost anything; ours become file names."""
+    if not name or name in (".", "..") or "/" in name or "\0" in name or len(name.encode()) > 200:
+        raise UsageError(f"domain name {name!r} cannot name a guest file")
+    return name
+
+
+def guest_path(cdir: Path, name: str) -> Path:
+    return cdir / "guests" / f"{check_domain_name(name)}.toml"
+
+
+# ---------------------------------------------------------------- reading files
+
+def _check_trusted(path: Path, st: os.stat_result) -> None:
+    if st.st_uid != 0:
+        raise ConfigError(f"refused: owned by uid {st.st_uid}, not root (chown root {path})", path=path)
+    if st.st_mode & 0o022:
+        raise ConfigError(
+            f"refused: writable by group or others (mode {stat.S_IMODE(st.st_mode):04o}; chmod go-w {path})",
+            path=path)
+
+
+def _read_toml(path: Path) -> tuple[dict[str, Any], list[str]]:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ConfigError(f"cannot read: {exc.strerror}", path=path) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError("not a regular file", path=path)
+        _check_trusted(path, st)
+        if st.st_size > MAX_FILE_BYTES:
+            raise ConfigError(f"refused: {st.st_size} bytes, larger than {MAX_FILE_BYTES}", path=path)
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            raw = fh.read(MAX_FILE_BYTES + 1)
+    finally:
+        os.close(fd)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"not UTF-8 text (byte {exc.start})", path=path) from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        msg = str(exc)
+        m = re.search(r"\(at line (\d+), column \d+\)", msg)
+        line = int(m.group(1)) if m else None
+        reason = re.sub(r"\s*\(at line \d+, column \d+\)", "", msg)
+        raise ConfigError(f"TOML syntax error: {reason}", path=path, line=line) from None
+    return data, text.splitlines()
+
+
+def _key_lines(lines: list[str]) -> dict[str, int]:
+    found: dict[str, int] = {}
+    for number, line in enumerate(lines, 1):
+        m = re.match(r"\s*([A-Za-z0-9_-]+|\"[^\"]*\")\s*=", line)
+        if m:
+            found.setdefault(m.group(1).strip('"'), number)
+    return found
+
+
+def _value_line(lines: list[str], start: int | None, value: str) -> int | None:
+    """The line of a string inside a (possibly multi-line) array."""
+    if start is None:
+        return None
+    for number in range(start, len(lines) + 1):
+        text = lines[number - 1]
+        if f'"{value}"' in text or f"'{value}'" in text:
+            return number
+    return start
+
+
+class _Where:
+    """Builds ConfigErrors that point into one file."""
+
+    def __init__(self, path: Path, lines: list[str]) -> None:
+        self.path = path
+        self.lines = lines
+        self.keys = _key_lines(lines)
+
+    def error(self, key: str, message: str, value: str | None = None) -> ConfigError:
+        line = self.keys.get(key)
+        if value is not None:
+            line = _value_line(self.lines, line, value)
+        return ConfigError(message, path=self.path, line=line, key=key)
+
+
+def _string_list(data: dict[str, Any], key: str, where: _Where) -> list[str] | None:
+    if key not in data:
+        return None
+    value = data[key]
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise where.error(key, f"must be a string or a list of strings, not {value!r}")
+
+
+def _addresses(values: list[str], key: str, where: _Where) -> tuple[IPAddress, ...]:
+    out: list[IPAddress] = []
+    for text in values:
+        try:
+            addr = ipaddress.ip_address(text.strip())
+        except ValueError:
+            raise where.error(key, f"{text!r} is not an IP address", text) from None
+        if addr.is_multicast or addr.is_unspecified:
+            raise where.error(key, f"{text!r} cannot be used here", text)
+        if addr in out:
+            raise where.error(key, f"{text!r} is listed twice", text)
+        out.append(addr)
+    return tuple(out)
+
+
+def _unknown_keys(data: dict[str, Any], allowed: set[str], where: _Where) -> None:
+    for key in data:
+        if key not in allowed:
+            raise where.error(key, f"unknown key (known: {', '.join(sorted(allowed))})")
+
+
+def load_settings(cdir: Path) -> Settings:
+    path = cdir / "config.toml"
+    if not path.exists():
+        return Settings()
+    data, lines = _read_toml(path)
+    where = _Where(path, lines)
+    _unknown_keys(data, _SETTINGS_KEYS, where)
+    backend = data.get("backend", "auto")
+    if backend not in ("auto", "nftables", "iptables"):
+        raise where.error("backend", f"{backend!r} is not one of auto, nftables, iptables")
+    public = _addresses(_string_list(data, "public", where) or [], "public", where)
+    flags: dict[str, bool] = {}
+    for key, default in (("hairpin", True), ("strict", False)):
+        value = data.get(key, default)
+        if not isinstance(value, bool):
+            raise where.error(key, f"must be true or false, not {value!r}")
+        flags[key] = value
+    return Settings(backend=backend, public=public, hairpin=flags["hairpin"],
+                    strict=flags["strict"], path=str(path))
+
+
+def parse_guest(name: str, path: Path, data: dict[str, Any], lines: list[str]) -> GuestConfig:
+    where = _Where(path, lines)
+    _unknown_keys(data, _GUEST_KEYS, where)
+
+    if "address" not in data:
+        raise where.error("address", "missing: the guest's address on its libvirt network")
+    addr_list = _string_list(data, "address", where) or []
+    addresses = _addresses(addr_list, "address", where)
+    if not addresses:
+        raise where.error("address", "is empty")
+    for version in (4, 6):
+        if sum(1 for a in addresses if a.version == version) > 1:
+            raise where.error("address", f"gives more than one IPv{version} address; forwards need one target")
+
+    public_list = _string_list(data, "public", where)
+    public = None if public_list is None else _addresses(public_list, "public", where)
+
+    if "ports" not in data:
+        raise where.error("ports", "missing: the list of forwards, e.g. [\"80\", \"2222:22\"]")
+    port_texts = _string_list(data, "ports", where) or []
+    entries: list[PortEntry] = []
+    for text in port_texts:
+        try:
+            spec = parse_port_spec(text)
+        except PortSpecError as exc:
+            raise where.error("ports", str(exc), text) from None
+        entries.append(PortEntry(spec, text, _value_line(lines, where.keys.get("ports"), text)))
+
+    allow: tuple[IPNetwork, ...] | None = None
+    allow_list = _string_list(data, "allow", where)
+    if allow_list is not None:
+        nets: list[IPNetwork] = []
+        for text in allow_list:
+            try:
+                nets.append(ipaddress.ip_network(text.strip(), strict=True))
+            except ValueError as exc:
+                raise where.error("allow", f"{text!r} is not a CIDR ({exc})", text) from None
+        if not nets:
+            raise where.error("allow", "is empty: that would forward nothing (remove the key to allow all)")
+        allow = tuple(nets)
+
+    return GuestConfig(name=name, path=str(path), addresses=addresses, ports=tuple(entries),
+                       public=public, allow=allow, lines=dict(where.keys))
+
+
+def load_guest(cdir: Path, name: str) -> GuestConfig | None:
+    """The guest's config, or None when it has no file (it is not ours)."""
+    path = guest_path(cdir, name)
+    try:
+        os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ConfigError(f"cannot read: {exc.strerror}", path=path) from None
+    _check_dir(path.parent)
+    data, lines = _read_toml(path)
+    return parse_guest(name, path, data, lines)
+
+
+def _check_dir(path: Path) -> None:
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise ConfigError(f"cannot read: {exc.strerror}", path=path) from None
+    _check_trusted(path, st)
+
+
+def guest_names(cdir: Path) -> list[str]:
+    gdir = cdir / "guests"
+    if not gdir.is_dir():
+        return []
+    return sorted(p.name[:-5] for p in gdir.iterdir() if p.name.endswith(".toml") and not p.name.startswith("."))

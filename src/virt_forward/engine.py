@@ -1,0 +1,157 @@
+"""What the hook and the CLI do: read config and state, plan, render, run, record.
+
+Reading state and producing commands stay apart: nft.py and guards.py are pure
+renderers, runner.py executes; this module only sequences them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import guards, log, nft
+from .config import GuestConfig, Settings, check_domain_name, load_guest, load_settings
+from .errors import FirewallError
+from .plan import Family, GuestPlan, plan_guest
+from .runner import nft_apply, run, which
+from .state import StateStore
+
+_IPTABLES: dict[Family, tuple[str, str]] = {4: ("iptables-save", "iptables-restore"),
+                                            6: ("ip6tables-save", "ip6tables-restore")}
+
+
+@dataclass(frozen=True)
+class Context:
+    config_dir: Path
+    state_dir: Path
+
+    @property
+    def store(self) -> StateStore:
+        return StateStore(self.state_dir)
+
+
+@dataclass(frozen=True)
+class Desired:
+    settings: Settings
+    guest: GuestConfig | None
+    plan: GuestPlan | None
+
+
+def desired(ctx: Context, domain: str) -> Desired:
+    """The guest's plan from its file now; plan None when it has no file.  Raises ConfigError."""
+    check_domain_name(domain)
+    settings = load_settings(ctx.config_dir)
+    guest = load_guest(ctx.config_dir, domain)
+    plan = None if guest is None else plan_guest(guest, settings)
+    return Desired(settings, guest, plan)
+
+
+def resolve_backend(settings: Settings) -> str:
+    if settings.backend in ("auto", "nftables") and which("nft"):
+        return "nftables"
+    if settings.backend == "nftables":
+        raise FirewallError("backend = \"nftables\" but the nft command is not installed (apt install nftables)")
+    # Not built yet; refusing beats pretending.
+    raise FirewallError(f"backend {settings.backend!r}: only the nftables backend exists in this version "
+                        "(install the nftables package)")
+
+
+def apply(ctx: Context, domain: str) -> str:
+    """Make the kernel hold exactly this guest's current forwards.  Idempotent."""
+    want = desired(ctx, domain)
+    if want.plan is None:
+        return remove(ctx, domain, why="no config file")
+    backend = resolve_backend(want.settings)
+    store = ctx.store
+    with store.lock():
+        old = store.read(domain)
+        nft_apply(nft.change(old, want.plan, hairpin=want.settings.hairpin))
+        store.write(want.plan, backend)
+        ensure_guards(want.plan.families())
+    msg = f"{domain}: {len(want.plan.forwards)} forward(s) live" + _summary(want.plan)
+    log.info(msg)
+    return msg
+
+
+def remove(ctx: Context, domain: str, why: str = "") -> str:
+    """Remove what was applied for the guest (its record), whatever its file says now."""
+    check_domain_name(domain)
+    store = ctx.store
+    with store.lock():
+        old = store.read(domain)
+        if old is None:
+            return f"{domain}: nothing applied" + (f" ({why})" if why else "")
+        last = not store.any_other(domain)
+        hairpin = _hairpin(ctx)
+        nft_apply(nft.change(old, None, hairpin=hairpin, last=last))
+        store.delete(domain)
+        if last:
+            remove_guards()
+    msg = f"{domain}: removed {len(old.forwards)} forward(s)" + (f" ({why})" if why else "")
+    log.info(msg)
+    return msg
+
+
+def _hairpin(ctx: Context) -> bool:
+    try:
+        return load_settings(ctx.config_dir).hairpin
+    except Exception:  # a broken config.toml must not block removing forwards
+        return True
+
+
+def _summary(plan: GuestPlan) -> str:
+    shown = [f.describe() for f in plan.forwards[:4]]
+    more = len(plan.forwards) - len(shown)
+    return (": " + ", ".join(shown) + (f", +{more} more" if more > 0 else "")) if shown else ""
+
+
+# ---------------------------------------------------------------- guards
+
+def _read_forward_chain(family: Family) -> guards.ForwardChain | None:
+    save, _ = _IPTABLES[family]
+    if which(save) is None:
+        return None
+    result = run([save, "-t", "filter"], check=False)
+    if result.returncode != 0:  # no filter table: nothing there can reject us
+        return guards.ForwardChain(exists=False)
+    return guards.parse_filter(result.stdout)
+
+
+def _restore(family: Family, text: str) -> None:
+    _, restore = _IPTABLES[family]
+    run([restore, "-w", "5", "--noflush"], stdin=text)
+
+
+def ensure_guards(families: set[Family]) -> list[str]:
+    """Put our guard on top of iptables' FORWARD where something there rejects or drops."""
+    done = []
+    for family in sorted(families):
+        chain = _read_forward_chain(family)
+        if chain is None or not chain.needs_guard():
+            continue
+        text = guards.render(chain, want=True)
+        if text is not None:
+            _restore(family, text)
+            done.append(f"ip{'6' if family == 6 else ''}tables FORWARD")
+    if done:
+        log.info("guard placed on top of " + ", ".join(done))
+    return done
+
+
+def remove_guards() -> None:
+    for family in (4, 6):
+        chain = _read_forward_chain(family)  # type: ignore[arg-type]
+        if chain is None:
+            continue
+        text = guards.render(chain, want=False)
+        if text is not None:
+            _restore(family, text)  # type: ignore[arg-type]
+
+
+def default_context(config_dir: str | None = None, state_dir: str | None = None) -> Context:
+    from .config import config_dir as cdir
+    from .state import state_dir as sdir
+    return Context(cdir(config_dir), sdir(state_dir))
+
+
+__all__ = ["Context", "apply", "remove", "desired", "ensure_guards", "remove_guards", "default_context"]

@@ -1,0 +1,81 @@
+"""libvirt's qemu hook: argv + domain XML on stdin -> the same engine the CLI calls.
+
+Never calls back into libvirt (it waits for us: a call back deadlocks).  Exits 0
+except when `strict = true` and the guest's config is invalid at prepare/start,
+which aborts the start with the reason on stderr.  A failing `reconnect` makes
+libvirt kill the guest, so that path never fails.
+"""
+
+from __future__ import annotations
+
+import sys
+import xml.etree.ElementTree as ET
+from typing import TextIO
+
+from . import engine, log
+from .errors import ConfigError, ExitCode, UsageError, VirtForwardError
+
+APPLY = {"start", "started", "reconnect"}
+REMOVE = {"stopped", "release"}
+# libvirt reads our stdout as replacement XML for these: print nothing, ever.
+SILENT = {"migrate", "restore"}
+
+
+def domain_name_from_xml(text: str) -> str | None:
+    if not text.strip():
+        return None
+    try:
+        root = ET.fromstring(text)
+    except ET.ParseError:
+        return None
+    name = root.findtext("name")
+    return name.strip() if name else None
+
+
+def run_hook(ctx: engine.Context, argv: list[str], stdin: TextIO) -> int:
+    if len(argv) < 3:
+        raise UsageError("hook needs DOMAIN OPERATION SUB-OPERATION [EXTRA] (as libvirt calls it)")
+    domain, op, sub = argv[0], argv[1], argv[2]
+    if op in SILENT:
+        return ExitCode.OK
+    if op not in APPLY | REMOVE | {"prepare"}:
+        return ExitCode.OK
+    try:
+        xml_name = domain_name_from_xml(stdin.read())
+    except (OSError, ValueError):
+        xml_name = None
+    if xml_name is not None and xml_name != domain:
+        log.warning(f"{domain}: hook argv names {domain!r} but the XML on stdin names {xml_name!r}; using argv")
+
+    strict = False
+    try:
+        if op in REMOVE:
+            engine.remove(ctx, domain, why=f"{op} {sub}")
+            return ExitCode.OK
+        want = engine.desired(ctx, domain)  # validates; raises ConfigError
+        strict = want.settings.strict
+        if op == "prepare":
+            return ExitCode.OK
+        engine.apply(ctx, domain)
+    except ConfigError as exc:
+        strict = strict or _strict(ctx)
+        log.error(f"{domain}: {op}: {exc}" + ("; keeping what was applied before" if op == "reconnect" else ""))
+        if strict and op in ("prepare", "start"):
+            return exc.exit_code
+    except VirtForwardError as exc:
+        log.error(f"{domain}: {op}: {exc}")
+    except Exception as exc:  # the hook must not take a guest down with a traceback
+        log.error(f"{domain}: {op}: unexpected {type(exc).__name__}: {exc}")
+    return ExitCode.OK
+
+
+def _strict(ctx: engine.Context) -> bool:
+    from .config import load_settings
+    try:
+        return load_settings(ctx.config_dir).strict
+    except ConfigError:
+        return False  # a broken config.toml says nothing; the default is not strict
+
+
+def main(argv: list[str], ctx: engine.Context) -> int:
+    return run_hook(ctx, argv, sys.stdin)

@@ -1,0 +1,33 @@
+"""Every action goes to syslog (the journal on systemd hosts) and to stderr."""
+
+from __future__ import annotations
+
+import sys
+import syslog
+
+_opened = False
+
+
+def _open() -> None:
+    global _opened
+    if not _opened:
+        syslog.openlog("virt-forward", syslog.LOG_PID, syslog.LOG_DAEMON)
+        _opened = True
+
+
+def info(message: str) -> None:
+    _emit(syslog.LOG_INFO, message)
+
+
+def warning(message: str) -> None:
+    _emit(syslog.LOG_WARNING, message)
+
+
+def error(message: str) -> None:
+    _emit(syslog.LOG_ERR, message)
+
+
+def _emit(priority: int, message: str) -> None:
+    _open()
+    syslog.syslog(priority, message)
+    print(f"virt-forward: {message}", file=sys.stderr)

@@ -1,0 +1,233 @@
+"""Render plans to one nft batch (text for `nft -f -`), as pure functions.
+
+Why text and not JSON: nft 1.0.6 (Debian 12) parses a JSON map whose data is a
+concatenation (address . port) as a plain *set*, silently.  The text syntax
+works on every nft we support, and one `nft -f` is one kernel transaction.
+
+Packet path: one table, `inet virt_forward`.  NEW connections to a local
+address are looked up in hash maps keyed by (public address, protocol, port);
+a hit is DNAT-ed and its conntrack entry marked FORWARDED.  Only that mark
+(set by nothing but our DNAT) is what guards in other tables accept, so a host
+that routes straight to a guest reaches none of its ports through us.
+
+Every command is idempotent or paired (`add` before `delete`), so a batch never
+fails because the kernel lost something we recorded (e.g. after a reset).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from .plan import Family, Forward, GuestPlan
+
+TABLE = "virt_forward"
+FAMILY = "inet"
+T = f"{FAMILY} {TABLE}"
+
+# Conntrack mark bits.  FORWARDED: our DNAT made this connection (the guards'
+# only test).  HAIRPIN: the client sits on the guest's own network, so the
+# reply must come back through us (masquerade).
+MARK_FORWARDED = 0x10000000
+MARK_HAIRPIN = 0x20000000
+
+
+@dataclass(frozen=True)
+class _FamilyNames:
+    ip: str  # nft payload protocol: ip / ip6
+    addr_type: str
+    dnat: str
+    dnat_any: str
+    acl: str
+    acl_any: str
+
+
+NAMES: dict[Family, _FamilyNames] = {
+    4: _FamilyNames("ip", "ipv4_addr", "dnat4", "dnat4_any", "acl4", "acl4_any"),
+    6: _FamilyNames("ip6", "ipv6_addr", "dnat6", "dnat6_any", "acl6", "acl6_any"),
+}
+
+CHAINS = ("nat_prerouting", "nat_output", "nat_postrouting", "mark_forward", "lookup")
+
+
+def skeleton(hairpin: bool) -> list[str]:
+    """Table, maps and base chains; constant size, safe to repeat in every batch."""
+    cmds = [f"add table {T}"]
+    for n in NAMES.values():
+        key = f"{n.addr_type} . inet_proto . inet_service"
+        data = f"{n.addr_type} . inet_service"
+        cmds += [
+            f"add map {T} {n.dnat} {{ type {key} : {data} ; }}",
+            f"add map {T} {n.dnat_any} {{ type inet_proto . inet_service : {data} ; }}",
+            f"add map {T} {n.acl} {{ type {key} : verdict ; }}",
+            f"add map {T} {n.acl_any} {{ type inet_proto . inet_service : verdict ; }}",
+        ]
+    cmds += [
+        f"add chain {T} nat_prerouting {{ type nat hook prerouting priority dstnat ; policy accept ; }}",
+        f"add chain {T} nat_output {{ type nat hook output priority -100 ; policy accept ; }}",
+        f"add chain {T} nat_postrouting {{ type nat hook postrouting priority srcnat ; policy accept ; }}",
+        # before the filter priority, so the hairpin bit is set whatever others decide
+        f"add chain {T} mark_forward {{ type filter hook forward priority filter - 5 ; policy accept ; }}",
+        f"add chain {T} lookup",
+    ]
+    cmds += [f"flush chain {T} {c}" for c in CHAINS]
+    cmds.append(f"add rule {T} nat_prerouting fib daddr type local jump lookup")
+    if hairpin:
+        # Loopback cannot be DNAT-ed to another host without route_localnet.
+        cmds += [
+            f"add rule {T} nat_output ip daddr 127.0.0.0/8 return",
+            f"add rule {T} nat_output ip6 daddr ::1 return",
+            f"add rule {T} nat_output fib daddr type local jump lookup",
+            # The destination is reachable through the interface the packet came
+            # in on: a guest (or its neighbour) calling a public port.
+            f"add rule {T} mark_forward ct state new ct mark & {MARK_FORWARDED:#010x} == {MARK_FORWARDED:#010x}"
+            f" fib daddr . iif oif exists ct mark set ct mark | {MARK_HAIRPIN:#010x}",
+            f"add rule {T} nat_postrouting ct mark & {MARK_HAIRPIN:#010x} == {MARK_HAIRPIN:#010x} masquerade",
+        ]
+    mark = f"ct mark set ct mark | {MARK_FORWARDED:#010x}"
+    for fam, n in NAMES.items():
+        proto = f"meta nfproto {'ipv4' if fam == 4 else 'ipv6'}"
+        key = f"{n.ip} daddr . meta l4proto . th dport"
+        key_any = "meta l4proto . th dport"
+        cmds += [
+            f"add rule {T} lookup {key} vmap @{n.acl}",
+            f"add rule {T} lookup {proto} {key_any} vmap @{n.acl_any}",
+            f"add rule {T} lookup {key} @{n.dnat} {mark} dnat {n.ip} to {key} map @{n.dnat}",
+            f"add rule {T} lookup {proto} {key_any} @{n.dnat_any} {mark} dnat {n.ip} to {key_any} map @{n.dnat_any}",
+        ]
+    return cmds
+
+
+Element = tuple[str, tuple[str, ...], tuple[str, ...]]  # (map, key parts, value parts)
+
+
+def dnat_element(fwd: Forward) -> Element:
+    n = NAMES[fwd.family]
+    value = (str(fwd.guest), str(fwd.guest_port))
+    if fwd.public is None:
+        return n.dnat_any, (fwd.proto, str(fwd.public_port)), value
+    return n.dnat, (str(fwd.public), fwd.proto, str(fwd.public_port)), value
+
+
+def _map_and_key(fwd: Forward) -> tuple[str, str, str, str]:
+    """(dnat map, acl map, key, value) of one forward, as nft text."""
+    name, key, value = dnat_element(fwd)
+    acl = NAMES[fwd.family].acl_any if fwd.public is None else NAMES[fwd.family].acl
+    return name, acl, " . ".join(key), " . ".join(value)
+
+
+def acl_chain(plan: GuestPlan) -> str:
+    return f"acl_{plan.tag}"
+
+
+def _grouped(pairs: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for name, elem in pairs:
+        out.setdefault(name, []).append(elem)
+    return out
+
+
+def _elements(verb: str, groups: dict[str, list[str]]) -> list[str]:
+    return [f"{verb} element {T} {name} {{ {', '.join(elems)} }}" for name, elems in sorted(groups.items())]
+
+
+def add_guest(plan: GuestPlan) -> list[str]:
+    cmds: list[str] = []
+    dnat = _grouped((m, f"{k} : {v}") for m, _, k, v in map(_map_and_key, plan.forwards))
+    if plan.allow is not None:
+        chain = acl_chain(plan)
+        cmds += [f"add chain {T} {chain}", f"flush chain {T} {chain}"]
+        for fam in sorted(plan.families()):
+            n = NAMES[fam]
+            # overlapping intervals are an error in nft: merge them here, purely
+            nets = list(ipaddress.collapse_addresses(plan.allow_of(fam)))  # type: ignore[type-var]
+            aset = f"{chain}_{fam}"
+            cmds += [
+                f"add set {T} {aset} {{ type {n.addr_type} ; flags interval ; }}",
+                f"flush set {T} {aset}",
+                f"add element {T} {aset} {{ {', '.join(map(str, nets))} }}",
+                f"add rule {T} {chain} {n.ip} saddr @{aset} return",
+            ]
+        # not allowed: leave the nat chain without DNAT; the packet is the host's, as if unforwarded
+        cmds.append(f"add rule {T} {chain} accept")
+        cmds += _elements("add", _grouped((a, f"{k} : jump {chain}") for _, a, k, _v in map(_map_and_key, plan.forwards)))
+    cmds += _elements("add", dnat)
+    return cmds
+
+
+def remove_guest(plan: GuestPlan) -> list[str]:
+    """Undo `add_guest(plan)`; each delete is preceded by an add so a missing object is no error."""
+    cmds: list[str] = []
+    pairs = [_map_and_key(f) for f in plan.forwards]
+    dnat = _grouped((m, f"{k} : {v}") for m, _, k, v in pairs)
+    cmds += _elements("add", dnat)
+    cmds += _elements("delete", _grouped((m, k) for m, _, k, _v in pairs))
+    if plan.allow is not None:
+        chain = acl_chain(plan)
+        cmds.append(f"add chain {T} {chain}")
+        cmds += _elements("add", _grouped((a, f"{k} : jump {chain}") for _, a, k, _v in pairs))
+        cmds += _elements("delete", _grouped((a, k) for _, a, k, _v in pairs))
+        cmds += [f"flush chain {T} {chain}", f"delete chain {T} {chain}"]
+        for fam in sorted(plan.families()):
+            aset = f"{chain}_{fam}"
+            cmds += [f"add set {T} {aset} {{ type {NAMES[fam].addr_type} ; flags interval ; }}",
+                     f"delete set {T} {aset}"]
+    return cmds
+
+
+def delete_table() -> list[str]:
+    return [f"add table {T}", f"delete table {T}"]
+
+
+def batch(cmds: Iterable[str]) -> str:
+    return "".join(c + "\n" for c in cmds)
+
+
+def change(old: GuestPlan | None, new: GuestPlan | None, *, hairpin: bool, last: bool = False) -> str:
+    """One transaction taking one guest from `old` (as recorded) to `new`.
+
+    Its size depends on this guest's forwards only, never on other guests'.
+    `last`: no guest is left after this one, so the whole table goes.
+    """
+    if new is None and last:
+        return batch(delete_table())
+    cmds = skeleton(hairpin)
+    if old is not None:
+        cmds += remove_guest(old)
+    if new is not None:
+        cmds += add_guest(new)
+    return batch(cmds)
+
+
+def _norm(part: object) -> str:
+    text = str(part)
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        return text
+
+
+def _parts(expr: object) -> tuple[str, ...]:
+    if isinstance(expr, dict) and "concat" in expr:
+        return tuple(_norm(p) for p in expr["concat"])
+    if isinstance(expr, dict) and "jump" in expr:
+        return ("jump " + str(expr["jump"]["target"]),)
+    return (_norm(expr),)
+
+
+def parse_live(listing: dict[str, Any]) -> dict[str, dict[tuple[str, ...], tuple[str, ...]]]:
+    """Map elements from `nft -j list table inet virt_forward`: {map: {key: value}}."""
+    maps: dict[str, dict[tuple[str, ...], tuple[str, ...]]] = {}
+    for item in listing.get("nftables", []):
+        m = item.get("map")
+        if not isinstance(m, dict):
+            continue
+        elems = maps.setdefault(str(m.get("name")), {})
+        for elem in m.get("elem", []):
+            if isinstance(elem, list) and len(elem) == 2:
+                key, value = elem
+                if isinstance(key, dict) and "elem" in key:  # counters/comments wrap the key
+                    key = key["elem"]["val"]
+                elems[_parts(key)] = _parts(value)
+    return maps

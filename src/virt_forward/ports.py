@@ -1,0 +1,149 @@
+"""Docker-style port specs, parsed without I/O.
+
+Grammar: ``[public_ip:][host_port[-end]:]guest_port[-end][/tcp|/udp]``, IPv6 in
+brackets, plus the post's ``proto:port`` form.  A range maps one to one with an
+offset; Docker's "pick any host port" forms are refused because a hypervisor
+admin needs to know which host port is open.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from typing import Iterator, Literal
+
+from .errors import PortSpecError
+
+Proto = Literal["tcp", "udp"]
+PROTOCOLS: tuple[Proto, ...] = ("tcp", "udp")
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+_RANGE = re.compile(r"^(\d{1,5})(?:-(\d{1,5}))?$")
+_POST_FORM = re.compile(r"^(?P<proto>[A-Za-z]+):(?P<ports>[0-9-]+)$")
+
+
+@dataclass(frozen=True, order=True)
+class PortRange:
+    start: int
+    end: int
+
+    def __len__(self) -> int:
+        return self.end - self.start + 1
+
+    def __str__(self) -> str:
+        return str(self.start) if self.start == self.end else f"{self.start}-{self.end}"
+
+
+@dataclass(frozen=True)
+class PortSpec:
+    public: IPAddress | None
+    proto: Proto
+    host: PortRange
+    guest: PortRange
+
+    def pairs(self) -> Iterator[tuple[int, int]]:
+        """(host port, guest port) for every port of the range, offset kept."""
+        offset = self.guest.start - self.host.start
+        for port in range(self.host.start, self.host.end + 1):
+            yield port, port + offset
+
+    def __str__(self) -> str:
+        pub = ""
+        if self.public is not None:
+            pub = f"[{self.public}]:" if self.public.version == 6 else f"{self.public}:"
+        return f"{pub}{self.host}:{self.guest}/{self.proto}"
+
+
+def _port(text: str, what: str) -> int:
+    if not text.isdigit():
+        raise PortSpecError(f"{what} {text!r} is not a number")
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise PortSpecError(f"{what} {value} is out of range 1-65535")
+    return value
+
+
+def parse_range(text: str, what: str) -> PortRange:
+    if text == "":
+        raise PortSpecError(f"{what} is empty (virt-forward never picks a port for you)")
+    m = _RANGE.match(text)
+    if not m:
+        raise PortSpecError(f"{what} {text!r} is not a port or a range like 8000-8009")
+    start = _port(m.group(1), what)
+    end = _port(m.group(2), what) if m.group(2) else start
+    if end < start:
+        raise PortSpecError(f"{what} range {text!r} ends before it starts")
+    return PortRange(start, end)
+
+
+def _proto(text: str) -> Proto:
+    low = text.lower()
+    for proto in PROTOCOLS:
+        if low == proto:
+            return proto
+    raise PortSpecError(f"unknown protocol {text!r} (use tcp or udp)")
+
+
+def _public(text: str, bracketed: bool) -> IPAddress:
+    try:
+        addr = ipaddress.ip_address(text)
+    except ValueError:
+        raise PortSpecError(f"public address {text!r} is not an IP address") from None
+    if bracketed and addr.version != 6:
+        raise PortSpecError(f"only IPv6 addresses go in brackets, not {text!r}")
+    return addr
+
+
+def parse_port_spec(spec: str) -> PortSpec:
+    """Parse one entry of a guest's ``ports`` list."""
+    if not isinstance(spec, str):
+        raise PortSpecError(f"{spec!r} is not a string")
+    text = spec.strip()
+    if not text:
+        raise PortSpecError("empty port spec")
+
+    post = _POST_FORM.match(text)
+    if post:  # the post's "tcp:80" form; a protocol name cannot be a port number
+        proto = _proto(post.group("proto"))
+        ports = parse_range(post.group("ports"), "port")
+        return PortSpec(None, proto, ports, ports)
+
+    proto: Proto = "tcp"
+    if "/" in text:
+        text, proto_text = text.rsplit("/", 1)
+        proto = _proto(proto_text)
+
+    public: IPAddress | None = None
+    if text.startswith("["):
+        close = text.find("]")
+        if close < 0:
+            raise PortSpecError(f"{spec!r}: '[' without ']'")
+        public = _public(text[1:close], bracketed=True)
+        rest = text[close + 1:]
+        if not rest.startswith(":"):
+            raise PortSpecError(f"{spec!r}: expected ':' after the bracketed address")
+        parts = rest[1:].split(":")
+        if len(parts) == 1:
+            raise PortSpecError(f"{spec!r}: give host and guest port after the address")
+    else:
+        parts = text.split(":")
+        if len(parts) > 3:
+            raise PortSpecError(f"{spec!r}: too many ':' (put an IPv6 address in brackets)")
+        if len(parts) == 3:
+            public = _public(parts[0], bracketed=False)
+            parts = parts[1:]
+
+    if len(parts) == 1:
+        guest = parse_range(parts[0], "port")
+        host = guest
+    elif len(parts) == 2:
+        host = parse_range(parts[0], "host port")
+        guest = parse_range(parts[1], "guest port")
+    else:
+        raise PortSpecError(f"{spec!r}: too many ':'")
+
+    if len(host) != len(guest):
+        raise PortSpecError(
+            f"{spec!r}: host range {host} has {len(host)} ports but guest range {guest} has {len(guest)}")
+    return PortSpec(public, proto, host, guest)

@@ -1,0 +1,103 @@
+"""What was applied, per guest, under /run/virt-forward, and the lock that serialises changes.
+
+A record is the plan that is live in the kernel for that guest: stopping a guest
+removes what its record says, not what its (maybe edited) file says now.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import urllib.parse
+from pathlib import Path
+from typing import Iterator
+
+from .errors import StateError
+from .plan import GuestPlan
+
+DEFAULT_STATE_DIR = Path("/run/virt-forward")
+
+
+def state_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
+    if explicit is not None:
+        return Path(explicit)
+    env = os.environ.get("VIRT_FORWARD_STATE_DIR")
+    return Path(env) if env else DEFAULT_STATE_DIR
+
+
+class StateStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.guests = root / "guests"
+
+    def _ensure(self) -> None:
+        try:
+            self.guests.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:
+            raise StateError(f"{self.guests}: cannot create state dir: {exc.strerror}") from None
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Exclusive for the whole read-plan-apply-record cycle (libvirt reconnects guests in parallel)."""
+        self._ensure()
+        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing releases the flock
+
+    def _path(self, domain: str) -> Path:
+        return self.guests / (urllib.parse.quote(domain, safe="") + ".json")
+
+    def read(self, domain: str) -> GuestPlan | None:
+        path = self._path(domain)
+        try:
+            data = json.loads(path.read_text())
+            return GuestPlan.from_record(data["plan"])
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise StateError(f"{path}: unreadable state record ({exc})") from None
+
+    def write(self, plan: GuestPlan, backend: str) -> None:
+        self._ensure()
+        path = self._path(plan.domain)
+        tmp = path.with_name(path.name + ".tmp")
+        data = json.dumps({"backend": backend, "plan": plan.to_record()}, indent=1)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, data.encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        self._sync_dir()
+
+    def delete(self, domain: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._path(domain).unlink()
+            self._sync_dir()
+
+    def _sync_dir(self) -> None:
+        fd = os.open(self.guests, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def domains(self) -> list[str]:
+        if not self.guests.is_dir():
+            return []
+        return sorted(urllib.parse.unquote(p.name[:-5]) for p in self.guests.iterdir()
+                      if p.name.endswith(".json"))
+
+    def any_other(self, domain: str) -> bool:
+        """Is a guest other than `domain` recorded?  Cheap: stops at the first entry."""
+        if not self.guests.is_dir():
+            return False
+        own = self._path(domain).name
+        with os.scandir(self.guests) as it:
+            return any(e.name.endswith(".json") and e.name != own for e in it)
