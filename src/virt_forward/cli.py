@@ -52,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "plan":
             from .commands import plan
             return int(plan(ctx, args.guest))
+        if args.command in ("apply", "remove"):
+            from . import log
+            log.to_stderr = False
         if args.command == "apply":
             print(engine.apply(ctx, args.guest))
             return ExitCode.OK

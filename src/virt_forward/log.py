@@ -6,6 +6,8 @@ import sys
 import syslog
 
 _opened = False
+# The CLI prints its own result line; the hook has only stderr (libvirt logs it).
+to_stderr = True
 
 
 def _open() -> None:
@@ -30,4 +32,5 @@ def error(message: str) -> None:
 def _emit(priority: int, message: str) -> None:
     _open()
     syslog.syslog(priority, message)
-    print(f"virt-forward: {message}", file=sys.stderr)
+    if to_stderr:
+        print(f"virt-forward: {message}", file=sys.stderr)

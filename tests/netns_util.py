@@ -1,0 +1,105 @@
+"""A lab plus a config dir and a hook called exactly as libvirt calls it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from virt_forward.lab import Lab, domain_xml, write_hook_script
+
+
+def need_root_and_tools() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("namespace tests need root")
+    for tool in ("nft", "ip", "iptables-restore"):
+        if shutil.which(tool, path="/usr/sbin:/sbin:/usr/bin:/bin") is None:
+            pytest.skip(f"{tool} is not installed (the README's test command installs it)")
+
+
+@dataclass
+class World:
+    lab: Lab
+    root: Path
+
+    @property
+    def cfg(self) -> Path:
+        return self.root / "cfg"
+
+    @property
+    def state(self) -> Path:
+        return self.root / "state"
+
+    @property
+    def hook_path(self) -> Path:
+        return self.root / "qemu.d" / "virt-forward"
+
+    def env(self) -> dict[str, str]:
+        return {"PATH": "/bin:/usr/bin", "VIRT_FORWARD_CONFIG_DIR": str(self.cfg),
+                "VIRT_FORWARD_STATE_DIR": str(self.state)}
+
+    def write(self, rel: str, text: str) -> Path:
+        path = self.cfg / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.chmod(0o755)
+        path.write_text(text)
+        path.chmod(0o644)
+        return path
+
+    def guest_file(self, name: str, text: str) -> Path:
+        return self.write(f"guests/{name}.toml", text)
+
+    def hook(self, domain: str, op: str, sub: str = "begin", extra: str = "-",
+             xml: str | None = None) -> subprocess.CompletedProcess[str]:
+        """As libvirt does: the script with argv, the domain XML on stdin, a bare PATH."""
+        return self.lab.sh(self.lab.host, str(self.hook_path), domain, op, sub, extra,
+                           stdin=domain_xml(domain) if xml is None else xml, env=self.env(), check=False)
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        import sys
+        return self.lab.sh(self.lab.host, sys.executable, "-m", "virt_forward", *args,
+                           env={**os.environ, **self.env()}, check=check)
+
+    def nft(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return self.lab.sh(self.lab.host, "nft", *args, check=check)
+
+    def elements(self) -> dict[str, list[object]]:
+        """Every element of every map/set of our table, {} when the table is gone."""
+        out = self.nft("-j", "list", "table", "inet", "virt_forward", check=False)
+        if out.returncode != 0:
+            return {}
+        found: dict[str, list[object]] = {}
+        for item in json.loads(out.stdout)["nftables"]:
+            for kind in ("map", "set"):
+                if kind in item:
+                    found[item[kind]["name"]] = item[kind].get("elem", [])
+        return found
+
+    def ruleset(self) -> str:
+        return self.nft("-s", "list", "ruleset").stdout  # -s: no counters
+
+    def forward_chain(self, tool: str = "iptables") -> list[str]:
+        return self.lab.sh(self.lab.host, tool, "-w", "-S", "FORWARD").stdout.splitlines()
+
+    def probe(self, proto: str, addr: str, port: int, *, ns: str | None = None, src: str = "",
+              timeout: float = 2.0) -> str:
+        return self.lab.probe(ns or self.lab.client, proto, addr, port, src=src, timeout=timeout)
+
+
+def make_world(libvirt_rules: bool = True, guests: int = 2) -> tuple[World, Lab]:
+    need_root_and_tools()
+    root = Path(tempfile.mkdtemp(prefix="vf-test-"))
+    root.chmod(0o755)
+    lab = Lab(libvirt_rules=libvirt_rules, guests=guests)
+    lab.__enter__()
+    world = World(lab, root)
+    world.cfg.mkdir(mode=0o755)
+    world.hook_path.parent.mkdir()
+    write_hook_script(world.hook_path)
+    return world, lab

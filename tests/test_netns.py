@@ -1,0 +1,276 @@
+"""Real rules in real kernels, real TCP/UDP through them, inside throw-away namespaces.
+
+The host namespace carries libvirt 9.0's own iptables rules (LIBVIRT_FWI ends
+with a REJECT towards virbr0), so every forward here has to get past them.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from typing import Iterator
+
+import pytest
+
+from netns_util import World, make_world
+from virt_forward.lab import CLIENT4, CLIENT4_OTHER, PUBLIC4, PUBLIC6
+
+pytestmark = pytest.mark.netns
+
+G1_4, G1_6, G2_4 = "192.168.122.10", "fd00:122::a", "192.168.122.11"
+REFUSED = "ERR ConnectionRefusedError"
+
+
+@pytest.fixture
+def world() -> Iterator[World]:
+    w, lab = make_world()
+    try:
+        yield w
+    finally:
+        lab.close()
+        shutil.rmtree(w.root, ignore_errors=True)
+
+
+@pytest.fixture
+def bare() -> Iterator[World]:
+    """A host without libvirt's iptables rules (pure nftables host)."""
+    w, lab = make_world(libvirt_rules=False)
+    try:
+        yield w
+    finally:
+        lab.close()
+        shutil.rmtree(w.root, ignore_errors=True)
+
+
+def setup_two(w: World) -> None:
+    w.write("config.toml", f'public = ["{PUBLIC4}", "{PUBLIC6}"]\n')
+    w.guest_file("guest1", f'address = ["{G1_4}", "{G1_6}"]\n'
+                           'ports = ["80", "2222:22", "8000-8002:9000-9002/udp", "udp:5353"]\n')
+    w.guest_file("guest2", f'address = "{G2_4}"\nports = ["443"]\nallow = ["{CLIENT4_OTHER}/32"]\n')
+
+
+def start(w: World, *names: str) -> None:
+    for name in names:
+        for op in ("prepare", "start", "started"):
+            r = w.hook(name, op)
+            assert r.returncode == 0, r.stderr
+            assert r.stdout == ""
+
+
+def test_forward_tcp_udp_ipv6_through_libvirt_reject(world: World) -> None:
+    w = world
+    setup_two(w)
+    # Before: libvirt's REJECT is what the client meets.
+    assert w.probe("tcp", PUBLIC4, 80).startswith(REFUSED)
+    start(w, "guest1")
+    assert w.probe("tcp", PUBLIC4, 80) == f"guest1:80 from {CLIENT4}"
+    assert w.probe("tcp", PUBLIC4, 2222) == f"guest1:22 from {CLIENT4}"
+    for public_port, guest_port in ((8000, 9000), (8001, 9001), (8002, 9002)):
+        assert w.probe("udp", PUBLIC4, public_port) == f"guest1:{guest_port} from {CLIENT4}"
+    assert w.probe("udp", PUBLIC4, 5353) == f"guest1:5353 from {CLIENT4}"
+    assert w.probe("tcp", PUBLIC6, 80) == "guest1:80 from 2001:db8:1::2"
+    assert w.probe("udp", PUBLIC6, 8001) == "guest1:9001 from 2001:db8:1::2"
+    # The guard is on top of libvirt's jumps, in both iptables and ip6tables.
+    for tool in ("iptables", "ip6tables"):
+        rules = w.forward_chain(tool)
+        assert "virt-forward:guard" in rules[1] and "LIBVIRT_FWX" in rules[2], rules
+
+
+def test_narrow_unforwarded_and_direct_routes_stay_closed(world: World) -> None:
+    w = world
+    setup_two(w)
+    start(w, "guest1")
+    assert w.probe("tcp", PUBLIC4, 80).startswith("guest1:80")
+    assert w.probe("tcp", PUBLIC4, 3306).startswith(REFUSED)  # not forwarded: nobody listens on the host
+    w.lab.sh(w.lab.client, "ip", "route", "add", "192.168.122.0/24", "via", PUBLIC4)
+    w.lab.sh(w.lab.client, "ip", "-6", "route", "add", "fd00:122::/64", "via", PUBLIC6)
+    # A host that routes straight to the guest reaches none of its ports, forwarded or not.
+    for port in (80, 22, 3306, 8080):
+        assert w.probe("tcp", G1_4, port).startswith(REFUSED), port
+        assert w.probe("tcp", G1_6, port).startswith(REFUSED), port
+    assert w.probe("udp", G1_4, 9001, timeout=1).startswith("ERR")
+    # ...while the forward itself still works.
+    assert w.probe("tcp", PUBLIC4, 80).startswith("guest1:80")
+
+
+def test_hairpin_from_host_other_guest_and_itself(world: World) -> None:
+    w = world
+    setup_two(w)
+    start(w, "guest1")
+    host, g1, g2 = w.lab.host, w.lab.guest("guest1").ns, w.lab.guest("guest2").ns
+    assert w.probe("tcp", PUBLIC4, 80, ns=host) == f"guest1:80 from {PUBLIC4}"
+    assert w.probe("tcp", PUBLIC6, 80, ns=host) == f"guest1:80 from {PUBLIC6}"
+    # From the guest network the reply must come back through the host: masqueraded.
+    assert w.probe("tcp", PUBLIC4, 80, ns=g2) == "guest1:80 from 192.168.122.1"
+    assert w.probe("tcp", PUBLIC4, 80, ns=g1) == "guest1:80 from 192.168.122.1"
+    assert w.probe("udp", PUBLIC4, 8002, ns=g2) == "guest1:9002 from 192.168.122.1"
+    # Outside clients are not masqueraded: the guest sees who called.
+    assert w.probe("tcp", PUBLIC4, 80) == f"guest1:80 from {CLIENT4}"
+
+
+def test_hairpin_off(world: World) -> None:
+    w = world
+    setup_two(w)
+    w.write("config.toml", f'public = ["{PUBLIC4}"]\nhairpin = false\n')
+    start(w, "guest1")
+    assert w.probe("tcp", PUBLIC4, 80) == f"guest1:80 from {CLIENT4}"
+    assert w.probe("tcp", PUBLIC4, 80, ns=w.lab.host).startswith(REFUSED)
+    ours = w.nft("list", "table", "inet", "virt_forward").stdout
+    assert "masquerade" not in ours and "nat_prerouting" in ours
+
+
+def test_allow_list(world: World) -> None:
+    w = world
+    setup_two(w)
+    start(w, "guest2")
+    assert w.probe("tcp", PUBLIC4, 443, src=CLIENT4_OTHER) == f"guest2:443 from {CLIENT4_OTHER}"
+    assert w.probe("tcp", PUBLIC4, 443, src=CLIENT4).startswith(REFUSED)
+
+
+def test_stop_leaves_nothing_and_start_twice_adds_nothing(world: World) -> None:
+    w = world
+    setup_two(w)
+    start(w, "guest1", "guest2")
+    once = w.ruleset()
+    guards_once = w.forward_chain()
+    start(w, "guest1", "guest2")
+    assert w.ruleset() == once
+    assert w.forward_chain() == guards_once
+    assert sum("virt-forward:guard" in r for r in w.forward_chain()) == 1
+
+    assert w.hook("guest1", "stopped", "end").returncode == 0
+    assert w.hook("guest1", "release", "end").returncode == 0
+    left = w.elements()
+    assert all("192.168.122.10" not in str(e) and "fd00:122::a" not in str(e) for e in left.values()), left
+    assert w.probe("tcp", PUBLIC4, 80).startswith(REFUSED)
+    assert w.probe("tcp", PUBLIC4, 443, src=CLIENT4_OTHER).startswith("guest2:443")
+
+    assert w.hook("guest2", "stopped", "end").returncode == 0
+    assert w.elements() == {}  # the table is gone with the last guest
+    assert "virt_forward" not in w.ruleset()
+    assert not any("virt-forward" in r for r in w.forward_chain())
+    assert not any("virt-forward" in r for r in w.forward_chain("ip6tables"))
+    assert w.forward_chain()[1:] == ["-A FORWARD -j LIBVIRT_FWX", "-A FORWARD -j LIBVIRT_FWI",
+                                     "-A FORWARD -j LIBVIRT_FWO"]
+
+
+def test_config_edited_while_running_then_stop_leaves_nothing(world: World) -> None:
+    w = world
+    setup_two(w)
+    start(w, "guest1")
+    w.guest_file("guest1", f'address = "{G1_4}"\nports = ["8080"]\n')  # edited: old ports gone
+    assert w.hook("guest1", "stopped", "end").returncode == 0
+    assert w.elements() == {}
+    assert w.probe("tcp", PUBLIC4, 80).startswith(REFUSED)
+
+    start(w, "guest1")
+    (w.cfg / "guests" / "guest1.toml").unlink()  # file deleted while running
+    assert w.hook("guest1", "stopped", "end").returncode == 0
+    assert w.elements() == {}
+
+
+def test_reconnect_takes_the_edited_config(world: World) -> None:
+    w = world
+    setup_two(w)
+    start(w, "guest1")
+    w.guest_file("guest1", f'address = "{G1_4}"\nports = ["8080:80"]\n')
+    assert w.hook("guest1", "reconnect").returncode == 0
+    assert w.probe("tcp", PUBLIC4, 8080) == f"guest1:80 from {CLIENT4}"
+    assert w.probe("tcp", PUBLIC4, 80).startswith(REFUSED)
+
+
+def test_broken_config_never_fails_reconnect_and_keeps_the_old_forwards(world: World) -> None:
+    w = world
+    setup_two(w)
+    w.write("config.toml", f'public = ["{PUBLIC4}"]\nstrict = true\n')
+    start(w, "guest1")
+    w.guest_file("guest1", 'address = "192.168.122.10"\nports = ["99999"]\n')
+    r = w.hook("guest1", "reconnect")
+    assert r.returncode == 0
+    assert "guest1.toml:2: ports:" in r.stderr and "99999" in r.stderr
+    assert w.probe("tcp", PUBLIC4, 80).startswith("guest1:80")
+
+
+def test_strict_aborts_start_only_when_asked(world: World) -> None:
+    w = world
+    w.guest_file("guest1", 'address = "192.168.122.10"\nports = ["80", "0"]\n')
+    r = w.hook("guest1", "prepare")
+    assert r.returncode == 0 and "out of range" in r.stderr
+    assert w.hook("guest1", "start").returncode == 0
+    w.write("config.toml", "strict = true\n")
+    r = w.hook("guest1", "prepare")
+    assert r.returncode != 0 and "guest1.toml:2: ports:" in r.stderr
+    assert w.hook("guest1", "start").returncode != 0
+    assert w.elements() == {}
+
+
+def test_migrate_and_restore_print_nothing_and_unknown_ops_are_ignored(world: World) -> None:
+    w = world
+    setup_two(w)
+    for op in ("migrate", "restore"):
+        r = w.hook("guest1", op, xml="<domain><name>guest1</name></domain>")
+        assert r.returncode == 0 and r.stdout == ""
+    assert w.hook("guest1", "attach").returncode == 0
+    assert w.elements() == {}
+
+
+def test_twenty_concurrent_hook_calls_leave_exactly_the_right_set(world: World) -> None:
+    w = world
+    w.write("config.toml", f'public = "{PUBLIC4}"\n')
+    for i in range(20):
+        w.guest_file(f"vm{i}", f'address = "192.168.122.{100 + i}"\nports = ["{10000 + i}:80", "{20000 + i}:53/udp"]\n')
+    results: list[int] = []
+
+    def call(i: int) -> None:
+        results.append(w.hook(f"vm{i}", "start").returncode)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [0] * 20
+    dnat = w.elements()["dnat4"]
+    want = sorted([(PUBLIC4, "tcp", 10000 + i, f"192.168.122.{100 + i}", 80) for i in range(20)]
+                  + [(PUBLIC4, "udp", 20000 + i, f"192.168.122.{100 + i}", 53) for i in range(20)])
+    got = sorted((*e[0]["concat"], *e[1]["concat"]) for e in dnat)  # type: ignore[index]
+    assert got == want
+    # and stopping them all concurrently leaves nothing
+    threads = [threading.Thread(target=lambda i=i: w.hook(f"vm{i}", "stopped", "end")) for i in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert w.elements() == {}
+
+
+def test_wildcard_public_forwards_every_local_address_but_loopback(world: World) -> None:
+    w = world
+    w.guest_file("guest1", f'address = ["{G1_4}", "{G1_6}"]\nports = ["2222:22"]\n')
+    start(w, "guest1")
+    assert w.probe("tcp", PUBLIC4, 2222) == f"guest1:22 from {CLIENT4}"
+    assert w.probe("tcp", PUBLIC6, 2222) == "guest1:22 from 2001:db8:1::2"
+    assert w.probe("tcp", "127.0.0.1", 2222, ns=w.lab.host).startswith(REFUSED)
+    # an address that is not the host's is routed, not DNAT-ed
+    assert w.probe("tcp", G2_4, 2222, ns=w.lab.host).startswith(REFUSED)
+
+
+def test_pure_nftables_host_gets_no_iptables_tables(bare: World) -> None:
+    w = bare
+    setup_two(w)
+    start(w, "guest1")
+    assert w.probe("tcp", PUBLIC4, 80) == f"guest1:80 from {CLIENT4}"
+    tables = w.nft("list", "tables").stdout.split("\n")
+    assert [t for t in tables if t] == ["table inet virt_forward"]
+
+
+def test_status_shows_live_and_missing(world: World) -> None:
+    w = world
+    setup_two(w)
+    start(w, "guest1")
+    out = w.cli("status").stdout
+    assert "guest1: applied" in out and f"{PUBLIC4}:80/tcp -> {G1_4}:80" in out and "MISSING" not in out
+    assert "guest2: not applied" in out
+    w.nft("delete", "element", "inet", "virt_forward", "dnat4", "{", f"{PUBLIC4} . tcp . 80", "}")
+    out = w.cli("status").stdout
+    assert f"{PUBLIC4}:80/tcp -> {G1_4}:80" in out and "MISSING" in out
