@@ -139,13 +139,14 @@ def ensure_guards(families: set[Family]) -> list[str]:
 
 
 def remove_guards() -> None:
-    for family in (4, 6):
-        chain = _read_forward_chain(family)  # type: ignore[arg-type]
+    families: tuple[Family, ...] = (4, 6)
+    for family in families:
+        chain = _read_forward_chain(family)
         if chain is None:
             continue
         text = guards.render(chain, want=False)
         if text is not None:
-            _restore(family, text)  # type: ignore[arg-type]
+            _restore(family, text)
 
 
 def default_context(config_dir: str | None = None, state_dir: str | None = None) -> Context:

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Installs what virt-forward's demo and tests need on a fresh Debian 12/13 machine (as root)
+# and makes a virtualenv in .venv with the package and its test tools.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+for pkg in nftables iptables iproute2 python3 python3-venv; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  echo "setup: apt-get install ${need[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+py=python3
+if [ ! -x .venv/bin/python ]; then
+  "$py" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
