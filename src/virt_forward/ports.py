@@ -18,9 +18,12 @@ from .errors import PortSpecError
 Proto = Literal["tcp", "udp"]
 PROTOCOLS: tuple[Proto, ...] = ("tcp", "udp")
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+MAX_SPEC_LENGTH = 100  # the longest valid one, "[ffff:(x8)]:65535-65535:65535-65535/tcp", is 69
 
-_RANGE = re.compile(r"^(\d{1,5})(?:-(\d{1,5}))?$")
-_POST_FORM = re.compile(r"^(?P<proto>[A-Za-z]+):(?P<ports>[0-9-]+)$")
+# ASCII digits only, whole text only: \d would take "٨٠" for 80 and $ would
+# let "80\n" through.
+_RANGE = re.compile(r"([0-9]{1,5})(?:-([0-9]{1,5}))?", re.ASCII)
+_POST_FORM = re.compile(r"(?P<proto>[A-Za-z]+):(?P<ports>[0-9-]+)", re.ASCII)
 
 
 @dataclass(frozen=True, order=True)
@@ -56,7 +59,7 @@ class PortSpec:
 
 
 def _port(text: str, what: str) -> int:
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):
         raise PortSpecError(f"{what} {text!r} is not a number")
     value = int(text)
     if not 1 <= value <= 65535:
@@ -67,7 +70,7 @@ def _port(text: str, what: str) -> int:
 def parse_range(text: str, what: str) -> PortRange:
     if text == "":
         raise PortSpecError(f"{what} is empty (virt-forward never picks a port for you)")
-    m = _RANGE.match(text)
+    m = _RANGE.fullmatch(text)
     if not m:
         raise PortSpecError(f"{what} {text!r} is not a port or a range like 8000-8009")
     start = _port(m.group(1), what)
@@ -92,22 +95,40 @@ def _public(text: str, bracketed: bool) -> IPAddress:
         raise PortSpecError(f"public address {text!r} is not an IP address") from None
     if bracketed and addr.version != 6:
         raise PortSpecError(f"only IPv6 addresses go in brackets, not {text!r}")
+    if addr.is_unspecified:
+        # Docker's 0.0.0.0 means "every address"; as an nft key it matches nothing.
+        raise PortSpecError(f"public address {text!r} means every address: leave the address out instead")
+    if addr.is_multicast:
+        raise PortSpecError(f"public address {text!r} is a multicast address")
+    if addr.version == 6 and addr.scope_id:
+        raise PortSpecError(f"public address {text!r} has a zone index, which nftables cannot match")
     return addr
 
 
 def parse_port_spec(spec: str) -> PortSpec:
-    """Parse one entry of a guest's ``ports`` list."""
+    """Parse one entry of a guest's ``ports`` list.
+
+    Every error message starts with the spec itself, so a user sees the bad value.
+    """
     if not isinstance(spec, str):
         raise PortSpecError(f"{spec!r} is not a string")
+    if len(spec) > MAX_SPEC_LENGTH:  # keeps error messages one readable line
+        raise PortSpecError(f"{spec[:20]!r}... is {len(spec)} characters long, too long for a port spec")
+    try:
+        return _parse(spec)
+    except PortSpecError as exc:
+        raise PortSpecError(f"{spec!r}: {exc}") from None
+
+
+def _parse(spec: str) -> PortSpec:
     text = spec.strip()
     if not text:
         raise PortSpecError("empty port spec")
 
-    post = _POST_FORM.match(text)
+    post = _POST_FORM.fullmatch(text)
     if post:  # the post's "tcp:80" form; a protocol name cannot be a port number
-        proto = _proto(post.group("proto"))
         ports = parse_range(post.group("ports"), "port")
-        return PortSpec(None, proto, ports, ports)
+        return PortSpec(None, _proto(post.group("proto")), ports, ports)
 
     proto: Proto = "tcp"
     if "/" in text:
@@ -118,18 +139,18 @@ def parse_port_spec(spec: str) -> PortSpec:
     if text.startswith("["):
         close = text.find("]")
         if close < 0:
-            raise PortSpecError(f"{spec!r}: '[' without ']'")
+            raise PortSpecError("'[' without ']'")
         public = _public(text[1:close], bracketed=True)
         rest = text[close + 1:]
         if not rest.startswith(":"):
-            raise PortSpecError(f"{spec!r}: expected ':' after the bracketed address")
+            raise PortSpecError("expected ':' after the bracketed address")
         parts = rest[1:].split(":")
         if len(parts) == 1:
-            raise PortSpecError(f"{spec!r}: give host and guest port after the address")
+            raise PortSpecError("give host and guest port after the address")
     else:
         parts = text.split(":")
         if len(parts) > 3:
-            raise PortSpecError(f"{spec!r}: too many ':' (put an IPv6 address in brackets)")
+            raise PortSpecError("too many ':' (put an IPv6 address in brackets)")
         if len(parts) == 3:
             public = _public(parts[0], bracketed=False)
             parts = parts[1:]
@@ -141,9 +162,9 @@ def parse_port_spec(spec: str) -> PortSpec:
         host = parse_range(parts[0], "host port")
         guest = parse_range(parts[1], "guest port")
     else:
-        raise PortSpecError(f"{spec!r}: too many ':'")
+        raise PortSpecError("too many ':'")
 
     if len(host) != len(guest):
         raise PortSpecError(
-            f"{spec!r}: host range {host} has {len(host)} ports but guest range {guest} has {len(guest)}")
+            f"host range {host} has {len(host)} ports but guest range {guest} has {len(guest)}")
     return PortSpec(public, proto, host, guest)
