@@ -13,6 +13,7 @@ import os
 import re
 import stat
 import tomllib
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -67,8 +68,20 @@ def config_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
 
 
 def check_domain_name(name: str) -> str:
-    """libvirt names may hold almost anything; ours become file names."""
-    if not name or name in (".", "..") or "/" in name or "\0" in name or len(name.encode()) > 200:
+    """libvirt names may hold almost anything; ours become file names.
+
+    Refused: what cannot be a file name here (empty, '.', '..', '/', NUL, too
+    long, not UTF-8), names starting with '.' (guest_names() skips hidden files,
+    so `check` would never see them) and control characters (they would break
+    the one-line error and log messages).  Spaces, quotes, `$(x)` and other
+    unicode are fine: the name is never given to a shell.
+    """
+    try:
+        encoded = name.encode()
+    except UnicodeEncodeError:  # argv bytes that are not UTF-8 arrive as surrogates
+        encoded = b""
+    if (not encoded or name.startswith(".") or "/" in name or len(encoded) > 200
+            or any(unicodedata.category(c) == "Cc" for c in name)):
         raise UsageError(f"domain name {name!r} cannot name a guest file")
     return name
 
@@ -90,7 +103,8 @@ def _check_trusted(path: Path, st: os.stat_result) -> None:
 
 def _read_toml(path: Path) -> tuple[dict[str, Any], list[str]]:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        # O_NONBLOCK: opening a FIFO left in guests/ must not hang the hook (and the guest start)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as exc:
         raise ConfigError(f"cannot read: {exc.strerror}", path=path) from None
     try:
@@ -107,24 +121,59 @@ def _read_toml(path: Path) -> tuple[dict[str, Any], list[str]]:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"not UTF-8 text (byte {exc.start})", path=path) from None
+        raise ConfigError(f"not UTF-8 text (byte {exc.start})", path=path,
+                          line=raw.count(b"\n", 0, exc.start) + 1) from None
+    if text.startswith("\ufeff"):
+        raise ConfigError("starts with a byte order mark (U+FEFF), which TOML does not allow: save as UTF-8 "
+                          "without BOM", path=path, line=1)
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         msg = str(exc)
         m = re.search(r"\(at line (\d+), column \d+\)", msg)
         line = int(m.group(1)) if m else None
-        reason = re.sub(r"\s*\(at line \d+, column \d+\)", "", msg)
+        if line is None and "(at end of document)" in msg:  # e.g. an unclosed array: the last line
+            line = max(1, text.count("\n") + (0 if text.endswith("\n") else 1))
+        reason = re.sub(r"\s*\(at (line \d+, column \d+|end of document)\)", "", msg)
         raise ConfigError(f"TOML syntax error: {reason}", path=path, line=line) from None
-    return data, text.splitlines()
+    # TOML counts lines by "\n" only; str.splitlines() would also split at
+    # U+2028, \x0c, \x85 ... and shift every line number after one of them.
+    return data, text.split("\n")
+
+
+_KEY = r"""(?:[A-Za-z0-9_-]+|"(?:[^"\\]|\\.)*"|'[^']*')"""
+_KEY_LINE = re.compile(rf"\s*({_KEY})\s*(?:\.\s*{_KEY}\s*)*=")
+_TABLE_LINE = re.compile(rf"\s*\[\[?\s*({_KEY})")
+
+
+def _unquote(key: str) -> str:
+    if key.startswith("'"):
+        return key[1:-1]
+    if key.startswith('"'):
+        try:
+            value = tomllib.loads(f"k = {key}")["k"]
+            return value if isinstance(value, str) else key
+        except tomllib.TOMLDecodeError:
+            return key[1:-1]
+    return key
 
 
 def _key_lines(lines: list[str]) -> dict[str, int]:
+    """The line of each top-level key: `key =`, `a.b =` (dotted) and `[table]` headers.
+
+    Keys after the first table header belong to that table, so only headers count there.
+    """
     found: dict[str, int] = {}
+    in_table = False
     for number, line in enumerate(lines, 1):
-        m = re.match(r"\s*([A-Za-z0-9_-]+|\"[^\"]*\")\s*=", line)
+        m = _TABLE_LINE.match(line)
         if m:
-            found.setdefault(m.group(1).strip('"'), number)
+            in_table = True
+            found.setdefault(_unquote(m.group(1)), number)
+            continue
+        m = _KEY_LINE.match(line)
+        if m and not in_table:
+            found.setdefault(_unquote(m.group(1)), number)
     return found
 
 
@@ -151,7 +200,15 @@ class _Where:
         line = self.keys.get(key)
         if value is not None:
             line = _value_line(self.lines, line, value)
-        return ConfigError(message, path=self.path, line=line, key=key)
+        # a quoted key may hold anything, newlines included: the message stays one line
+        shown = key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else repr(key)
+        return ConfigError(message, path=self.path, line=line, key=shown)
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """repr() of a bad value, cut so that the error stays a readable line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _string_list(data: dict[str, Any], key: str, where: _Where) -> list[str] | None:
@@ -162,7 +219,7 @@ def _string_list(data: dict[str, Any], key: str, where: _Where) -> list[str] | N
         return [value]
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
         return list(value)
-    raise where.error(key, f"must be a string or a list of strings, not {value!r}")
+    raise where.error(key, f"must be a string or a list of strings, not {_short(value)}")
 
 
 def _addresses(values: list[str], key: str, where: _Where) -> tuple[IPAddress, ...]:
@@ -174,6 +231,8 @@ def _addresses(values: list[str], key: str, where: _Where) -> tuple[IPAddress, .
             raise where.error(key, f"{text!r} is not an IP address", text) from None
         if addr.is_multicast or addr.is_unspecified:
             raise where.error(key, f"{text!r} cannot be used here", text)
+        if addr.version == 6 and addr.scope_id:
+            raise where.error(key, f"{text!r} has a zone index, which nftables cannot match", text)
         if addr in out:
             raise where.error(key, f"{text!r} is listed twice", text)
         out.append(addr)
@@ -195,13 +254,13 @@ def load_settings(cdir: Path) -> Settings:
     _unknown_keys(data, _SETTINGS_KEYS, where)
     backend = data.get("backend", "auto")
     if backend not in ("auto", "nftables", "iptables"):
-        raise where.error("backend", f"{backend!r} is not one of auto, nftables, iptables")
+        raise where.error("backend", f"{_short(backend)} is not one of auto, nftables, iptables")
     public = _addresses(_string_list(data, "public", where) or [], "public", where)
     flags: dict[str, bool] = {}
     for key, default in (("hairpin", True), ("strict", False)):
         value = data.get(key, default)
         if not isinstance(value, bool):
-            raise where.error(key, f"must be true or false, not {value!r}")
+            raise where.error(key, f"must be true or false, not {_short(value)}")
         flags[key] = value
     return Settings(backend=backend, public=public, hairpin=flags["hairpin"],
                     strict=flags["strict"], path=str(path))
@@ -241,9 +300,12 @@ def parse_guest(name: str, path: Path, data: dict[str, Any], lines: list[str]) -
         nets: list[IPNetwork] = []
         for text in allow_list:
             try:
-                nets.append(ipaddress.ip_network(text.strip(), strict=True))
+                net = ipaddress.ip_network(text.strip(), strict=True)
             except ValueError as exc:
                 raise where.error("allow", f"{text!r} is not a CIDR ({exc})", text) from None
+            if "%" in text:
+                raise where.error("allow", f"{text!r} has a zone index, which nftables cannot match", text)
+            nets.append(net)
         if not nets:
             raise where.error("allow", "is empty: that would forward nothing (remove the key to allow all)")
         allow = tuple(nets)
