@@ -29,6 +29,38 @@ class World:
     root: Path
 
     @property
+    def backend(self) -> str:
+        return self.lab.libvirt_backend if self.lab.libvirt_rules else "none"
+
+    def foreign(self) -> list[str]:
+        """The chains where libvirt's rules (and our guard) live, one line per rule, no counters."""
+        if self.backend == "iptables":
+            return self.forward_chain("iptables") + self.forward_chain("ip6tables")
+        if self.backend == "nftables":
+            out = []
+            for fam in ("ip", "ip6"):
+                text = self.nft("-s", "list", "chain", fam, "libvirt_network", "forward").stdout
+                out += [f"{fam}: {ln.strip()}" for ln in text.splitlines()
+                        if ("jump" in ln or "accept" in ln) and "hook" not in ln]
+            return out
+        return []
+
+    def guards_on_top(self) -> bool:
+        """Exactly one guard, first, in every chain that needs one."""
+        if self.backend == "iptables":
+            return all(sum("virt-forward:guard" in r for r in rules) == 1 and "virt-forward:guard" in rules[1]
+                       for rules in (self.forward_chain("iptables"), self.forward_chain("ip6tables")))
+        if self.backend == "nftables":
+            lines = self.foreign()
+            return all(sum("virt-forward:guard" in ln for ln in lines if ln.startswith(f"{fam}:")) == 1
+                       and "virt-forward:guard" in next(ln for ln in lines if ln.startswith(f"{fam}:"))
+                       for fam in ("ip", "ip6"))
+        return True
+
+    def no_guards(self) -> bool:
+        return not any("virt-forward" in ln for ln in self.foreign())
+
+    @property
     def cfg(self) -> Path:
         return self.root / "cfg"
 
@@ -92,11 +124,11 @@ class World:
         return self.lab.probe(ns or self.lab.client, proto, addr, port, src=src, timeout=timeout)
 
 
-def make_world(libvirt_rules: bool = True, guests: int = 2) -> tuple[World, Lab]:
+def make_world(libvirt_rules: bool = True, guests: int = 2, backend: str = "iptables") -> tuple[World, Lab]:
     need_root_and_tools()
     root = Path(tempfile.mkdtemp(prefix="vf-test-"))
     root.chmod(0o755)
-    lab = Lab(libvirt_rules=libvirt_rules, guests=guests)
+    lab = Lab(libvirt_rules=libvirt_rules, guests=guests, libvirt_backend=backend)
     lab.__enter__()
     world = World(lab, root)
     world.cfg.mkdir(mode=0o755)

@@ -6,6 +6,7 @@ renderers, runner.py executes; this module only sequences them.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,7 +66,8 @@ def apply(ctx: Context, domain: str) -> str:
     store = ctx.store
     with store.lock():
         old = store.read(domain)
-        nft_apply(nft.change(old, want.plan, hairpin=want.settings.hairpin))
+        body = nft.change(old, want.plan, hairpin=want.settings.hairpin)
+        _apply_with_nft_guards(body, want=True)
         store.write(want.plan, backend)
         ensure_guards(want.plan.families())
     msg = f"{domain}: {len(want.plan.forwards)} forward(s) live" + _summary(want.plan)
@@ -83,7 +85,11 @@ def remove(ctx: Context, domain: str, why: str = "") -> str:
             return f"{domain}: nothing applied" + (f" ({why})" if why else "")
         last = not store.any_other(domain)
         hairpin = _hairpin(ctx)
-        nft_apply(nft.change(old, None, hairpin=hairpin, last=last))
+        body = nft.change(old, None, hairpin=hairpin, last=last)
+        if last:
+            _apply_with_nft_guards(body, want=False)
+        else:
+            nft_apply(body)
         store.delete(domain)
         if last:
             remove_guards()
@@ -106,6 +112,40 @@ def _summary(plan: GuestPlan) -> str:
 
 
 # ---------------------------------------------------------------- guards
+
+def nft_guard_chains() -> list[guards.NftChain]:
+    """The foreign nftables chains that need a guard, as they are now (cheap: small tables)."""
+    listed = run(["nft", "-j", "list", "tables"], check=False)
+    if listed.returncode != 0:
+        return []
+    chains = []
+    for target in guards.present_targets(json.loads(listed.stdout)):
+        got = run(["nft", "-a", "-j", "list", "chain", target.family, target.table, target.chain], check=False)
+        if got.returncode == 0:
+            chain = guards.parse_nft_chain(target, json.loads(got.stdout))
+            if chain is not None:
+                chains.append(chain)
+    return chains
+
+
+def _apply_with_nft_guards(body: str, want: bool) -> None:
+    """Our change and the guards in other nftables tables: one transaction.
+
+    The guards are deleted by handle; if their owner rewrote the chain between
+    our read and our write the batch fails as a whole, so read again once.
+    """
+    for attempt in (1, 2):
+        chains = nft_guard_chains()
+        try:
+            nft_apply(body + nft.batch(guards.nft_commands(chains, want)))
+            break
+        except FirewallError:
+            if attempt == 2 or not chains:
+                raise
+    placed = [c.target.ref for c in chains if want and not c.guard_in_place()]
+    if placed:
+        log.info("guard placed on top of nft " + ", ".join(placed))
+
 
 def _read_forward_chain(family: Family) -> guards.ForwardChain | None:
     save, _ = _IPTABLES[family]

@@ -1,10 +1,12 @@
 """Guards: the one rule we put into firewall tables we do not own.
 
 An accept in our nftables table cannot override a reject in another table
-(iptables' FORWARD with libvirt's LIBVIRT_FWI ... REJECT, Docker's policy DROP):
-every base chain of every table must accept.  So above those rules we insert a
-single rule that accepts only connections carrying our conntrack mark, which
-only our DNAT sets.  The per-forward data stays in our own maps.
+(iptables' FORWARD with libvirt's LIBVIRT_FWI ... REJECT, Docker's policy DROP,
+libvirt's own nftables table `guest_input ... reject`, firewalld's
+filter_FORWARD): every base chain of every table must accept.  So above those
+rules we insert a single rule that accepts only connections carrying our
+conntrack mark, which only our DNAT sets.  The per-forward data stays in our
+own maps.
 
 Pure parsing and rendering; the engine runs the commands.
 """
@@ -12,6 +14,7 @@ Pure parsing and rendering; the engine runs the commands.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from .nft import MARK_FORWARDED
 
@@ -74,3 +77,78 @@ def render(chain: ForwardChain, want: bool) -> str | None:
         lines.append(f"-I FORWARD 1 {GUARD_SPEC}")
     lines.append("COMMIT")
     return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- nftables tables of others
+
+@dataclass(frozen=True)
+class NftTarget:
+    """A base chain of someone else's nftables table that may reject our forwards."""
+
+    family: str
+    table: str
+    chain: str
+
+    @property
+    def ref(self) -> str:
+        return f"{self.family} {self.table} {self.chain}"
+
+
+# libvirt >= 10.4 with firewall_backend = "nftables": its `forward` base chain jumps to
+# guest_input, which ends with `oif virbrN reject`.  We go to the top of `forward`
+# rather than guest_input: libvirt inserts every network's rules at the top of
+# guest_input when a network (re)starts, while `forward` is only written when
+# the table is made.  firewalld: filter_FORWARD ends with a reject.
+NFT_TARGETS = (
+    NftTarget("ip", "libvirt_network", "forward"),
+    NftTarget("ip6", "libvirt_network", "forward"),
+    NftTarget("inet", "firewalld", "filter_FORWARD"),
+)
+
+NFT_GUARD_RULE = (f"ct mark & {MARK_FORWARDED:#010x} == {MARK_FORWARDED:#010x} ct status dnat counter accept"
+                  f' comment "{GUARD_COMMENT}"')
+
+
+@dataclass(frozen=True)
+class NftChain:
+    target: NftTarget
+    handles: tuple[int, ...]  # every rule's handle, in order
+    guards: tuple[int, ...]  # handles of our guards
+
+    def guard_in_place(self) -> bool:
+        return list(self.guards) == list(self.handles[:1])
+
+
+def present_targets(tables_listing: dict[str, Any]) -> list[NftTarget]:
+    """Targets whose table exists, from `nft -j list tables`."""
+    have = {(t["table"]["family"], t["table"]["name"])
+            for t in tables_listing.get("nftables", []) if "table" in t}
+    return [t for t in NFT_TARGETS if (t.family, t.table) in have]
+
+
+def parse_nft_chain(target: NftTarget, listing: dict[str, Any]) -> NftChain | None:
+    """From `nft -a -j list chain FAMILY TABLE CHAIN`; None when the chain is not there."""
+    handles: list[int] = []
+    ours: list[int] = []
+    found = False
+    for item in listing.get("nftables", []):
+        if "chain" in item:
+            found = True
+        rule = item.get("rule")
+        if isinstance(rule, dict):
+            handles.append(int(rule["handle"]))
+            if rule.get("comment") == GUARD_COMMENT:
+                ours.append(int(rule["handle"]))
+    return NftChain(target, tuple(handles), tuple(ours)) if found else None
+
+
+def nft_commands(chains: list[NftChain], want: bool) -> list[str]:
+    """nft commands leaving exactly one guard on top of each chain (want) or none."""
+    cmds: list[str] = []
+    for chain in chains:
+        if want and chain.guard_in_place():
+            continue
+        cmds += [f"delete rule {chain.target.ref} handle {h}" for h in chain.guards]
+        if want:
+            cmds.append(f"insert rule {chain.target.ref} {NFT_GUARD_RULE}")
+    return cmds

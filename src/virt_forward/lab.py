@@ -60,6 +60,28 @@ LIBVIRT_NAT4 = """*nat
 COMMIT
 """
 
+# What libvirt >= 10.4 with firewall_backend = "nftables" makes for the same network
+# (nft -f form; libvirt `insert`s each rule, so the last inserted is first).
+LIBVIRT_NFT = """
+add table {fam} libvirt_network
+add chain {fam} libvirt_network forward {{ type filter hook forward priority 0; policy accept; }}
+add chain {fam} libvirt_network guest_output
+add chain {fam} libvirt_network guest_input
+add chain {fam} libvirt_network guest_cross
+add chain {fam} libvirt_network guest_nat {{ type nat hook postrouting priority 100; policy accept; }}
+add chain {fam} libvirt_network postroute_mangle {{ type filter hook postrouting priority 0; policy accept; }}
+insert rule {fam} libvirt_network forward counter jump guest_output
+insert rule {fam} libvirt_network forward counter jump guest_input
+insert rule {fam} libvirt_network forward counter jump guest_cross
+{network_rules}"""
+LIBVIRT_NFT_NETWORK = """insert rule {fam} libvirt_network guest_output iif virbr0 counter reject
+insert rule {fam} libvirt_network guest_input oif virbr0 counter reject
+insert rule {fam} libvirt_network guest_cross iif virbr0 oif virbr0 counter accept
+insert rule {fam} libvirt_network guest_output {ip} saddr {net} iif virbr0 counter accept
+insert rule {fam} libvirt_network guest_input oif virbr0 {ip} daddr {net} ct state related,established counter accept
+insert rule {fam} libvirt_network guest_nat {ip} saddr {net} {ip} daddr != {net} counter masquerade
+"""
+
 # A guest's services: every TCP/UDP port answers "<guest>:<port>".
 SERVER = r"""
 import selectors, socket, sys
@@ -127,6 +149,7 @@ class Guest:
 @dataclass
 class Lab:
     libvirt_rules: bool = True
+    libvirt_backend: str = "iptables"  # or "nftables" (libvirt >= 10.4)
     guests: int = 2
     prefix: str = field(default_factory=lambda: f"vf{os.getpid() % 100000}{secrets.token_hex(2)}")
     namespaces: list[str] = field(default_factory=list)
@@ -226,10 +249,21 @@ class Lab:
             raise RuntimeError(f"server in {guest.ns} did not start")
 
     def load_libvirt_rules(self) -> None:
+        if self.libvirt_backend == "nftables":
+            self.sh(self.host, "nft", "-f", "-", stdin=self.libvirt_nft_ruleset(with_base=True))
+            return
         for tool, net, unreach in (("iptables-restore", GUEST_NET4, "icmp-port-unreachable"),
                                    ("ip6tables-restore", GUEST_NET6, "icmp6-port-unreachable")):
             self.sh(self.host, tool, "-w", "--noflush", stdin=LIBVIRT_FILTER.format(net=net, unreach=unreach))
         self.sh(self.host, "iptables-restore", "-w", "--noflush", stdin=LIBVIRT_NAT4.format(net=GUEST_NET4))
+
+    def libvirt_nft_ruleset(self, with_base: bool) -> str:
+        """libvirt's nftables rules; without the base, what a network (re)start inserts again."""
+        text = ""
+        for fam, ip, net in (("ip", "ip", GUEST_NET4), ("ip6", "ip6", GUEST_NET6)):
+            rules = LIBVIRT_NFT_NETWORK.format(fam=fam, ip=ip, net=net)
+            text += LIBVIRT_NFT.format(fam=fam, network_rules=rules) if with_base else rules
+        return text
 
     def close(self) -> None:
         for proc in self.servers:
