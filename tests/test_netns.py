@@ -292,3 +292,43 @@ def test_libvirt_reinserting_its_rules(world: World) -> None:
     assert w.guards_on_top(), w.foreign()
     assert w.probe("tcp", PUBLIC4, 80) == f"guest1:80 from {CLIENT4}"
     assert w.probe("tcp", PUBLIC6, 80) == "guest1:80 from 2001:db8:1::2"
+
+
+def test_reconcile_after_flush_wipe_and_edits(world: World) -> None:
+    w = world
+    setup_two(w)
+    start(w, "guest1", "guest2")
+    before = w.ruleset()
+    # someone flushes our table and libvirt's tables alike
+    w.nft("delete", "table", "inet", "virt_forward")
+    assert w.probe("tcp", PUBLIC4, 80).startswith(REFUSED)
+    out = w.cli("reconcile").stdout
+    assert "2 running guest(s)" in out and "records" in out
+    assert w.ruleset() == before
+    assert w.probe("tcp", PUBLIC4, 80) == f"guest1:80 from {CLIENT4}"
+
+    # reboot: the state dir is gone; the boot-time reconcile learns the running guests
+    shutil.rmtree(w.state)
+    w.nft("delete", "table", "inet", "virt_forward")
+    w.cli("reconcile", "--running", "guest1", "--running", "guest2")
+    assert w.probe("tcp", PUBLIC4, 80) == f"guest1:80 from {CLIENT4}"
+    assert w.probe("tcp", PUBLIC4, 443, src=CLIENT4_OTHER).startswith("guest2:443")
+    assert w.guards_on_top()
+
+    # guest2 stopped while nobody listened, guest1's file edited: nothing orphaned
+    w.guest_file("guest1", f'address = "{G1_4}"\nports = ["8080:80"]\n')
+    w.cli("reconcile", "--running", "guest1")
+    assert w.probe("tcp", PUBLIC4, 8080) == f"guest1:80 from {CLIENT4}"
+    assert w.probe("tcp", PUBLIC4, 80).startswith(REFUSED)
+    assert w.probe("tcp", PUBLIC4, 443, src=CLIENT4_OTHER).startswith(REFUSED)
+    assert [e for e in w.elements()["dnat4"]] == [[{"concat": [PUBLIC4, "tcp", 8080]},
+                                                   {"concat": [G1_4, 80]}]]
+    assert sorted(p.name for p in (w.state / "guests").iterdir()) == ["guest1.json"]
+    # an invalid file keeps what was applied (nothing lost, nothing opened)
+    w.guest_file("guest1", f'address = "{G1_4}"\nports = ["0"]\n')
+    out = w.cli("reconcile", "--running", "guest1").stdout
+    assert "keeping what was applied" in out
+    assert w.probe("tcp", PUBLIC4, 8080) == f"guest1:80 from {CLIENT4}"
+    # nothing running: everything of ours goes, guards included
+    w.cli("reconcile", "--running", "none-of-ours")
+    assert w.elements() == {} and w.no_guards()

@@ -30,6 +30,9 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("guest")
     r = sub.add_parser("remove", help="remove what was applied for a guest (what the hook does at stop)")
     r.add_argument("guest")
+    rc = sub.add_parser("reconcile", help="make the firewall match every running guest, in one transaction")
+    rc.add_argument("--running", action="append", metavar="DOMAIN",
+                    help="a running domain (repeat); default: ask libvirt, else the records of what was applied")
     s = sub.add_parser("status", help="guests, their forwards and whether they are live in the kernel")
     s.add_argument("guest", nargs="?")
     s.add_argument("--json", action="store_true")
@@ -60,6 +63,12 @@ def main(argv: list[str] | None = None) -> int:
             return ExitCode.OK
         if args.command == "remove":
             print(engine.remove(ctx, args.guest, why="by hand"))
+            return ExitCode.OK
+        if args.command == "reconcile":
+            from . import log
+            from .reconcile import reconcile
+            log.to_stderr = False
+            print(reconcile(ctx, args.running).describe())
             return ExitCode.OK
         if args.command == "status":
             from .commands import status

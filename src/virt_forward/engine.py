@@ -128,6 +128,11 @@ def nft_guard_chains() -> list[guards.NftChain]:
     return chains
 
 
+def apply_full(body: str, want_guards: bool) -> None:
+    """A whole-table batch (reconcile) with the nft guards, as one transaction."""
+    _apply_with_nft_guards(body, want=want_guards)
+
+
 def _apply_with_nft_guards(body: str, want: bool) -> None:
     """Our change and the guards in other nftables tables: one transaction.
 

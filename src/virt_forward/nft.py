@@ -132,28 +132,35 @@ def _elements(verb: str, groups: dict[str, list[str]]) -> list[str]:
     return [f"{verb} element {T} {name} {{ {', '.join(elems)} }}" for name, elems in sorted(groups.items())]
 
 
+def _dnat_elements(plan: GuestPlan) -> dict[str, list[str]]:
+    return _grouped((m, f"{k} : {v}") for m, _, k, v in map(_map_and_key, plan.forwards))
+
+
+def _acl_cmds(plan: GuestPlan) -> list[str]:
+    """The guest's allow-list chain and sets, and the acl map elements pointing at it."""
+    if plan.allow is None:
+        return []
+    chain = acl_chain(plan)
+    cmds = [f"add chain {T} {chain}", f"flush chain {T} {chain}"]
+    for fam in sorted(plan.families()):
+        n = NAMES[fam]
+        # overlapping intervals are an error in nft: merge them here, purely
+        nets = list(ipaddress.collapse_addresses(plan.allow_of(fam)))  # type: ignore[type-var]
+        aset = f"{chain}_{fam}"
+        cmds += [
+            f"add set {T} {aset} {{ type {n.addr_type} ; flags interval ; }}",
+            f"flush set {T} {aset}",
+            f"add element {T} {aset} {{ {', '.join(map(str, nets))} }}",
+            f"add rule {T} {chain} {n.ip} saddr @{aset} return",
+        ]
+    # not allowed: leave the nat chain without DNAT; the packet is the host's, as if unforwarded
+    cmds.append(f"add rule {T} {chain} accept")
+    return cmds + _elements("add", _grouped((a, f"{k} : jump {chain}")
+                                            for _, a, k, _v in map(_map_and_key, plan.forwards)))
+
+
 def add_guest(plan: GuestPlan) -> list[str]:
-    cmds: list[str] = []
-    dnat = _grouped((m, f"{k} : {v}") for m, _, k, v in map(_map_and_key, plan.forwards))
-    if plan.allow is not None:
-        chain = acl_chain(plan)
-        cmds += [f"add chain {T} {chain}", f"flush chain {T} {chain}"]
-        for fam in sorted(plan.families()):
-            n = NAMES[fam]
-            # overlapping intervals are an error in nft: merge them here, purely
-            nets = list(ipaddress.collapse_addresses(plan.allow_of(fam)))  # type: ignore[type-var]
-            aset = f"{chain}_{fam}"
-            cmds += [
-                f"add set {T} {aset} {{ type {n.addr_type} ; flags interval ; }}",
-                f"flush set {T} {aset}",
-                f"add element {T} {aset} {{ {', '.join(map(str, nets))} }}",
-                f"add rule {T} {chain} {n.ip} saddr @{aset} return",
-            ]
-        # not allowed: leave the nat chain without DNAT; the packet is the host's, as if unforwarded
-        cmds.append(f"add rule {T} {chain} accept")
-        cmds += _elements("add", _grouped((a, f"{k} : jump {chain}") for _, a, k, _v in map(_map_and_key, plan.forwards)))
-    cmds += _elements("add", dnat)
-    return cmds
+    return _acl_cmds(plan) + _elements("add", _dnat_elements(plan))
 
 
 def remove_guest(plan: GuestPlan) -> list[str]:
@@ -178,6 +185,20 @@ def remove_guest(plan: GuestPlan) -> list[str]:
 
 def delete_table() -> list[str]:
     return [f"add table {T}", f"delete table {T}"]
+
+
+def full(plans: Iterable[GuestPlan], *, hairpin: bool) -> str:
+    """One transaction replacing our whole table with exactly these guests' forwards."""
+    listed = list(plans)
+    if not listed:
+        return batch(delete_table())
+    cmds = delete_table() + skeleton(hairpin)
+    dnat: dict[str, list[str]] = {}
+    for plan in listed:
+        cmds += _acl_cmds(plan)
+        for name, elems in _dnat_elements(plan).items():
+            dnat.setdefault(name, []).extend(elems)
+    return batch(cmds + _elements("add", dnat))
 
 
 def batch(cmds: Iterable[str]) -> str:

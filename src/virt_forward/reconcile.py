@@ -1,0 +1,126 @@
+"""reconcile: make the whole firewall match every running guest, in one transaction.
+
+For the times no hook runs: libvirtd reloads, firewalld reloads, someone's
+`nft flush ruleset`, a wiped /run after a reboot, a config edited while guests
+run.  It rebuilds our table from scratch (cheap: hash maps), re-places guards,
+and rewrites the records, so afterwards there is no orphan and no duplicate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import engine, log, nft
+from .config import load_guest, load_settings
+from .errors import StateError, VirtForwardError
+from .plan import GuestPlan, plan_guest
+
+
+@dataclass(frozen=True)
+class Outcome:
+    guests: int
+    forwards: int
+    source: str
+    problems: tuple[str, ...]
+
+    def describe(self) -> str:
+        text = f"reconciled: {self.guests} running guest(s) with {self.forwards} forward(s) (guests from {self.source})"
+        return text + "".join(f"\n  {p}" for p in self.problems)
+
+
+def running_from_libvirt(uri: str = "qemu:///system") -> list[str] | None:
+    """Names of running domains, or None when libvirt cannot be asked (never from the hook)."""
+    try:
+        import libvirt  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    try:
+        libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+        conn = libvirt.openReadOnly(uri)
+        try:
+            return sorted(d.name() for d in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE))
+        finally:
+            conn.close()
+    except Exception:  # libvirt down: fall back to the records
+        return None
+
+
+def reconcile(ctx: engine.Context, running: list[str] | None = None) -> Outcome:
+    """`running`: the running domains if the caller knows them; else libvirt, else the records."""
+    settings = load_settings(ctx.config_dir)
+    engine.resolve_backend(settings)
+    store = ctx.store
+    problems: list[str] = []
+    with store.lock():
+        records: dict[str, GuestPlan] = {}
+        for domain in store.domains():
+            try:
+                plan = store.read(domain)
+            except StateError as exc:
+                problems.append(str(exc))
+                continue
+            if plan is not None:
+                records[domain] = plan
+        source = "caller"
+        if running is None:
+            running = running_from_libvirt()
+            source = "libvirt"
+        if running is None:
+            running, source = sorted(records), "records (libvirt not reachable)"
+
+        plans: list[GuestPlan] = []
+        for domain in sorted(set(running)):
+            try:
+                guest = load_guest(ctx.config_dir, domain)
+                if guest is not None:
+                    plans.append(plan_guest(guest, settings))
+            except VirtForwardError as exc:
+                # nothing lost, nothing opened: what was live for it stays as it was
+                kept = records.get(domain)
+                problems.append(f"{exc}" + ("; keeping what was applied" if kept else ""))
+                if kept is not None:
+                    plans.append(kept)
+        plans = _without_conflicts(plans, problems)
+
+        engine.apply_full(nft.full(plans, hairpin=settings.hairpin), want_guards=bool(plans))
+        wanted = {p.domain for p in plans}
+        for domain in records:
+            if domain not in wanted:
+                store.delete(domain)
+        for plan in plans:
+            if records.get(plan.domain) != plan:
+                store.write(plan, "nftables")
+        if plans:
+            engine.ensure_guards(set().union(*(p.families() for p in plans)))
+        else:
+            engine.remove_guards()
+    outcome = Outcome(len(plans), sum(len(p.forwards) for p in plans), source, tuple(problems))
+    for p in problems:
+        log.error(p)
+    log.info(outcome.describe().splitlines()[0])
+    return outcome
+
+
+def _without_conflicts(plans: list[GuestPlan], problems: list[str]) -> list[GuestPlan]:
+    """The kernel takes no two forwards on one key: the guest named first keeps it."""
+    kept: list[GuestPlan] = []
+    exact: dict[object, str] = {}  # (family, public, proto, port) -> guest
+    any_addr: dict[object, str] = {}  # (family, proto, port) of forwards on every address
+    port_used: dict[object, str] = {}  # (family, proto, port) of any forward
+    for plan in plans:
+        other = None
+        for f in plan.forwards:
+            port = (f.family, f.proto, f.public_port)
+            other = port_used.get(port) if f.public is None else (exact.get(f.key) or any_addr.get(port))
+            if other is not None:
+                break
+        if other is not None:
+            problems.append(f"{plan.domain}: not applied: a forward of it is also forwarded by guest {other!r}")
+            continue
+        kept.append(plan)
+        for f in plan.forwards:
+            port = (f.family, f.proto, f.public_port)
+            exact[f.key] = port_used[port] = plan.domain
+            if f.public is None:
+                any_addr[port] = plan.domain
+    return kept
