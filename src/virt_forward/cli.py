@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 
@@ -33,6 +34,13 @@ def _parser() -> argparse.ArgumentParser:
     rc = sub.add_parser("reconcile", help="make the firewall match every running guest, in one transaction")
     rc.add_argument("--running", action="append", metavar="DOMAIN",
                     help="a running domain (repeat); default: ask libvirt, else the records of what was applied")
+    nh = sub.add_parser("network-hook", help="entry point for libvirt's network hook: re-place guards")
+    nh.add_argument("args", nargs=argparse.REMAINDER, help="NETWORK OPERATION SUB-OPERATION [EXTRA]")
+    for name, text in (("install", "write the libvirt hooks, systemd units and an example config"),
+                       ("uninstall", "remove the hooks, units and every rule we own (keeps the config)")):
+        i = sub.add_parser(name, help=text)
+        i.add_argument("--dry-run", action="store_true", help="only say what would be done")
+        i.add_argument("--root", default="/", help="install below this directory instead of / (packaging, tests)")
     s = sub.add_parser("status", help="guests, their forwards and whether they are live in the kernel")
     s.add_argument("guest", nargs="?")
     s.add_argument("--json", action="store_true")
@@ -69,6 +77,22 @@ def main(argv: list[str] | None = None) -> int:
             from .reconcile import reconcile
             log.to_stderr = False
             print(reconcile(ctx, args.running).describe())
+            return ExitCode.OK
+        if args.command == "network-hook":
+            from .hook import network_hook
+            return int(network_hook(ctx, args.args))
+        if args.command in ("install", "uninstall"):
+            from pathlib import Path
+
+            from . import install
+            root = Path(args.root)
+            if root != Path("/") and not args.config_dir and "VIRT_FORWARD_CONFIG_DIR" not in os.environ:
+                ctx = engine.Context(root / "etc/virt-forward", ctx.state_dir)
+            if args.command == "install":
+                lines = install.install(root, ctx.config_dir, args.dry_run)
+            else:
+                lines = install.uninstall(ctx, Path(args.root), args.dry_run)
+            print("\n".join(lines))
             return ExitCode.OK
         if args.command == "status":
             from .commands import status

@@ -69,6 +69,25 @@ def run_hook(ctx: engine.Context, argv: list[str], stdin: TextIO) -> int:
     return ExitCode.OK
 
 
+def network_hook(ctx: engine.Context, argv: list[str]) -> int:
+    """libvirt's network hook: after a network (re)starts, libvirt has re-made its firewall
+    rules above our guards; put everything back.  Never asks libvirt (it waits for us),
+    so the running guests are those recorded as applied.  Never fails the network."""
+    if len(argv) < 2 or argv[1] not in ("started", "updated"):
+        return ExitCode.OK
+    try:
+        sys.stdin.read()
+    except OSError:
+        pass
+    try:
+        from .reconcile import reconcile
+        if ctx.store.domains():
+            reconcile(ctx, running=ctx.store.domains())
+    except Exception as exc:
+        log.error(f"network {argv[0]}: {argv[1]}: {exc}")
+    return ExitCode.OK
+
+
 def _strict(ctx: engine.Context) -> bool:
     from .config import load_settings
     try:
