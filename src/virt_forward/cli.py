@@ -41,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
         i = sub.add_parser(name, help=text)
         i.add_argument("--dry-run", action="store_true", help="only say what would be done")
         i.add_argument("--root", default="/", help="install below this directory instead of / (packaging, tests)")
+    wt = sub.add_parser("watch", help="daemon: put forwards and guards back after firewall resets")
+    wt.add_argument("--interval", type=float, default=30.0, help="safety check every N seconds (default 30)")
     s = sub.add_parser("status", help="guests, their forwards and whether they are live in the kernel")
     s.add_argument("guest", nargs="?")
     s.add_argument("--json", action="store_true")
@@ -94,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
                 lines = install.uninstall(ctx, Path(args.root), args.dry_run)
             print("\n".join(lines))
             return ExitCode.OK
+        if args.command == "watch":
+            from .watch import watch
+            return int(watch(ctx, interval=args.interval))
         if args.command == "status":
             from .commands import status
             return int(status(ctx, args.guest, as_json=args.json))

@@ -152,7 +152,7 @@ def _apply_with_nft_guards(body: str, want: bool) -> None:
         log.info("guard placed on top of nft " + ", ".join(placed))
 
 
-def _read_forward_chain(family: Family) -> guards.ForwardChain | None:
+def read_forward_chain(family: Family) -> guards.ForwardChain | None:
     save, _ = _IPTABLES[family]
     if which(save) is None:
         return None
@@ -171,7 +171,7 @@ def ensure_guards(families: set[Family]) -> list[str]:
     """Put our guard on top of iptables' FORWARD where something there rejects or drops."""
     done = []
     for family in sorted(families):
-        chain = _read_forward_chain(family)
+        chain = read_forward_chain(family)
         if chain is None or not chain.needs_guard():
             continue
         text = guards.render(chain, want=True)
@@ -186,7 +186,7 @@ def ensure_guards(families: set[Family]) -> list[str]:
 def remove_guards() -> None:
     families: tuple[Family, ...] = (4, 6)
     for family in families:
-        chain = _read_forward_chain(family)
+        chain = read_forward_chain(family)
         if chain is None:
             continue
         text = guards.render(chain, want=False)

@@ -1,0 +1,185 @@
+"""watch: a small daemon that puts forwards and guards back after any reset.
+
+Nothing tells a hook when libvirt (SIGHUP, network restart), firewalld (reload)
+or an admin (`nft flush ruleset`) rewrites the firewall.  We listen to every
+nftables change (`nft monitor`; iptables-nft changes show up there too), to
+libvirt's domain and network events when libvirt-python is installed, and to a
+timer as a safety net (iptables-legacy has no events).  Each wake-up runs a
+*check* under the lock; only a check that finds something wrong reconciles, so
+our own changes (which nft monitor reports too) cannot loop.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import subprocess
+import threading
+import time
+from typing import Any
+
+from . import engine, log, nft
+from .plan import GuestPlan
+from .reconcile import reconcile, running_from_libvirt
+from .runner import SEARCH_PATH, run, which
+
+
+def expected_elements(plans: list[GuestPlan]) -> dict[str, dict[tuple[str, ...], tuple[str, ...]]]:
+    want: dict[str, dict[tuple[str, ...], tuple[str, ...]]] = {}
+    for plan in plans:
+        for fwd in plan.forwards:
+            name, key, value = nft.dnat_element(fwd)
+            want.setdefault(name, {})[key] = value
+    return want
+
+
+def _rule_counts(listing: dict[str, Any]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for item in listing.get("nftables", []):
+        rule = item.get("rule")
+        if isinstance(rule, dict):
+            counts[rule["chain"]] = counts.get(rule["chain"], 0) + 1
+    return counts
+
+
+def _expected_counts(hairpin: bool) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for cmd in nft.skeleton(hairpin):
+        if cmd.startswith(f"add rule {nft.T} "):
+            chain = cmd.split()[4]
+            counts[chain] = counts.get(chain, 0) + 1
+    return counts
+
+
+def problems(ctx: engine.Context, running: list[str] | None = None) -> list[str]:
+    """What differs between the records and the kernel (and libvirt's running guests,
+    when known); [] when all is in place."""
+    from .config import guest_names, load_settings
+    store = ctx.store
+    found: list[str] = []
+    with store.lock():
+        plans = [p for p in (store.read(d) for d in store.domains()) if p is not None]
+        if running is not None:
+            recorded = {p.domain for p in plans}
+            configured = set(guest_names(ctx.config_dir))
+            found += [f"{d}: running but not applied" for d in sorted((set(running) & configured) - recorded)]
+            found += [f"{d}: applied but not running" for d in sorted(recorded - set(running))]
+        got = run(["nft", "-j", "list", "table", nft.FAMILY, nft.TABLE], check=False)
+        if not plans:
+            if got.returncode == 0:
+                found.append("our table exists but no guest is recorded")
+            return found
+        if got.returncode != 0:
+            return ["table inet virt_forward is gone"]
+        listing = json.loads(got.stdout)
+        live = nft.parse_live(listing)
+        want = expected_elements(plans)
+        for name in sorted(set(want) | {n for n in live if n.startswith("dnat")}):
+            if live.get(name, {}) != want.get(name, {}):
+                found.append(f"map {name} differs from the records")
+        try:
+            hairpin = load_settings(ctx.config_dir).hairpin
+        except Exception:
+            hairpin = True
+        counts = _rule_counts(listing)
+        for chain, n in _expected_counts(hairpin).items():
+            if counts.get(chain, 0) != n:
+                found.append(f"chain {chain} has {counts.get(chain, 0)} rules, not {n}")
+        for guarded in engine.nft_guard_chains():
+            if not guarded.guard_in_place():
+                found.append(f"guard not on top of nft {guarded.target.ref}")
+        families = set().union(*(p.families() for p in plans))
+        for family in sorted(families):
+            fchain = engine.read_forward_chain(family)
+            if fchain is not None and fchain.needs_guard() and not fchain.guard_in_place():
+                found.append(f"guard not on top of ip{'6' if family == 6 else ''}tables FORWARD")
+    return found
+
+
+def check_and_repair(ctx: engine.Context, running: list[str] | None = None) -> list[str]:
+    found = problems(ctx, running)
+    if found:
+        log.warning("repairing: " + "; ".join(found))
+        reconcile(ctx, running=running)
+    return found
+
+
+class _Wakeups:
+    def __init__(self) -> None:
+        self.q: queue.Queue[str] = queue.Queue()
+        self.stop = threading.Event()
+
+    def nft_monitor(self) -> None:
+        exe = which("nft")
+        while not self.stop.is_set() and exe:
+            proc = subprocess.Popen([exe, "monitor"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                    text=True, env={"PATH": SEARCH_PATH, "LC_ALL": "C"})
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                if self.stop.is_set():
+                    break
+                if line.strip():
+                    self.q.put("nftables changed")
+            proc.kill()
+            proc.wait()
+            time.sleep(1)
+
+    def libvirt_events(self) -> None:
+        try:
+            import libvirt  # type: ignore[import-not-found]
+        except ImportError:
+            return
+        libvirt.virEventRegisterDefaultImpl()
+        threading.Thread(target=self._libvirt_loop, args=(libvirt,), daemon=True).start()
+        while not self.stop.is_set():
+            try:
+                conn = libvirt.openReadOnly("qemu:///system")
+            except libvirt.libvirtError:
+                time.sleep(2)  # libvirtd away: keep trying, it comes back
+                continue
+            closed = threading.Event()
+            conn.registerCloseCallback(lambda *_a: closed.set(), None)
+            conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
+                                        lambda *_a: self.q.put("libvirt domain event"), None)
+            conn.networkEventRegisterAny(None, libvirt.VIR_NETWORK_EVENT_ID_LIFECYCLE,
+                                         lambda *_a: self.q.put("libvirt network event"), None)
+            conn.setKeepAlive(5, 3)
+            self.q.put("libvirt connected")
+            while not closed.wait(1) and not self.stop.is_set():
+                pass
+
+    def _libvirt_loop(self, libvirt: Any) -> None:
+        while not self.stop.is_set():
+            libvirt.virEventRunDefaultImpl()
+
+
+def watch(ctx: engine.Context, interval: float = 30.0, debounce: float = 0.2) -> int:
+    wake = _Wakeups()
+    threading.Thread(target=wake.nft_monitor, daemon=True).start()
+    threading.Thread(target=wake.libvirt_events, daemon=True).start()
+    log.info(f"watching (safety check every {interval:g} s)")
+    reason = "start"
+    try:
+        while True:
+            running = running_from_libvirt()
+            try:
+                check_and_repair(ctx, running=running)
+            except Exception as exc:  # keep watching: the next event or tick retries
+                log.error(f"check after {reason}: {exc}")
+            try:
+                reason = wake.q.get(timeout=interval)
+            except queue.Empty:
+                reason = "timer"
+                continue
+            # let a burst of changes (a whole ruleset reload) settle, but not for long
+            deadline = time.monotonic() + 5 * debounce
+            while time.monotonic() < deadline:
+                try:
+                    wake.q.get(timeout=debounce)
+                except queue.Empty:
+                    break
+    except KeyboardInterrupt:
+        pass
+    finally:
+        wake.stop.set()
+    return 0
