@@ -135,6 +135,28 @@ def test_wrong_types(cdir: Path, write_guest: WriteFile, text: str, line: int, k
     assert message in str(err)
 
 
+@pytest.mark.parametrize("text,line", [
+    ('ports = [\n  "80", # "0" in a comment\n  \'81\',\n  "1\\u0030",  "0",\n]\n', 5),
+    ('ports = ["80", """\n22""", "0"]\n', 3),
+    ('ports = "0"\n', 2),
+])
+def test_element_lines_skip_comments_escapes_and_multiline_strings(cdir: Path, write_guest: WriteFile,
+                                                                  text: str, line: int) -> None:
+    write_guest("g", 'address = "10.1.1.2"\n' + text)
+    err = load_error(cdir, "g")
+    assert (err.line, err.key) == (line, "ports")
+    assert "'0'" in str(err)
+
+
+def test_value_lines_scanner() -> None:
+    from virt_forward.config import _value_lines
+    lines = ['x = ["a\\"]", \'b\\\', # "c"', ' "d" ,', "]", 'y = "e"']
+    assert _value_lines(lines, 1, 3) == [1, 1, 2]
+    assert _value_lines(lines, 4, 1) == [4]
+    assert _value_lines(lines, None, 2) == [None, None]
+    assert _value_lines(lines, 1, 9)[-1] == 1, "missing strings fall back to the key's line"
+
+
 def test_huge_wrong_value_is_cut_short(cdir: Path, write_guest: WriteFile) -> None:
     write_guest("g", 'address = "10.1.1.2"\nports = [' + ", ".join(["1"] * 5000) + "]\n")
     err = load_error(cdir, "g")
@@ -150,7 +172,7 @@ def test_huge_wrong_value_is_cut_short(cdir: Path, write_guest: WriteFile) -> No
     ('address = "ff02::1"\nports = ["80"]\n', 1, "address", "cannot be used here"),
     ('address = "fe80::2%virbr0"\nports = ["80"]\n', 1, "address", "zone index"),
     ('address = ["10.1.1.2", "10.1.1.3"]\nports = ["80"]\n', 1, "address", "more than one IPv4 address"),
-    ('address = ["10.1.1.2",\n  "10.1.1.2"]\nports = ["80"]\n', 1, "address", "listed twice"),
+    ('address = ["10.1.1.2",\n  "10.1.1.2"]\nports = ["80"]\n', 2, "address", "listed twice"),  # the copy's line
     ('address = []\nports = ["80"]\n', 1, "address", "is empty"),
     ('ports = ["80"]\n', None, "address", "missing"),
     ('address = "10.1.1.2"\n', None, "ports", "missing"),

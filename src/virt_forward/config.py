@@ -177,15 +177,42 @@ def _key_lines(lines: list[str]) -> dict[str, int]:
     return found
 
 
-def _value_line(lines: list[str], start: int | None, value: str) -> int | None:
-    """The line of a string inside a (possibly multi-line) array."""
+def _value_lines(lines: list[str], start: int | None, count: int) -> list[int | None]:
+    """The line of each of the `count` strings of a key's value (a string or an array of them).
+
+    The n-th string token after the key's '=' is the n-th element, so one scan
+    that skips comments and string bodies finds them all exactly, repeated and
+    escaped values included, in one pass (searching for each value from the
+    key's line took minutes on a large file).
+    """
     if start is None:
-        return None
-    for number in range(start, len(lines) + 1):
-        text = lines[number - 1]
-        if f'"{value}"' in text or f"'{value}'" in text:
-            return number
-    return start
+        return [None] * count
+    out: list[int | None] = []
+    n, i = start, lines[start - 1].find("=") + 1
+    while len(out) < count and n <= len(lines):
+        text = lines[n - 1]
+        if i >= len(text) or text[i] == "#":
+            n, i = n + 1, 0
+            continue
+        quote = text[i]
+        if quote not in "\"'":
+            i += 1
+            continue
+        out.append(n)
+        if text.startswith(quote * 3, i):  # multi-line string: find its end, maybe lines below
+            i += 3
+            while n <= len(lines):
+                end = lines[n - 1].find(quote * 3, i)
+                if end >= 0:
+                    i = end + 3
+                    break
+                n, i = n + 1, 0
+            continue
+        i += 1
+        while i < len(text) and text[i] != quote:
+            i += 2 if quote == '"' and text[i] == "\\" else 1
+        i += 1
+    return out + [start] * (count - len(out))
 
 
 class _Where:
@@ -195,11 +222,18 @@ class _Where:
         self.path = path
         self.lines = lines
         self.keys = _key_lines(lines)
+        self._values: dict[str, list[int | None]] = {}
 
-    def error(self, key: str, message: str, value: str | None = None) -> ConfigError:
+    def value_lines(self, key: str, values: list[str]) -> list[int | None]:
+        if key not in self._values:
+            self._values[key] = _value_lines(self.lines, self.keys.get(key), len(values))
+        return self._values[key]
+
+    def error(self, key: str, message: str, index: int | None = None) -> ConfigError:
+        """An error about `key`, or about its `index`-th string (see _string_list)."""
         line = self.keys.get(key)
-        if value is not None:
-            line = _value_line(self.lines, line, value)
+        if index is not None and key in self._values:
+            line = self._values[key][index]
         # a quoted key may hold anything, newlines included: the message stays one line
         shown = key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else repr(key)
         return ConfigError(message, path=self.path, line=line, key=shown)
@@ -216,25 +250,27 @@ def _string_list(data: dict[str, Any], key: str, where: _Where) -> list[str] | N
         return None
     value = data[key]
     if isinstance(value, str):
+        where.value_lines(key, [value])
         return [value]
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        where.value_lines(key, value)
         return list(value)
     raise where.error(key, f"must be a string or a list of strings, not {_short(value)}")
 
 
 def _addresses(values: list[str], key: str, where: _Where) -> tuple[IPAddress, ...]:
     out: list[IPAddress] = []
-    for text in values:
+    for index, text in enumerate(values):
         try:
             addr = ipaddress.ip_address(text.strip())
         except ValueError:
-            raise where.error(key, f"{text!r} is not an IP address", text) from None
+            raise where.error(key, f"{text!r} is not an IP address", index) from None
         if addr.is_multicast or addr.is_unspecified:
-            raise where.error(key, f"{text!r} cannot be used here", text)
+            raise where.error(key, f"{text!r} cannot be used here", index)
         if addr.version == 6 and addr.scope_id:
-            raise where.error(key, f"{text!r} has a zone index, which nftables cannot match", text)
+            raise where.error(key, f"{text!r} has a zone index, which nftables cannot match", index)
         if addr in out:
-            raise where.error(key, f"{text!r} is listed twice", text)
+            raise where.error(key, f"{text!r} is listed twice", index)
         out.append(addr)
     return tuple(out)
 
@@ -287,24 +323,25 @@ def parse_guest(name: str, path: Path, data: dict[str, Any], lines: list[str]) -
         raise where.error("ports", "missing: the list of forwards, e.g. [\"80\", \"2222:22\"]")
     port_texts = _string_list(data, "ports", where) or []
     entries: list[PortEntry] = []
-    for text in port_texts:
+    port_lines = where.value_lines("ports", port_texts)
+    for index, text in enumerate(port_texts):
         try:
             spec = parse_port_spec(text)
         except PortSpecError as exc:
-            raise where.error("ports", str(exc), text) from None
-        entries.append(PortEntry(spec, text, _value_line(lines, where.keys.get("ports"), text)))
+            raise where.error("ports", str(exc), index) from None
+        entries.append(PortEntry(spec, text, port_lines[index]))
 
     allow: tuple[IPNetwork, ...] | None = None
     allow_list = _string_list(data, "allow", where)
     if allow_list is not None:
         nets: list[IPNetwork] = []
-        for text in allow_list:
+        for index, text in enumerate(allow_list):
             try:
                 net = ipaddress.ip_network(text.strip(), strict=True)
             except ValueError as exc:
-                raise where.error("allow", f"{text!r} is not a CIDR ({exc})", text) from None
+                raise where.error("allow", f"{text!r} is not a CIDR ({exc})", index) from None
             if "%" in text:
-                raise where.error("allow", f"{text!r} has a zone index, which nftables cannot match", text)
+                raise where.error("allow", f"{text!r} has a zone index, which nftables cannot match", index)
             nets.append(net)
         if not nets:
             raise where.error("allow", "is empty: that would forward nothing (remove the key to allow all)")

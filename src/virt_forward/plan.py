@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 from dataclasses import dataclass
-from typing import Any, Iterable, Literal
+from typing import Any, Iterable, Literal, Mapping
 
 from .config import GuestConfig, IPNetwork, PortEntry, Settings
 from .errors import ConfigError
@@ -155,8 +155,24 @@ def _refuse_wildcard_overlap(items: list[tuple[Forward, str]], error: Any) -> No
                                   f"which {other!r} already claims on every address")
 
 
-def find_conflicts(plans: Iterable[tuple[GuestPlan, str]]) -> list[ConfigError]:
-    """Forwards of different guests that claim the same public address, port and protocol."""
+def _line_of_forward(guest: GuestConfig | None, fwd: Forward) -> int | None:
+    """The line of the `ports` entry that made `fwd` (for error messages)."""
+    if guest is None:
+        return None
+    for entry in guest.ports:
+        spec = entry.spec
+        if (spec.proto == fwd.proto and spec.host.start <= fwd.public_port <= spec.host.end
+                and spec.public in (None, fwd.public)):
+            return entry.line
+    return guest.line_of("ports")
+
+
+def find_conflicts(plans: Iterable[tuple[GuestPlan, str]],
+                   guests: Mapping[str, GuestConfig] | None = None) -> list[ConfigError]:
+    """Forwards of different guests that claim the same public address, port and protocol.
+
+    `guests` (domain -> its config) lets each error name the line of the entry.
+    """
     owners: dict[tuple[Family, IPAddress | None, Proto, int], str] = {}
     wild: dict[tuple[Family, Proto, int], str] = {}
     errors: list[ConfigError] = []
@@ -176,5 +192,6 @@ def find_conflicts(plans: Iterable[tuple[GuestPlan, str]]) -> list[ConfigError]:
                 seen.add(other)
                 errors.append(ConfigError(
                     f"{fwd.describe().split(' ->')[0]} is also forwarded by guest {other!r}",
-                    path=path, key="ports"))
+                    path=path, key="ports",
+                    line=_line_of_forward((guests or {}).get(plan.domain), fwd)))
     return errors

@@ -124,6 +124,8 @@ def _parse(spec: str) -> PortSpec:
     text = spec.strip()
     if not text:
         raise PortSpecError("empty port spec")
+    if "," in text:  # the post's PORTS=tcp:80,tcp:443
+        raise PortSpecError("one forward per list entry: split it at ',' into separate strings")
 
     post = _POST_FORM.fullmatch(text)
     if post:  # the post's "tcp:80" form; a protocol name cannot be a port number
