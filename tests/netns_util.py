@@ -110,7 +110,7 @@ class World:
         for item in json.loads(out.stdout)["nftables"]:
             for kind in ("map", "set"):
                 if kind in item:
-                    found[item[kind]["name"]] = item[kind].get("elem", [])
+                    found[item[kind]["name"]] = [_unwrap(e) for e in item[kind].get("elem", [])]
         return found
 
     def ruleset(self) -> str:
@@ -122,6 +122,13 @@ class World:
     def probe(self, proto: str, addr: str, port: int, *, ns: str | None = None, src: str = "",
               timeout: float = 2.0) -> str:
         return self.lab.probe(ns or self.lab.client, proto, addr, port, src=src, timeout=timeout)
+
+
+def _unwrap(elem: object) -> object:
+    """Drop the per-element counter wrapper: [{"elem": {"val": K, "counter": ..}}, V] -> [K, V]."""
+    if isinstance(elem, list) and elem and isinstance(elem[0], dict) and "elem" in elem[0]:
+        return [elem[0]["elem"]["val"], *elem[1:]]
+    return elem
 
 
 def make_world(libvirt_rules: bool = True, guests: int = 2, backend: str = "iptables") -> tuple[World, Lab]:

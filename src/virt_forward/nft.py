@@ -58,8 +58,9 @@ def skeleton(hairpin: bool) -> list[str]:
         key = f"{n.addr_type} . inet_proto . inet_service"
         data = f"{n.addr_type} . inet_service"
         cmds += [
-            f"add map {T} {n.dnat} {{ type {key} : {data} ; }}",
-            f"add map {T} {n.dnat_any} {{ type inet_proto . inet_service : {data} ; }}",
+            # per-element counters: NEW connections DNAT-ed by each forward (status shows them)
+            f"add map {T} {n.dnat} {{ type {key} : {data} ; counter ; }}",
+            f"add map {T} {n.dnat_any} {{ type inet_proto . inet_service : {data} ; counter ; }}",
             f"add map {T} {n.acl} {{ type {key} : verdict ; }}",
             f"add map {T} {n.acl_any} {{ type inet_proto . inet_service : verdict ; }}",
         ]
@@ -85,17 +86,18 @@ def skeleton(hairpin: bool) -> list[str]:
             f" fib daddr . iif oif exists ct mark set ct mark | {MARK_HAIRPIN:#010x}",
             f"add rule {T} nat_postrouting ct mark & {MARK_HAIRPIN:#010x} == {MARK_HAIRPIN:#010x} masquerade",
         ]
-    mark = f"ct mark set ct mark | {MARK_FORWARDED:#010x}"
+    # Mark first, DNAT, and clear the mark when no map had the packet: one lookup
+    # per packet (exact per-forward counters), and only our DNAT leaves the mark.
     for fam, n in NAMES.items():
         proto = f"meta nfproto {'ipv4' if fam == 4 else 'ipv6'}"
-        key = f"{n.ip} daddr . meta l4proto . th dport"
-        key_any = "meta l4proto . th dport"
-        cmds += [
-            f"add rule {T} lookup {key} vmap @{n.acl}",
-            f"add rule {T} lookup {proto} {key_any} vmap @{n.acl_any}",
-            f"add rule {T} lookup {key} @{n.dnat} {mark} dnat {n.ip} to {key} map @{n.dnat}",
-            f"add rule {T} lookup {proto} {key_any} @{n.dnat_any} {mark} dnat {n.ip} to {key_any} map @{n.dnat_any}",
-        ]
+        cmds += [f"add rule {T} lookup {n.ip} daddr . meta l4proto . th dport vmap @{n.acl}",
+                 f"add rule {T} lookup {proto} meta l4proto . th dport vmap @{n.acl_any}"]
+    cmds.append(f"add rule {T} lookup ct mark set ct mark | {MARK_FORWARDED:#010x}")
+    for fam, n in NAMES.items():
+        proto = f"meta nfproto {'ipv4' if fam == 4 else 'ipv6'}"
+        cmds += [f"add rule {T} lookup dnat {n.ip} to {n.ip} daddr . meta l4proto . th dport map @{n.dnat}",
+                 f"add rule {T} lookup {proto} dnat {n.ip} to meta l4proto . th dport map @{n.dnat_any}"]
+    cmds.append(f"add rule {T} lookup ct mark set ct mark & {~MARK_FORWARDED & 0xffffffff:#010x}")
     return cmds
 
 
@@ -235,6 +237,21 @@ def _parts(expr: object) -> tuple[str, ...]:
     if isinstance(expr, dict) and "jump" in expr:
         return ("jump " + str(expr["jump"]["target"]),)
     return (_norm(expr),)
+
+
+def parse_counters(listing: dict[str, Any]) -> dict[str, dict[tuple[str, ...], int]]:
+    """{map: {key: NEW connections DNAT-ed}} from the element counters."""
+    out: dict[str, dict[tuple[str, ...], int]] = {}
+    for item in listing.get("nftables", []):
+        m = item.get("map")
+        if not isinstance(m, dict):
+            continue
+        for elem in m.get("elem", []):
+            key = elem[0] if isinstance(elem, list) else None
+            if isinstance(key, dict) and "elem" in key and "counter" in key["elem"]:
+                out.setdefault(str(m["name"]), {})[_parts(key["elem"]["val"])] = int(
+                    key["elem"]["counter"]["packets"])
+    return out
 
 
 def parse_live(listing: dict[str, Any]) -> dict[str, dict[tuple[str, ...], tuple[str, ...]]]:
