@@ -30,7 +30,8 @@ from hypothesis import strategies as st
 from conftest import write_trusted
 from virt_forward import nft
 from virt_forward.config import GuestConfig, Settings, load_guest, load_settings
-from virt_forward.plan import Forward, GuestPlan, plan_guest
+from virt_forward.plan import Family, Forward, GuestPlan, plan_guest
+from virt_forward.ports import PROTOCOLS
 
 DATA = Path(__file__).parent / "data"
 GOLDEN = DATA / "golden"
@@ -145,10 +146,10 @@ addresses = st.one_of(st.ip_addresses(v=4), st.ip_addresses(v=6))
 def plans(draw: st.DrawFn) -> GuestPlan:
     forwards = []
     for _ in range(draw(st.integers(0, 6))):
-        family = draw(st.sampled_from([4, 6]))
+        family: Family = draw(st.sampled_from([4, 6]))
         guest = draw(st.ip_addresses(v=family))
         public = draw(st.one_of(st.none(), st.ip_addresses(v=family)))
-        forwards.append(Forward(family, draw(st.sampled_from(["tcp", "udp"])), draw(st.integers(1, 65535)),
+        forwards.append(Forward(family, draw(st.sampled_from(PROTOCOLS)), draw(st.integers(1, 65535)),
                                 public, guest, draw(st.integers(1, 65535))))
     allow = draw(st.one_of(st.none(), st.lists(
         addresses.map(lambda a: ipaddress.ip_network(a)), min_size=1, max_size=3).map(tuple)))

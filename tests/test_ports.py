@@ -9,7 +9,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from virt_forward.errors import PortSpecError
-from virt_forward.ports import MAX_SPEC_LENGTH, PortRange, PortSpec, parse_port_spec
+from virt_forward.ports import MAX_SPEC_LENGTH, PROTOCOLS, PortRange, PortSpec, parse_port_spec
 
 V4 = ipaddress.IPv4Address
 V6 = ipaddress.IPv6Address
@@ -164,7 +164,7 @@ def port_specs(draw: st.DrawFn) -> PortSpec:
         st.ip_addresses(v=4).filter(lambda a: not (a.is_unspecified or a.is_multicast)),
         st.ip_addresses(v=6).filter(lambda a: not (a.is_unspecified or a.is_multicast)),
     ))
-    proto = draw(st.sampled_from(["tcp", "udp"]))
+    proto = draw(st.sampled_from(PROTOCOLS))
     return PortSpec(public, proto, PortRange(hstart, hstart + length - 1),
                     PortRange(gstart, gstart + length - 1))
 
