@@ -91,7 +91,11 @@ def main(argv: list[str] | None = None) -> int:
             if root != Path("/") and not args.config_dir and "VIRT_FORWARD_CONFIG_DIR" not in os.environ:
                 ctx = engine.Context(root / "etc/virt-forward", ctx.state_dir)
             if args.command == "install":
-                lines = install.install(root, ctx.config_dir, args.dry_run)
+                dirs: tuple[str, ...] = ()
+                for flag, value in (("--config-dir", args.config_dir), ("--state-dir", args.state_dir)):
+                    if value:
+                        dirs += (flag, os.path.abspath(value))
+                lines = install.install(root, ctx.config_dir, args.dry_run, dirs)
             else:
                 lines = install.uninstall(ctx, Path(args.root), args.dry_run)
             print("\n".join(lines))

@@ -50,13 +50,15 @@ def _python() -> str:
     return os.path.realpath(sys.executable)
 
 
-def hook_script(kind: str) -> str:
+def hook_script(kind: str, dirs: tuple[str, ...] = ()) -> str:
+    """`dirs`: --config-dir/--state-dir given at install time, baked in (libvirt passes no env)."""
+    args = [*dirs, "hook" if kind == "qemu" else "network-hook"]
     # -I: the hook must not pick up PYTHONPATH or a stray module from the cwd.
     return (f"#!{_python()} -I\n"
             f"# virt-forward's libvirt {kind} hook, written by `virt-forward install`.\n"
             "import sys\n"
             "from virt_forward.cli import main\n"
-            f"sys.exit(main([{'hook' if kind == 'qemu' else 'network-hook'!r}, *sys.argv[1:]]))\n")
+            f"sys.exit(main([{', '.join(map(repr, args))}, *sys.argv[1:]]))\n")
 
 
 def units() -> dict[str, str]:
@@ -90,9 +92,9 @@ WantedBy=multi-user.target
     }
 
 
-def planned(root: Path, cdir: Path) -> list[FileSpec]:
-    files = [FileSpec(root / QEMU_HOOK, hook_script("qemu"), 0o755),
-             FileSpec(root / NETWORK_HOOK, hook_script("network"), 0o755)]
+def planned(root: Path, cdir: Path, dirs: tuple[str, ...] = ()) -> list[FileSpec]:
+    files = [FileSpec(root / QEMU_HOOK, hook_script("qemu", dirs), 0o755),
+             FileSpec(root / NETWORK_HOOK, hook_script("network", dirs), 0o755)]
     files += [FileSpec(root / UNIT_DIR / name, text, 0o644) for name, text in units().items()]
     if not (cdir / "config.toml").exists():
         files.append(FileSpec(cdir / "config.toml", CONFIG_EXAMPLE, 0o644))
@@ -104,9 +106,9 @@ def _systemd(root: Path) -> bool:
     return root == Path("/") and Path("/run/systemd/system").is_dir()
 
 
-def install(root: Path, cdir: Path, dry_run: bool) -> list[str]:
+def install(root: Path, cdir: Path, dry_run: bool, dirs: tuple[str, ...] = ()) -> list[str]:
     out: list[str] = []
-    for spec in planned(root, cdir):
+    for spec in planned(root, cdir, dirs):
         out.append(f"{'would write' if dry_run else 'wrote'} {spec.path} (mode {spec.mode:04o})")
         if dry_run:
             continue

@@ -165,18 +165,23 @@ def add_guest(plan: GuestPlan) -> list[str]:
     return _acl_cmds(plan) + _elements("add", _dnat_elements(plan))
 
 
-def remove_guest(plan: GuestPlan) -> list[str]:
-    """Undo `add_guest(plan)`; each delete is preceded by an add so a missing object is no error."""
+def remove_guest(plan: GuestPlan, keep: GuestPlan | None = None) -> list[str]:
+    """Undo `add_guest(plan)`; each delete is preceded by an add so a missing object is no error.
+
+    `keep`: the guest's next plan; its identical DNAT elements stay (with their counters).
+    """
     cmds: list[str] = []
-    pairs = [_map_and_key(f) for f in plan.forwards]
+    kept = set() if keep is None else {_map_and_key(f) for f in keep.forwards}
+    pairs = [p for p in map(_map_and_key, plan.forwards) if p not in kept]
     dnat = _grouped((m, f"{k} : {v}") for m, _, k, v in pairs)
     cmds += _elements("add", dnat)
     cmds += _elements("delete", _grouped((m, k) for m, _, k, _v in pairs))
     if plan.allow is not None:
         chain = acl_chain(plan)
+        acl = list(map(_map_and_key, plan.forwards))
         cmds.append(f"add chain {T} {chain}")
-        cmds += _elements("add", _grouped((a, f"{k} : jump {chain}") for _, a, k, _v in pairs))
-        cmds += _elements("delete", _grouped((a, k) for _, a, k, _v in pairs))
+        cmds += _elements("add", _grouped((a, f"{k} : jump {chain}") for _, a, k, _v in acl))
+        cmds += _elements("delete", _grouped((a, k) for _, a, k, _v in acl))
         cmds += [f"flush chain {T} {chain}", f"delete chain {T} {chain}"]
         for fam in sorted(plan.families()):
             aset = f"{chain}_{fam}"
@@ -217,7 +222,7 @@ def change(old: GuestPlan | None, new: GuestPlan | None, *, hairpin: bool, last:
         return batch(delete_table())
     cmds = skeleton(hairpin)
     if old is not None:
-        cmds += remove_guest(old)
+        cmds += remove_guest(old, keep=new)
     if new is not None:
         cmds += add_guest(new)
     return batch(cmds)
