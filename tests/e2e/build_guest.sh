@@ -49,8 +49,12 @@ mkdir -p "$DEB_DIR"
 # Which versioned image does the meta package want?  Ask apt-cache (no download).
 KPKG="$(apt-cache depends "$META_PKG" 2>/dev/null | awk '/Depends: linux-image-[0-9]/{print $2; exit}')"
 if [[ -z "$KPKG" ]]; then
-    apt-get update -q >&2
-    KPKG="$(apt-cache depends "$META_PKG" | awk '/Depends: linux-image-[0-9]/{print $2; exit}')"
+    apt-get update -q >&2 || true
+    KPKG="$(apt-cache depends "$META_PKG" 2>/dev/null | awk '/Depends: linux-image-[0-9]/{print $2; exit}')"
+fi
+if [[ -z "$KPKG" && -s "$CACHE_DIR/vmlinuz" && -s "$CACHE_DIR/initramfs.cpio.gz" ]]; then
+    log "apt cannot resolve $META_PKG; keeping the guest already in $CACHE_DIR"
+    exit 0
 fi
 [[ -n "$KPKG" ]] || { log "cannot resolve the versioned image of $META_PKG"; exit 1; }
 KVER="${KPKG#linux-image-}"
@@ -196,7 +200,7 @@ ip link set eth0 up
 [ -n "$GW" ] && ip route add default via "$GW"
 if [ -n "$IP6" ]; then
     echo 0 >/proc/sys/net/ipv6/conf/eth0/accept_dad 2>/dev/null
-    ip -6 addr add "$IP6" dev eth0 nodad
+    ip -6 addr add "$IP6" dev eth0 || echo "vf-e2e init: cannot add $IP6"
     [ -n "$GW6" ] && ip -6 route add default via "$GW6"
 fi
 

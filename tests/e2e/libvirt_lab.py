@@ -1,0 +1,1086 @@
+"""A real libvirtd with real tiny guests, all inside network namespaces.
+
+``LibvirtLab`` makes a network namespace ``vfe2e-<token>-lab`` and, inside it
+and inside a private mount namespace, runs ``virtlogd`` and ``libvirtd`` with
+private state: a tmpfs over ``/run`` and bind mounts of per-lab directories
+over ``/etc/libvirt`` (a copy of the host's, without its networks or domains),
+``/var/lib/libvirt``, ``/var/log/libvirt`` and ``/var/cache/libvirt``.  The
+host's own network namespace, firewall, sysctls and ``/etc/libvirt`` are never
+touched.  It defines and starts the NAT network ``default`` (virbr0,
+192.168.122.0/24 and optionally fd00:122::/64) and boots guests made by
+``build_guest.sh`` (direct kernel boot, TCG).  An "outside client" namespace
+linked to the lab by a veth pair plays the Internet.
+
+Stdlib only; run as root.  Example::
+
+    with LibvirtLab("/var/cache/virt-forward-e2e", guests=1) as lab:
+        print(lab.http_get("192.168.122.10"))
+        client = lab.add_client()
+        print(client.probe_tcp("192.168.122.10", 80))
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import secrets
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+__all__ = [
+    "DEFAULT_CACHE_DIR",
+    "NS_PREFIX",
+    "GuestSpec",
+    "LabError",
+    "LabUnavailable",
+    "LibvirtLab",
+    "OutsideClient",
+    "ProbeResult",
+    "build_guest",
+    "cleanup_stale",
+    "default_guests",
+    "ensure_host_packages",
+]
+
+NS_PREFIX = "vfe2e-"
+HERE = Path(__file__).resolve().parent
+BUILD_SCRIPT = HERE / "build_guest.sh"
+DEFAULT_CACHE_DIR = Path("/var/cache/virt-forward-e2e")
+SBIN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+QEMU_BIN = "/usr/bin/qemu-system-x86_64"
+HOST_PACKAGES = (
+    "libvirt-daemon-system",
+    "libvirt-clients",
+    "qemu-system-x86",
+    "dnsmasq-base",
+    "iptables",
+    "util-linux",
+    "iproute2",
+)
+NEEDED_BINARIES = ("libvirtd", "virtlogd", "virsh", QEMU_BIN, "dnsmasq", "iptables", "nsenter", "unshare", "ip")
+
+NET_V4 = "192.168.122"
+NET_V6 = "fd00:122:"
+GATEWAY_V4 = f"{NET_V4}.1"
+GATEWAY_V6 = f"{NET_V6}:1"
+BRIDGE = "virbr0"
+
+
+class LabError(RuntimeError):
+    """Something in the lab failed (a bug, or a broken setup)."""
+
+
+class LabUnavailable(LabError):
+    """This machine cannot run the lab at all (not root, no namespaces, no qemu...)."""
+
+
+def _log_default(msg: str) -> None:
+    print(f"[libvirt_lab {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _lab_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LIBVIRT_", "VIRSH_"))}
+    env["PATH"] = SBIN_PATH
+    env.setdefault("HOME", "/root")
+    env["LC_ALL"] = "C"
+    return env
+
+
+def _which(name: str) -> str | None:
+    if os.path.isabs(name):
+        return name if os.access(name, os.X_OK) else None
+    return shutil.which(name, path=SBIN_PATH)
+
+
+# --------------------------------------------------------------------------- host prerequisites
+
+
+def _host_netns_pids(names: Sequence[str]) -> set[int]:
+    """PIDs of processes called one of ``names`` that live in the host's network namespace."""
+    try:
+        host_ns = os.readlink("/proc/1/ns/net")
+    except OSError:
+        return set()
+    found: set[int] = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            comm = Path(f"/proc/{entry}/comm").read_text().strip()
+            if comm in names and os.readlink(f"/proc/{entry}/ns/net") == host_ns:
+                found.add(int(entry))
+        except OSError:
+            continue
+    return found
+
+
+def ensure_host_packages(log: Callable[[str], None] = _log_default) -> None:
+    """apt-get install what the lab needs, if something is missing.
+
+    The packages' postinst scripts may start libvirtd/virtlogd in the host
+    namespace (only where systemd or sysvinit scripts run); any such daemon
+    that appeared during the install is killed by PID afterwards.
+    """
+    if all(_which(b) for b in NEEDED_BINARIES):
+        return
+    if os.geteuid() != 0:
+        raise LabUnavailable("libvirt/qemu are not installed and we are not root")
+    daemons = ("libvirtd", "virtlogd", "virtlockd", "dnsmasq")
+    before = _host_netns_pids(daemons)
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    log(f"installing {' '.join(HOST_PACKAGES)}")
+    subprocess.run(["apt-get", "update", "-q"], env=env, check=False, stdout=subprocess.DEVNULL)
+    r = subprocess.run(["apt-get", "install", "-y", "-q", *HOST_PACKAGES], env=env, check=False,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # Service starts fail without systemd; make sure dpkg ends configured anyway.
+    subprocess.run(["dpkg", "--configure", "-a"], env=env, check=False,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for pid in _host_netns_pids(daemons) - before:
+        log(f"killing host-namespace daemon started by the package install: pid {pid}")
+        _kill_pid(pid, signal.SIGTERM)
+    missing = [b for b in NEEDED_BINARIES if not _which(b)]
+    if missing:
+        raise LabUnavailable(f"still missing after apt-get install: {missing}; apt said: {r.stderr[-2000:]}")
+
+
+def build_guest(cache_dir: str | os.PathLike[str] = DEFAULT_CACHE_DIR) -> tuple[Path, Path]:
+    """Run build_guest.sh (idempotent) and return (kernel, initrd)."""
+    cache = Path(cache_dir)
+    r = subprocess.run(["bash", str(BUILD_SCRIPT), str(cache)], check=False,
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_lab_env())
+    if r.returncode != 0:
+        raise LabError(f"build_guest.sh failed ({r.returncode}):\n{r.stdout[-4000:]}")
+    kernel, initrd = cache / "vmlinuz", cache / "initramfs.cpio.gz"
+    if not (kernel.is_file() and initrd.is_file()):
+        raise LabError(f"build_guest.sh did not produce {kernel} and {initrd}")
+    return kernel, initrd
+
+
+# --------------------------------------------------------------------------- guests
+
+
+@dataclass(frozen=True)
+class GuestSpec:
+    """One guest: its domain name, static addresses (no prefix) and MAC."""
+
+    name: str
+    ip: str
+    mac: str
+    ip6: str | None = None
+    memory_mib: int = 160
+
+    @property
+    def cmdline(self) -> str:
+        parts = ["console=ttyS0", "panic=-1", f"vf.name={self.name}",
+                 f"vf.ip={self.ip}/24", f"vf.gw={GATEWAY_V4}"]
+        if self.ip6:
+            parts += [f"vf.ip6={self.ip6}/64", f"vf.gw6={GATEWAY_V6}"]
+        return " ".join(parts)
+
+
+def default_guests(n: int, *, ipv6: bool = True, prefix: str = "vfguest") -> list[GuestSpec]:
+    """``n`` guests named vfguest1..N at 192.168.122.10+i (and fd00:122::10+i)."""
+    if not 0 <= n <= 80:
+        raise ValueError("between 0 and 80 guests")
+    return [
+        GuestSpec(
+            name=f"{prefix}{i + 1}",
+            ip=f"{NET_V4}.{10 + i}",
+            mac=f"52:54:00:e2:e0:{10 + i:02x}",
+            ip6=f"{NET_V6}:{10 + i:x}" if ipv6 else None,
+        )
+        for i in range(n)
+    ]
+
+
+def _xml_escape(s: str) -> str:
+    return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("'", "&apos;").replace('"', "&quot;")
+
+
+def _domain_xml(spec: GuestSpec, kernel: Path, initrd: Path, console: str, domain_type: str) -> str:
+    return f"""<domain type='{domain_type}'>
+  <name>{_xml_escape(spec.name)}</name>
+  <memory unit='MiB'>{spec.memory_mib}</memory>
+  <vcpu>1</vcpu>
+  <os>
+    <type arch='x86_64' machine='pc'>hvm</type>
+    <kernel>{_xml_escape(str(kernel))}</kernel>
+    <initrd>{_xml_escape(str(initrd))}</initrd>
+    <cmdline>{_xml_escape(spec.cmdline)}</cmdline>
+  </os>
+  <features><acpi/></features>
+  <on_poweroff>destroy</on_poweroff>
+  <on_reboot>restart</on_reboot>
+  <on_crash>destroy</on_crash>
+  <devices>
+    <emulator>{QEMU_BIN}</emulator>
+    <interface type='network'>
+      <source network='default'/>
+      <mac address='{spec.mac}'/>
+      <model type='virtio'/>
+    </interface>
+    <serial type='file'>
+      <source path='{_xml_escape(console)}'/>
+      <target port='0'/>
+    </serial>
+    <console type='file'>
+      <source path='{_xml_escape(console)}'/>
+      <target type='serial' port='0'/>
+    </console>
+    <memballoon model='none'/>
+  </devices>
+</domain>
+"""
+
+
+def _network_xml(ipv6: bool) -> str:
+    v6 = f"  <ip family='ipv6' address='{GATEWAY_V6}' prefix='64'/>\n" if ipv6 else ""
+    return f"""<network>
+  <name>default</name>
+  <forward mode='nat'/>
+  <bridge name='{BRIDGE}' stp='on' delay='0'/>
+  <mac address='52:54:00:e2:e0:01'/>
+  <ip address='{GATEWAY_V4}' netmask='255.255.255.0'>
+    <dhcp><range start='{NET_V4}.100' end='{NET_V4}.254'/></dhcp>
+  </ip>
+{v6}</network>
+"""
+
+
+# --------------------------------------------------------------------------- probes
+
+# Runs inside a namespace (``python3 -c``): one TCP or UDP exchange, JSON on stdout.
+_PROBE_CODE = r"""
+import errno, json, socket, sys, time
+proto, host, port, timeout, payload, read_idle, src = sys.argv[1:8]
+port = int(port); timeout = float(timeout); read_idle = float(read_idle)
+payload = bytes.fromhex(payload)
+fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+out = {"status": "error", "data": "", "detail": ""}
+def classify(e):
+    if isinstance(e, ConnectionRefusedError): return "refused"
+    if isinstance(e, (socket.timeout, TimeoutError)): return "timeout"
+    if getattr(e, "errno", None) in (errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EACCES, errno.EPERM): return "unreachable"
+    if isinstance(e, ConnectionResetError): return "reset"
+    return "error"
+s = socket.socket(fam, socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM)
+data = b""
+try:
+    if src:
+        s.bind((src, 0))
+    s.settimeout(timeout)
+    if proto == "tcp":
+        s.connect((host, port))
+        out["status"] = "ok"
+        if payload:
+            s.sendall(payload)
+        deadline = time.monotonic() + timeout
+        s.settimeout(read_idle)
+        while time.monotonic() < deadline:
+            try:
+                chunk = s.recv(65536)
+            except (socket.timeout, TimeoutError):
+                break
+            if not chunk:
+                break
+            data += chunk
+    else:
+        s.connect((host, port))
+        s.send(payload)
+        data = s.recv(65536)
+        out["status"] = "ok"
+except Exception as e:
+    if out["status"] != "ok":
+        out["status"] = classify(e)
+    out["detail"] = f"{type(e).__name__}: {e}"
+finally:
+    s.close()
+out["data"] = data.hex()
+print(json.dumps(out))
+"""
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """Outcome of one probe: status is ok, refused, timeout, unreachable, reset or error."""
+
+    status: str
+    data: bytes = b""
+    detail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    @property
+    def text(self) -> str:
+        return self.data.decode("utf-8", "replace")
+
+
+class _NsRunner:
+    """Runs commands with a fixed argv prefix that enters some namespaces."""
+
+    def _prefix(self) -> list[str]:
+        raise NotImplementedError
+
+    def exec_in_ns(self, argv: Sequence[str], **kwargs: Any) -> subprocess.CompletedProcess[Any]:
+        """subprocess.run(argv) inside the namespace; kwargs go to subprocess.run (no check by default)."""
+        kwargs.setdefault("env", _lab_env())
+        return subprocess.run([*self._prefix(), *argv], **kwargs)
+
+    def run(self, argv: Sequence[str], *, check: bool = True, timeout: float | None = 120,
+            input: str | None = None, env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        """Run argv inside the namespace, capture text output; raise LabError on failure if check.
+
+        env defaults to this process's environment with PATH including the sbin dirs.
+        """
+        r = subprocess.run([*self._prefix(), *argv], input=input, text=True, timeout=timeout,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           env=dict(env) if env is not None else _lab_env(), check=False)
+        if check and r.returncode != 0:
+            raise LabError(f"{' '.join(argv)} -> {r.returncode}\nstdout: {r.stdout}\nstderr: {r.stderr}")
+        return r
+
+    def popen(self, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
+        kwargs.setdefault("env", _lab_env())
+        return subprocess.Popen([*self._prefix(), *argv], **kwargs)
+
+    def _probe(self, proto: str, host: str, port: int, payload: bytes, timeout: float,
+               read_idle: float, source: str | None) -> ProbeResult:
+        r = self.run([sys.executable, "-c", _PROBE_CODE, proto, host, str(port), str(timeout),
+                      payload.hex(), str(read_idle), source or ""], check=False, timeout=timeout * 3 + 10)
+        try:
+            d = json.loads(r.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            return ProbeResult("error", b"", f"probe crashed: rc={r.returncode} {r.stderr.strip()}")
+        return ProbeResult(str(d["status"]), bytes.fromhex(d["data"]), str(d["detail"]))
+
+    def probe_tcp(self, host: str, port: int, payload: bytes = b"", *, timeout: float = 3.0,
+                  read_idle: float = 0.5, source: str | None = None) -> ProbeResult:
+        """Connect to host:port, send payload, read until EOF/idle.  ok means the connection was made."""
+        return self._probe("tcp", host, port, payload, timeout, read_idle, source)
+
+    def probe_udp(self, host: str, port: int, payload: bytes = b"ping", *, timeout: float = 3.0,
+                  source: str | None = None) -> ProbeResult:
+        """Send one datagram and wait for one answer; ok means an answer came."""
+        return self._probe("udp", host, port, payload, timeout, 0.0, source)
+
+    def http_get(self, host: str, port: int = 80, path: str = "/", *, timeout: float = 5.0) -> str:
+        """GET over plain HTTP/1.0; returns the body.  Raises LabError unless the reply is 200."""
+        hosthdr = f"[{host}]" if ":" in host else host
+        req = f"GET {path} HTTP/1.0\r\nHost: {hosthdr}\r\nConnection: close\r\n\r\n".encode()
+        r = self.probe_tcp(host, port, req, timeout=timeout, read_idle=timeout)
+        if not r.ok:
+            raise LabError(f"http://{hosthdr}:{port}{path}: {r.status} {r.detail}")
+        head, _, body = r.text.partition("\r\n\r\n")
+        if " 200 " not in head.split("\r\n", 1)[0] + " ":
+            raise LabError(f"http://{hosthdr}:{port}{path}: unexpected reply {head[:200]!r}")
+        return body
+
+
+@dataclass
+class OutsideClient(_NsRunner):
+    """A namespace on the 'Internet' side of the lab host, linked by a veth pair."""
+
+    ns: str
+    lab_if: str
+    client_if: str
+    lab_addr: str  # with prefix, e.g. 198.51.100.1/24
+    client_addr: str
+    lab_addr6: str | None = None
+    client_addr6: str | None = None
+
+    def _prefix(self) -> list[str]:
+        return ["ip", "netns", "exec", self.ns]
+
+    @property
+    def lab_ip(self) -> str:
+        """The lab host's 'public' address as seen from this client (no prefix)."""
+        return self.lab_addr.split("/")[0]
+
+    @property
+    def client_ip(self) -> str:
+        return self.client_addr.split("/")[0]
+
+    @property
+    def lab_ip6(self) -> str | None:
+        return self.lab_addr6.split("/")[0] if self.lab_addr6 else None
+
+
+# --------------------------------------------------------------------------- process helpers
+
+
+def _kill_pid(pid: int, sig: signal.Signals) -> bool:
+    try:
+        os.kill(pid, sig)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return False
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie counts as gone
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _terminate(pids: Sequence[int], grace: float = 5.0) -> None:
+    live = [p for p in pids if _kill_pid(p, signal.SIGTERM)]
+    deadline = time.monotonic() + grace
+    while live and time.monotonic() < deadline:
+        live = [p for p in live if _pid_alive(p)]
+        if live:
+            time.sleep(0.05)
+    for p in live:
+        _kill_pid(p, signal.SIGKILL)
+
+
+def _netns_pids(ns: str) -> list[int]:
+    r = subprocess.run(["ip", "netns", "pids", ns], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                       text=True, check=False)
+    return [int(x) for x in r.stdout.split() if x.isdigit() and int(x) != os.getpid()]
+
+
+def _list_netns() -> list[str]:
+    r = subprocess.run(["ip", "netns", "list"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                       text=True, check=False)
+    return [line.split()[0] for line in r.stdout.splitlines() if line.strip()]
+
+
+def _delete_netns(ns: str) -> None:
+    for _ in range(3):
+        pids = _netns_pids(ns)
+        if not pids:
+            break
+        _terminate(pids, grace=3.0)
+    subprocess.run(["ip", "netns", "del", ns], check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def cleanup_stale(log: Callable[[str], None] = _log_default) -> list[str]:
+    """Kill the processes in, and delete, every leftover ``vfe2e-*`` namespace (from a crashed run).
+
+    Do not call while another lab is running on this machine.
+    """
+    gone = []
+    for ns in _list_netns():
+        if ns.startswith(NS_PREFIX):
+            log(f"removing stale namespace {ns}")
+            _delete_netns(ns)
+            gone.append(ns)
+    return gone
+
+
+# --------------------------------------------------------------------------- the lab
+
+
+_QEMU_CONF_EXTRA = """
+# --- virt-forward e2e lab ---
+user = "root"
+group = "root"
+security_driver = "none"
+namespaces = [ ]
+cgroup_controllers = [ ]
+remember_owner = 0
+"""
+
+_LIBVIRTD_CONF_EXTRA = """
+# --- virt-forward e2e lab ---
+log_outputs = "3:file:/var/log/libvirt/libvirtd.log"
+"""
+
+_VIRTLOGD_CONF_EXTRA = """
+# --- virt-forward e2e lab ---
+log_outputs = "3:file:/var/log/libvirt/virtlogd.log"
+"""
+
+
+@dataclass
+class _Timings:
+    values: dict[str, float] = field(default_factory=dict)
+
+    def add(self, key: str, seconds: float) -> None:
+        self.values[key] = round(seconds, 3)
+
+
+class LibvirtLab(_NsRunner):
+    """Context manager: libvirtd + NAT network ``default`` + guests, all in namespaces.
+
+    Parameters:
+        cache_dir: where build_guest.sh puts (or has put) the guest kernel/initramfs.
+        guests: a number of default guests (see ``default_guests``) or explicit GuestSpecs.
+        ipv6: give the network fd00:122::1/64 and the default guests fd00:122::10+i.
+        hooks: {file name: script text, bytes or Path} put into the lab's
+            /etc/libvirt/hooks/qemu.d/ (mode 0755) before libvirtd starts.
+        hook_env_path: if set (e.g. "/bin:/usr/bin"), those hooks run with that PATH
+            (through a wrapper, see install_hook).
+        domain_type: "qemu" (TCG, default) or "kvm".
+        boot_timeout: seconds to wait for each guest's first HTTP answer on port 80.
+        build: run build_guest.sh first (idempotent); if False, the cache must hold the files.
+        keep_workdir: leave the lab's directory (logs, consoles) behind after exit.
+        share_qemu_caps_cache: use CACHE_DIR/libvirt-cache as the lab's /var/cache/libvirt,
+            so libvirtd's qemu capability probe (~7 s) is paid once per machine, not per lab.
+        daemon_path: PATH of virtlogd/libvirtd.  libvirtd 9.0 hands its PATH on to hooks;
+            it needs dnsmasq on it, so it cannot be "/bin:/usr/bin" (see install_hook's
+            env_path to run a hook with that PATH).
+        workdir_parent: where the lab's directory is made (default: the system temp dir).
+        log: a callable for progress lines (default: stderr).
+    """
+
+    def __init__(
+        self,
+        cache_dir: str | os.PathLike[str] = DEFAULT_CACHE_DIR,
+        guests: int | Sequence[GuestSpec] = 1,
+        *,
+        ipv6: bool = True,
+        hooks: Mapping[str, str | bytes | Path] | None = None,
+        hook_env_path: str | None = None,
+        domain_type: str = "qemu",
+        boot_timeout: float = 90.0,
+        build: bool = True,
+        keep_workdir: bool = False,
+        share_qemu_caps_cache: bool = True,
+        daemon_path: str = SBIN_PATH,
+        workdir_parent: str | os.PathLike[str] | None = None,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        self.cache_dir = Path(cache_dir)
+        self.ipv6 = ipv6
+        self.guest_specs: list[GuestSpec] = (
+            default_guests(guests, ipv6=ipv6) if isinstance(guests, int) else list(guests)
+        )
+        self._initial_hooks = dict(hooks or {})
+        self.hook_env_path = hook_env_path
+        self.domain_type = domain_type
+        self.boot_timeout = boot_timeout
+        self._build = build
+        self.keep_workdir = keep_workdir
+        self.share_qemu_caps_cache = share_qemu_caps_cache
+        self.daemon_path = daemon_path
+        self._workdir_parent = workdir_parent
+        self.log: Callable[[str], None] = log or _log_default
+        self.token = secrets.token_hex(3)
+        self.ns = f"{NS_PREFIX}{self.token}-lab"
+        self.kernel: Path = self.cache_dir / "vmlinuz"
+        self.initrd: Path = self.cache_dir / "initramfs.cpio.gz"
+        self.workdir: Path = Path()
+        self.guests: dict[str, GuestSpec] = {}
+        self.clients: list[OutsideClient] = []
+        self.timings = _Timings()
+        self._namespaces: list[str] = []
+        self._holder: subprocess.Popen[bytes] | None = None
+        self._started = False
+        self._closed = False
+        self._prev_sigterm: Any = None
+        self._sigterm_installed = False
+        self._boot_started: dict[str, float] = {}
+        self._cache_libvirt_dir = Path()
+
+    # ---------------------------------------------------------------- paths (host side)
+
+    @property
+    def etc_dir(self) -> Path:
+        """Host path of the lab's /etc/libvirt."""
+        return self.workdir / "etc-libvirt"
+
+    @property
+    def hooks_dir(self) -> Path:
+        """Host path of the lab's /etc/libvirt/hooks/qemu.d."""
+        return self.etc_dir / "hooks" / "qemu.d"
+
+    @property
+    def log_dir(self) -> Path:
+        """Host path of the lab's /var/log/libvirt (libvirtd.log, qemu/<name>.log, consoles)."""
+        return self.workdir / "log-libvirt"
+
+    @property
+    def run_dir(self) -> Path:
+        """Host path of the lab's /run/libvirt."""
+        return self.workdir / "run-libvirt"
+
+    def console_path(self, name: str) -> Path:
+        return self.log_dir / "qemu" / f"{name}.console"
+
+    def console_log(self, name: str) -> str:
+        try:
+            return self.console_path(name).read_text(errors="replace")
+        except OSError:
+            return ""
+
+    @property
+    def libvirtd_pid(self) -> int | None:
+        return self._read_pid(self.run_dir / "lab-libvirtd.pid")
+
+    @property
+    def virtlogd_pid(self) -> int | None:
+        return self._read_pid(self.run_dir / "lab-virtlogd.pid")
+
+    @staticmethod
+    def _read_pid(p: Path) -> int | None:
+        try:
+            return int(p.read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def _prefix(self) -> list[str]:
+        if self._holder is None:
+            raise LabError("lab namespace is not up")
+        return ["nsenter", "-t", str(self._holder.pid), "-m", "-n", "--"]
+
+    # ---------------------------------------------------------------- context manager
+
+    def __enter__(self) -> LibvirtLab:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: types.TracebackType | None) -> None:
+        self.close()
+
+    def start(self) -> None:
+        """Bring the lab up (what ``with`` does).  If it raises, call close() yourself."""
+        if self._started:
+            raise LabError("lab already started")
+        self._started = True
+        self._install_sigterm()
+        atexit.register(self.close)
+        self._check_prerequisites()
+        if self._build:
+            t = time.monotonic()
+            self.kernel, self.initrd = build_guest(self.cache_dir)
+            self.timings.add("build_guest", time.monotonic() - t)
+        elif not (self.kernel.is_file() and self.initrd.is_file()):
+            raise LabError(f"no guest in {self.cache_dir}; run build_guest.sh")
+        self.workdir = Path(tempfile.mkdtemp(prefix=f"{NS_PREFIX}{self.token}-", dir=self._workdir_parent))
+        os.chmod(self.workdir, 0o755)
+        self._prepare_dirs()
+        for name, content in self._initial_hooks.items():
+            self.install_hook(name, content, env_path=self.hook_env_path)
+        t = time.monotonic()
+        self._make_lab_namespace()
+        self.timings.add("namespace", time.monotonic() - t)
+        t = time.monotonic()
+        self._start_daemons()
+        self.timings.add("libvirtd_start", time.monotonic() - t)
+        t = time.monotonic()
+        self._start_network()
+        self.timings.add("network_start", time.monotonic() - t)
+        t = time.monotonic()
+        for spec in self.guest_specs:
+            self.start_guest(spec, wait=False)
+        for spec in self.guest_specs:
+            self.wait_guest(spec.name)
+        self.timings.add("guests_boot_to_http", time.monotonic() - t)
+        self.log(f"lab {self.ns} up: {self.timings.values}")
+
+    # ---------------------------------------------------------------- setup steps
+
+    def _check_prerequisites(self) -> None:
+        if os.geteuid() != 0:
+            raise LabUnavailable("the libvirt lab needs root")
+        missing = [b for b in NEEDED_BINARIES if not _which(b)]
+        if missing:
+            raise LabUnavailable(f"missing binaries: {missing} (see ensure_host_packages())")
+        probe = f"{NS_PREFIX}{self.token}-probe"
+        r = subprocess.run(["ip", "netns", "add", probe], stderr=subprocess.PIPE, text=True, check=False)
+        if r.returncode != 0:
+            raise LabUnavailable(f"cannot create network namespaces: {r.stderr.strip()}")
+        subprocess.run(["ip", "netns", "del", probe], check=False)
+        if self.domain_type == "kvm" and not os.access("/dev/kvm", os.R_OK | os.W_OK):
+            raise LabUnavailable("domain_type='kvm' but /dev/kvm is not usable")
+
+    def _prepare_dirs(self) -> None:
+        etc = self.etc_dir
+        if Path("/etc/libvirt").is_dir():
+            shutil.copytree("/etc/libvirt", etc, symlinks=True)
+        etc.mkdir(exist_ok=True)
+        # Nothing of the host's definitions: no networks, domains, pools, autostart links.
+        for sub in ("qemu/networks", "qemu/autostart", "storage", "secrets", "nodedev"):
+            shutil.rmtree(etc / sub, ignore_errors=True)
+        for p in (etc / "qemu").glob("*.xml") if (etc / "qemu").is_dir() else []:
+            p.unlink()
+        shutil.rmtree(etc / "hooks", ignore_errors=True)
+        (etc / "qemu" / "networks" / "autostart").mkdir(parents=True, exist_ok=True)
+        self.hooks_dir.mkdir(parents=True, exist_ok=True)
+        for conf, extra in (("qemu.conf", _QEMU_CONF_EXTRA), ("libvirtd.conf", _LIBVIRTD_CONF_EXTRA),
+                            ("virtlogd.conf", _VIRTLOGD_CONF_EXTRA)):
+            with open(etc / conf, "a") as f:
+                f.write(extra)
+        for sub in ("lib-libvirt/qemu", "lib-libvirt/dnsmasq", "lib-libvirt/network", "lib-libvirt/images",
+                    "lib-libvirt/boot", "log-libvirt/qemu", "cache-libvirt/qemu", "run-libvirt"):
+            (self.workdir / sub).mkdir(parents=True, exist_ok=True)
+        (self.workdir / "xml").mkdir()
+
+    def _make_lab_namespace(self) -> None:
+        r = subprocess.run(["ip", "netns", "add", self.ns], stderr=subprocess.PIPE, text=True, check=False)
+        if r.returncode != 0:
+            raise LabUnavailable(f"ip netns add {self.ns}: {r.stderr.strip()}")
+        self._namespaces.append(self.ns)
+        w = self.workdir
+        ready = w / "holder.ready"
+        if self.share_qemu_caps_cache:
+            self._cache_libvirt_dir = self.cache_dir / "libvirt-cache"
+            (self._cache_libvirt_dir / "qemu").mkdir(parents=True, exist_ok=True)
+        else:
+            self._cache_libvirt_dir = w / "cache-libvirt"
+        # A private mount namespace: tmpfs over /run (hides the host's /run/systemd,
+        # /run/dbus, xtables lock...), the lab's own libvirt dirs bound over the real ones.
+        script = f"""set -e
+mount --make-rprivate /
+mount -t tmpfs -o mode=755 lab-run /run
+mkdir -p /run/libvirt /run/lock /run/user
+mount --bind {shlex.quote(str(w / "run-libvirt"))} /run/libvirt
+mount --bind {shlex.quote(str(w / "etc-libvirt"))} /etc/libvirt
+mount --bind {shlex.quote(str(w / "lib-libvirt"))} /var/lib/libvirt
+mount --bind {shlex.quote(str(w / "log-libvirt"))} /var/log/libvirt
+mount --bind {shlex.quote(str(self._cache_libvirt_dir))} /var/cache/libvirt
+ip link set lo up
+touch {shlex.quote(str(ready))}
+exec sleep infinity
+"""
+        self._holder = subprocess.Popen(
+            ["ip", "netns", "exec", self.ns, "unshare", "--mount", "--propagation", "private", "--",
+             "sh", "-c", script],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(w / "holder.err", "wb"),
+            env=_lab_env(), start_new_session=True,
+        )
+        deadline = time.monotonic() + 15
+        while not ready.exists():
+            if self._holder.poll() is not None or time.monotonic() > deadline:
+                raise LabError(f"namespace holder failed: {(w / 'holder.err').read_text(errors='replace')}")
+            time.sleep(0.02)
+
+    def _start_daemons(self) -> None:
+        self.run([_which("virtlogd") or "virtlogd", "-d", "-p", "/run/libvirt/lab-virtlogd.pid"],
+                 env=self._daemon_env())
+        self._start_libvirtd()
+
+    def _daemon_env(self) -> dict[str, str]:
+        # A clean environment, as an init system would give.  libvirtd passes its PATH on
+        # to hook scripts, so this is the PATH hooks see.
+        return {"PATH": self.daemon_path, "LC_ALL": "C", "HOME": "/root"}
+
+    def _start_libvirtd(self) -> None:
+        self.run([_which("libvirtd") or "libvirtd", "-d", "-p", "/run/libvirt/lab-libvirtd.pid"],
+                 env=self._daemon_env())
+        self._wait_libvirtd()
+
+    def _wait_libvirtd(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < deadline:
+            r = self.run(["virsh", "-c", "qemu:///system", "version"], check=False, timeout=30)
+            if r.returncode == 0:
+                return
+            last = r.stderr.strip()
+            time.sleep(0.2)
+        raise LabError(f"libvirtd did not answer within {timeout}s: {last}\n{self.libvirtd_log()[-3000:]}")
+
+    def libvirtd_log(self) -> str:
+        try:
+            return (self.log_dir / "libvirtd.log").read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def _start_network(self) -> None:
+        xml = self.workdir / "xml" / "network-default.xml"
+        xml.write_text(_network_xml(self.ipv6))
+        self.virsh("net-define", str(xml))
+        self.virsh("net-start", "default")
+        self.virsh("net-autostart", "default")
+
+    # ---------------------------------------------------------------- public API
+
+    def virsh(self, *args: str, check: bool = True, timeout: float = 120) -> str:
+        """Run ``virsh -c qemu:///system ARGS`` in the lab; returns stdout."""
+        return self.run(["virsh", "-c", "qemu:///system", *args], check=check, timeout=timeout).stdout
+
+    def iptables_save(self, ipv6: bool = False) -> str:
+        """``iptables -S`` of every table in the lab namespace (filter, nat, mangle)."""
+        cmd = "ip6tables" if ipv6 else "iptables"
+        return "".join(self.run([cmd, "-t", t, "-S"]).stdout for t in ("filter", "nat", "mangle"))
+
+    def start_guest(self, spec: GuestSpec, *, wait: bool = True) -> None:
+        """Define (persistent) and start a guest; wait for its HTTP answer unless wait=False."""
+        xml = self.workdir / "xml" / f"{spec.name}.xml"
+        console = f"/var/log/libvirt/qemu/{spec.name}.console"
+        xml.write_text(_domain_xml(spec, self.kernel, self.initrd, console, self.domain_type))
+        self.guests[spec.name] = spec
+        self.virsh("define", str(xml))
+        t = time.monotonic()
+        self.virsh("start", spec.name)
+        self.timings.add(f"virsh_start:{spec.name}", time.monotonic() - t)
+        self._boot_started[spec.name] = time.monotonic()
+        if wait:
+            self.wait_guest(spec.name)
+
+    def wait_guest(self, name: str, timeout: float | None = None) -> float:
+        """Poll the guest's port 80 from the lab (IPv4, then IPv6 if it has one) until it
+        answers with its name; returns seconds since its start."""
+        spec = self.guests[name]
+        timeout = self.boot_timeout if timeout is None else timeout
+        t0 = self._boot_started.get(name, time.monotonic())
+        deadline = time.monotonic() + timeout
+        for family, addr in (("v4", spec.ip), ("v6", spec.ip6)):
+            if addr is None:
+                continue
+            last = ProbeResult("error")
+            while True:
+                last = self.probe_tcp(addr, 80, b"GET / HTTP/1.0\r\n\r\n", timeout=1.0, read_idle=1.0)
+                if last.ok and f"guest={name} " in last.text:
+                    took = time.monotonic() - t0
+                    self.timings.add(f"boot_to_http_{family}:{name}", took)
+                    break
+                if time.monotonic() > deadline:
+                    raise LabError(
+                        f"guest {name} ({addr}) did not answer HTTP within {timeout}s: last probe {last}\n"
+                        f"--- console tail ---\n{self.console_log(name)[-3000:]}\n"
+                        f"--- qemu log ---\n{self._qemu_log(name)[-2000:]}"
+                    )
+                time.sleep(0.3)
+        took = time.monotonic() - t0
+        ready_line = [ln for ln in self.console_log(name).splitlines() if "VF-E2E-READY" in ln]
+        self.log(f"guest {name} answers HTTP after {took:.1f}s ({ready_line[-1] if ready_line else 'no marker'})")
+        return took
+
+    def _qemu_log(self, name: str) -> str:
+        try:
+            return (self.log_dir / "qemu" / f"{name}.log").read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def destroy_guest(self, name: str, *, undefine: bool = True) -> None:
+        """virsh destroy (and undefine) a guest; ignores a guest that is not running."""
+        self.virsh("destroy", name, check=False, timeout=60)
+        if undefine:
+            self.virsh("undefine", name, check=False, timeout=60)
+            self.guests.pop(name, None)
+
+    def install_hook(self, name: str, content: str | bytes | Path, *, restart: bool = False,
+                     env_path: str | None = None) -> Path:
+        """Write an executable hook to the lab's /etc/libvirt/hooks/qemu.d/NAME; returns its host path.
+
+        libvirtd only notices hooks when it starts: pass restart=True (or call
+        restart_libvirtd()) if the lab is already running.  With env_path (e.g.
+        "/bin:/usr/bin"), qemu.d/NAME is a small wrapper that sets PATH=env_path and
+        execs the real script, kept in the lab's /etc/libvirt/hook-bodies/NAME.
+        """
+        if "/" in name or name in ("", ".", "..") or name.startswith("."):
+            raise ValueError(f"bad hook name {name!r}")
+        self.hooks_dir.mkdir(parents=True, exist_ok=True)
+        dest = self.hooks_dir / name
+        body = dest
+        if env_path is not None:
+            body = self.etc_dir / "hook-bodies" / name
+            body.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, Path):
+            shutil.copyfile(content, body)
+        elif isinstance(content, bytes):
+            body.write_bytes(content)
+        else:
+            body.write_text(content)
+        body.chmod(0o755)
+        if env_path is not None:
+            dest.write_text(f"#!/bin/sh\nPATH={shlex.quote(env_path)}\nexport PATH\n"
+                            f"exec /etc/libvirt/hook-bodies/{shlex.quote(name)} \"$@\"\n")
+            dest.chmod(0o755)
+        if restart:
+            self.restart_libvirtd()
+        return dest
+
+    def remove_hook(self, name: str, *, restart: bool = False) -> None:
+        (self.hooks_dir / name).unlink(missing_ok=True)
+        (self.etc_dir / "hook-bodies" / name).unlink(missing_ok=True)
+        if restart:
+            self.restart_libvirtd()
+
+    def restart_libvirtd(self) -> float:
+        """Stop libvirtd (SIGTERM, guests keep running) and start it again; returns seconds taken."""
+        t = time.monotonic()
+        pid = self.libvirtd_pid
+        if pid is not None:
+            _terminate([pid], grace=15.0)
+        self._start_libvirtd()
+        took = time.monotonic() - t
+        self.timings.add("libvirtd_restart", took)
+        return took
+
+    def sighup_libvirtd(self) -> None:
+        """Send SIGHUP to libvirtd (it reloads and re-applies network firewall rules)."""
+        pid = self.libvirtd_pid
+        if pid is None or not _kill_pid(pid, signal.SIGHUP):
+            raise LabError("libvirtd is not running")
+
+    def add_client(
+        self,
+        *,
+        lab_addr: str = "198.51.100.1/24",
+        client_addr: str = "198.51.100.2/24",
+        lab_addr6: str | None = "2001:db8:5100::1/64",
+        client_addr6: str | None = "2001:db8:5100::2/64",
+        route_to_guests: bool = True,
+    ) -> OutsideClient:
+        """A new namespace linked to the lab by a veth pair; the lab side gets the 'public' address.
+
+        route_to_guests adds routes to 192.168.122.0/24 (and fd00:122::/64) via the lab,
+        like a neighbour on the same wire that knows the private network.
+        """
+        idx = len(self.clients)
+        ns = f"{NS_PREFIX}{self.token}-c{idx}"
+        subprocess.run(["ip", "netns", "add", ns], check=True)
+        self._namespaces.append(ns)
+        lab_if, client_if = f"vfpub{idx}", "eth0"
+        # `ip -n` enters the lab/client namespaces from the host's mount namespace
+        # (where /run/netns is visible); nothing is created in the host's netns.
+        steps: list[list[str]] = [
+            ["ip", "-n", self.ns, "link", "add", lab_if, "type", "veth", "peer", "name", client_if, "netns", ns],
+            ["ip", "-n", self.ns, "addr", "add", lab_addr, "dev", lab_if],
+            ["ip", "-n", self.ns, "link", "set", lab_if, "up"],
+            ["ip", "-n", ns, "link", "set", "lo", "up"],
+            ["ip", "-n", ns, "addr", "add", client_addr, "dev", client_if],
+            ["ip", "-n", ns, "link", "set", client_if, "up"],
+        ]
+        if lab_addr6 and client_addr6:
+            steps += [
+                ["ip", "-n", self.ns, "-6", "addr", "add", lab_addr6, "dev", lab_if, "nodad"],
+                ["ip", "-n", ns, "-6", "addr", "add", client_addr6, "dev", client_if, "nodad"],
+            ]
+        if route_to_guests:
+            steps.append(["ip", "-n", ns, "route", "add", f"{NET_V4}.0/24", "via", lab_addr.split("/")[0]])
+            if self.ipv6 and lab_addr6 and client_addr6:
+                steps.append(["ip", "-n", ns, "-6", "route", "add", f"{NET_V6}:/64", "via", lab_addr6.split("/")[0]])
+        for argv in steps:
+            r = subprocess.run(argv, stderr=subprocess.PIPE, text=True, check=False)
+            if r.returncode != 0:
+                raise LabError(f"{' '.join(argv)}: {r.stderr.strip()}")
+        client = OutsideClient(ns=ns, lab_if=lab_if, client_if=client_if, lab_addr=lab_addr,
+                               client_addr=client_addr,
+                               lab_addr6=lab_addr6 if client_addr6 else None,
+                               client_addr6=client_addr6 if lab_addr6 else None)
+        self.clients.append(client)
+        return client
+
+    # ---------------------------------------------------------------- teardown
+
+    def _install_sigterm(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def on_term(signum: int, frame: types.FrameType | None) -> None:
+            raise SystemExit(128 + signum)
+
+        self._prev_sigterm = signal.signal(signal.SIGTERM, on_term)
+        self._sigterm_installed = True
+
+    def close(self) -> None:
+        """Destroy guests, kill every process of the lab, delete its namespaces.  Idempotent."""
+        if self._closed or not self._started:
+            self._closed = True
+            return
+        self._closed = True
+        # Ctrl-C during teardown would leave things behind: hold it off until the end.
+        old_int: Any = None
+        in_main = threading.current_thread() is threading.main_thread()
+        if in_main:
+            old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            self._teardown()
+        finally:
+            if in_main:
+                signal.signal(signal.SIGINT, old_int)
+                if self._sigterm_installed:
+                    signal.signal(signal.SIGTERM, self._prev_sigterm)
+            atexit.unregister(self.close)
+
+    def _teardown(self) -> None:
+        t = time.monotonic()
+        holder_alive = self._holder is not None and self._holder.poll() is None
+        lv_pid = self.libvirtd_pid if self.workdir != Path() else None
+        if holder_alive and lv_pid is not None and _pid_alive(lv_pid):
+            for name in list(self.guests):
+                try:
+                    self.destroy_guest(name)
+                except Exception as e:  # noqa: BLE001 - teardown goes on
+                    self.log(f"teardown: destroy {name}: {e}")
+            try:
+                self.virsh("net-destroy", "default", check=False, timeout=60)
+            except Exception as e:  # noqa: BLE001
+                self.log(f"teardown: net-destroy: {e}")
+        daemons = [p for p in (lv_pid, self.virtlogd_pid if self.workdir != Path() else None) if p]
+        _terminate([p for p in daemons if _pid_alive(p)], grace=10.0)
+        # Everything else that runs in our namespaces (dnsmasq, qemu, the holder, probes).
+        for ns in reversed(self._namespaces):
+            try:
+                _delete_netns(ns)
+            except Exception as e:  # noqa: BLE001
+                self.log(f"teardown: delete {ns}: {e}")
+        if self._holder is not None:
+            if self._holder.poll() is None:
+                _kill_pid(self._holder.pid, signal.SIGKILL)
+            try:
+                self._holder.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.log(f"teardown: holder {self._holder.pid} did not exit")
+        left = [ns for ns in self._namespaces if ns in _list_netns()]
+        if left:
+            self.log(f"teardown: namespaces still there: {left}")
+        if self.workdir != Path() and self.workdir.exists():
+            if self.keep_workdir:
+                self.log(f"teardown: kept {self.workdir}")
+            else:
+                shutil.rmtree(self.workdir, ignore_errors=True)
+        self.timings.add("teardown", time.monotonic() - t)
+
+
+def _main(argv: Sequence[str]) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Start the virt-forward e2e libvirt lab, report timings, tear it down.")
+    ap.add_argument("--cache-dir", default=str(DEFAULT_CACHE_DIR))
+    ap.add_argument("--guests", type=int, default=1)
+    ap.add_argument("--no-ipv6", action="store_true")
+    ap.add_argument("--domain-type", default="qemu")
+    ap.add_argument("--hold", type=float, default=0.0, help="seconds to keep the lab up (Ctrl-C ends it)")
+    ap.add_argument("--keep-workdir", action="store_true")
+    ap.add_argument("--cleanup-stale", action="store_true", help="only remove leftover vfe2e-* namespaces")
+    a = ap.parse_args(argv)
+    if a.cleanup_stale:
+        print(cleanup_stale())
+        return 0
+    ensure_host_packages()
+    with LibvirtLab(a.cache_dir, a.guests, ipv6=not a.no_ipv6, domain_type=a.domain_type,
+                    keep_workdir=a.keep_workdir) as lab:
+        for spec in lab.guest_specs:
+            print(spec.name, lab.http_get(spec.ip).strip())
+        if a.hold:
+            print(f"lab namespace: {lab.ns}; nsenter -t {lab._holder.pid if lab._holder else '?'} -m -n", flush=True)
+            time.sleep(a.hold)
+    print(json.dumps(lab.timings.values, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main(sys.argv[1:]))
