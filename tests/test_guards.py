@@ -141,8 +141,6 @@ def test_guard_spec_is_narrow() -> None:
     assert GUARD_SPEC.endswith("-j ACCEPT") and GUARD_COMMENT in GUARD_SPEC
 
 
-@pytest.mark.xfail(strict=True, reason="guards.py: an outdated guard on top counts as in place and is never "
-                                       "replaced (reported; remove this xfail when fixed)")
 def test_outdated_guard_on_top_is_replaced() -> None:
     old = ('-m conntrack --ctstate DNAT -m connmark --mark 0x1/0x1 -m comment --comment "virt-forward:guard"'
            ' -j ACCEPT')
@@ -185,3 +183,48 @@ def test_render_output_is_accepted_by_iptables_restore(name: str, tmp_path: Path
     final = parse_filter((tmp_path / "after.save").read_text())
     assert final.guard_positions() == []
     assert final.rules == tuple(parse_filter(saved.read_text()).foreign_rules())
+
+
+# ---------------------------------------------------------------- nftables tables of others
+
+def _listing(*rules: tuple[int, str | None]) -> dict[str, object]:
+    items: list[object] = [{"chain": {"family": "ip", "table": "libvirt_network", "name": "forward"}}]
+    for handle, comment in rules:
+        rule: dict[str, object] = {"family": "ip", "table": "libvirt_network", "chain": "forward",
+                                   "handle": handle, "expr": []}
+        if comment is not None:
+            rule["comment"] = comment
+        items.append({"rule": rule})
+    return {"nftables": items}
+
+
+def test_nft_guard_missing_is_inserted_on_top() -> None:
+    from virt_forward.guards import NFT_GUARD_RULE, NFT_TARGETS, nft_commands, parse_nft_chain
+    chain = parse_nft_chain(NFT_TARGETS[0], _listing((5, None), (6, None)))
+    assert chain is not None and not chain.guard_in_place()
+    assert nft_commands([chain], want=True) == [f"insert rule ip libvirt_network forward {NFT_GUARD_RULE}"]
+    assert nft_commands([chain], want=False) == []
+
+
+def test_nft_guard_in_place_is_left_alone_and_removed_on_request() -> None:
+    from virt_forward.guards import NFT_GUARD_COMMENT, NFT_TARGETS, nft_commands, parse_nft_chain
+    chain = parse_nft_chain(NFT_TARGETS[0], _listing((9, NFT_GUARD_COMMENT), (5, None)))
+    assert chain is not None and chain.guard_in_place()
+    assert nft_commands([chain], want=True) == []
+    assert nft_commands([chain], want=False) == ["delete rule ip libvirt_network forward handle 9"]
+
+
+def test_nft_guard_below_libvirt_or_outdated_is_replaced() -> None:
+    from virt_forward.guards import NFT_GUARD_RULE, NFT_TARGETS, nft_commands, parse_nft_chain
+    below = parse_nft_chain(NFT_TARGETS[0], _listing((5, None), (9, "virt-forward:guard 0x10000000")))
+    old = parse_nft_chain(NFT_TARGETS[0], _listing((9, "virt-forward:guard"), (5, None)))
+    for chain in (below, old):
+        assert chain is not None and not chain.guard_in_place()
+        assert nft_commands([chain], want=True) == [
+            "delete rule ip libvirt_network forward handle 9",
+            f"insert rule ip libvirt_network forward {NFT_GUARD_RULE}"]
+
+
+def test_nft_chain_absent() -> None:
+    from virt_forward.guards import NFT_TARGETS, parse_nft_chain
+    assert parse_nft_chain(NFT_TARGETS[0], {"nftables": []}) is None

@@ -264,8 +264,19 @@ def test_status_shows_live_and_missing(world: World) -> None:
     w = world
     setup_two(w)
     start(w, "guest1")
+    for _ in range(3):
+        assert w.probe("tcp", PUBLIC4, 80).startswith("guest1:80")
+    assert w.probe("udp", PUBLIC4, 8001).startswith("guest1:9001")
     out = w.cli("status").stdout
     assert "guest1: applied" in out and f"{PUBLIC4}:80/tcp -> {G1_4}:80" in out and "MISSING" not in out
+    line80 = next(ln for ln in out.splitlines() if f"{PUBLIC4}:80/tcp" in ln)
+    line8001 = next(ln for ln in out.splitlines() if f"{PUBLIC4}:8001/udp" in ln)
+    line2222 = next(ln for ln in out.splitlines() if f"{PUBLIC4}:2222/tcp" in ln)
+    assert line80.split()[-2:] == ["3", "connection(s)"], line80
+    assert line8001.split()[-2:] == ["1", "connection(s)"], line8001
+    assert line2222.split()[-2:] == ["0", "connection(s)"], line2222
+    assert w.hook("guest1", "started").returncode == 0  # re-applying keeps the counters
+    assert "3 connection(s)" in next(ln for ln in w.cli("status").stdout.splitlines() if f"{PUBLIC4}:80/tcp" in ln)
     assert "guest2: not applied" in out
     w.nft("delete", "element", "inet", "virt_forward", "dnat4", "{", f"{PUBLIC4} . tcp . 80", "}")
     out = w.cli("status").stdout
@@ -332,3 +343,31 @@ def test_reconcile_after_flush_wipe_and_edits(world: World) -> None:
     # nothing running: everything of ours goes, guards included
     w.cli("reconcile", "--running", "none-of-ours")
     assert w.elements() == {} and w.no_guards()
+
+
+def test_a_second_guest_cannot_take_a_claimed_port(world: World) -> None:
+    w = world
+    setup_two(w)
+    start(w, "guest1")
+    w.guest_file("guest2", f'address = "{G2_4}"\nports = ["80"]\npublic = "{PUBLIC4}"\n')  # guest1's port
+    r = w.hook("guest2", "start")
+    assert r.returncode == 0 and "already forwarded" in r.stderr, r.stderr
+    assert w.probe("tcp", PUBLIC4, 80) == f"guest1:80 from {CLIENT4}"
+    assert w.hook("guest2", "stopped", "end").returncode == 0
+    assert w.probe("tcp", PUBLIC4, 80) == f"guest1:80 from {CLIENT4}"  # guest1's forward untouched
+    assert "not applied" in w.cli("status", "guest2").stdout
+
+
+def test_table_of_an_older_version_is_rebuilt(world: World) -> None:
+    w = world
+    setup_two(w)
+    start(w, "guest2")
+    # the same table as an earlier release made it: dnat maps without per-element counters
+    w.nft("delete", "table", "inet", "virt_forward")
+    w.nft("add", "table", "inet", "virt_forward")
+    w.nft("add", "map", "inet", "virt_forward", "dnat4",
+          "{ type ipv4_addr . inet_proto . inet_service : ipv4_addr . inet_service ; }")
+    r = w.hook("guest1", "start")
+    assert r.returncode == 0 and "older version" in r.stderr, r.stderr
+    assert w.probe("tcp", PUBLIC4, 80) == f"guest1:80 from {CLIENT4}"
+    assert w.probe("tcp", PUBLIC4, 443, src=CLIENT4_OTHER).startswith("guest2:443")

@@ -22,14 +22,16 @@ def check(ctx: engine.Context) -> int:
         print(f"error: {exc}")
         return ExitCode.CONFIG
     names = guest_names(ctx.config_dir)
+    configs = {}
     for name in names:
         try:
             guest = load_guest(ctx.config_dir, name)
             if guest is not None:
                 plans.append((plan_guest(guest, settings), guest.path))
+                configs[name] = guest
         except VirtForwardError as exc:
             errors.append(str(exc))
-    errors += [str(e) for e in find_conflicts(plans)]
+    errors += [str(e) for e in find_conflicts(plans, configs)]
     for line in errors:
         print(f"error: {line}")
     forwards = sum(len(p.forwards) for p, _ in plans)
@@ -61,17 +63,16 @@ def _guard_spec() -> str:
     return GUARD_SPEC
 
 
-def live_elements() -> dict[str, dict[tuple[str, ...], tuple[str, ...]]] | None:
+def live_listing() -> dict[str, Any]:
     if which("nft") is None:
-        return None
-    result = run(["nft", "-j", "list", "table", nft.FAMILY, nft.TABLE], check=False)
-    if result.returncode != 0:
         return {}
-    return nft.parse_live(json.loads(result.stdout))
+    result = run(["nft", "-j", "list", "table", nft.FAMILY, nft.TABLE], check=False)
+    return json.loads(result.stdout) if result.returncode == 0 else {}
 
 
 def status(ctx: engine.Context, only: str | None, as_json: bool) -> int:
-    live = live_elements() or {}
+    listing = live_listing()
+    live, counters = nft.parse_live(listing), nft.parse_counters(listing)
     names = sorted(set(ctx.store.domains()) | set(guest_names(ctx.config_dir)))
     if only is not None:
         names = [n for n in names if n == only]
@@ -87,7 +88,8 @@ def status(ctx: engine.Context, only: str | None, as_json: bool) -> int:
         shown = applied or configured
         for fwd in (shown.forwards if shown else ()):
             mname, key, value = nft.dnat_element(fwd)
-            entry["forwards"].append({"forward": fwd.describe(), "live": live.get(mname, {}).get(key) == value})
+            entry["forwards"].append({"forward": fwd.describe(), "live": live.get(mname, {}).get(key) == value,
+                                      "connections": counters.get(mname, {}).get(key)})
         entry["config_differs"] = (applied is not None and configured is not None
                                    and applied.forwards != configured.forwards)
         report.append(entry)
@@ -106,5 +108,6 @@ def status(ctx: engine.Context, only: str | None, as_json: bool) -> int:
             print("  config changed since it was applied (runs `apply` to take it)")
         for f in entry["forwards"]:
             mark = "live" if f["live"] else ("MISSING" if entry["applied"] else "-")
-            print(f"  {f['forward']:<48} {mark}")
+            conns = "" if f["connections"] is None else f"{f['connections']:>8} connection(s)"
+            print(f"  {f['forward']:<48} {mark:<8}{conns}")
     return ExitCode.OK

@@ -67,9 +67,21 @@ def apply(ctx: Context, domain: str) -> str:
     with store.lock():
         old = store.read(domain)
         body = nft.change(old, want.plan, hairpin=want.settings.hairpin)
-        _apply_with_nft_guards(body, want=True)
-        store.write(want.plan, backend)
-        ensure_guards(want.plan.families())
+        try:
+            _apply_with_nft_guards(body, want=True)
+        except FirewallError:
+            if not _old_schema(want.settings.hairpin):
+                raise
+            outdated = True
+        else:
+            outdated = False
+            store.write(want.plan, backend)
+            ensure_guards(want.plan.families())
+    if outdated:
+        # a table made by an older virt-forward (other map flags): rebuild it whole, once
+        log.warning("table inet virt_forward is from an older version: rebuilding it")
+        from .reconcile import reconcile
+        reconcile(ctx, running=sorted(set(store.domains()) | {domain}))
     msg = f"{domain}: {len(want.plan.forwards)} forward(s) live" + _summary(want.plan)
     log.info(msg)
     return msg
@@ -96,6 +108,11 @@ def remove(ctx: Context, domain: str, why: str = "") -> str:
     msg = f"{domain}: removed {len(old.forwards)} forward(s)" + (f" ({why})" if why else "")
     log.info(msg)
     return msg
+
+
+def _old_schema(hairpin: bool) -> bool:
+    """Does our fixed part alone fail against the live table (checked, not applied)?"""
+    return run(["nft", "-c", "-f", "-"], stdin=nft.batch(nft.skeleton(hairpin)), check=False).returncode != 0
 
 
 def _hairpin(ctx: Context) -> bool:

@@ -42,7 +42,8 @@ class ForwardChain:
         return self.exists and (self.policy != "ACCEPT" or bool(self.foreign_rules()))
 
     def guard_in_place(self) -> bool:
-        return self.guard_positions() == [0]
+        """One guard, first, and the current one (an older mark or spec gets replaced)."""
+        return self.guard_positions() == [0] and self.rules[0].replace('"', "") == GUARD_SPEC
 
 
 def parse_filter(save_output: str) -> ForwardChain:
@@ -105,8 +106,11 @@ NFT_TARGETS = (
     NftTarget("inet", "firewalld", "filter_FORWARD"),
 )
 
+# The comment carries the mark, so a guard of an older version is recognised as ours
+# (prefix) but not as current (exact comment), and gets replaced.
+NFT_GUARD_COMMENT = f"{GUARD_COMMENT} {MARK_FORWARDED:#x}"
 NFT_GUARD_RULE = (f"ct mark & {MARK_FORWARDED:#010x} == {MARK_FORWARDED:#010x} ct status dnat counter accept"
-                  f' comment "{GUARD_COMMENT}"')
+                  f' comment "{NFT_GUARD_COMMENT}"')
 
 
 @dataclass(frozen=True)
@@ -114,9 +118,10 @@ class NftChain:
     target: NftTarget
     handles: tuple[int, ...]  # every rule's handle, in order
     guards: tuple[int, ...]  # handles of our guards
+    current: tuple[int, ...] = ()  # handles of guards that are this version's
 
     def guard_in_place(self) -> bool:
-        return list(self.guards) == list(self.handles[:1])
+        return list(self.guards) == list(self.handles[:1]) == list(self.current)
 
 
 def present_targets(tables_listing: dict[str, Any]) -> list[NftTarget]:
@@ -130,6 +135,7 @@ def parse_nft_chain(target: NftTarget, listing: dict[str, Any]) -> NftChain | No
     """From `nft -a -j list chain FAMILY TABLE CHAIN`; None when the chain is not there."""
     handles: list[int] = []
     ours: list[int] = []
+    current: list[int] = []
     found = False
     for item in listing.get("nftables", []):
         if "chain" in item:
@@ -137,9 +143,12 @@ def parse_nft_chain(target: NftTarget, listing: dict[str, Any]) -> NftChain | No
         rule = item.get("rule")
         if isinstance(rule, dict):
             handles.append(int(rule["handle"]))
-            if rule.get("comment") == GUARD_COMMENT:
+            comment = str(rule.get("comment", ""))
+            if comment.startswith(GUARD_COMMENT):
                 ours.append(int(rule["handle"]))
-    return NftChain(target, tuple(handles), tuple(ours)) if found else None
+                if comment == NFT_GUARD_COMMENT:
+                    current.append(int(rule["handle"]))
+    return NftChain(target, tuple(handles), tuple(ours), tuple(current)) if found else None
 
 
 def nft_commands(chains: list[NftChain], want: bool) -> list[str]:
