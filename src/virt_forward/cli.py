@@ -43,6 +43,8 @@ def _parser() -> argparse.ArgumentParser:
         i.add_argument("--root", default="/", help="install below this directory instead of / (packaging, tests)")
     wt = sub.add_parser("watch", help="daemon: put forwards and guards back after firewall resets")
     wt.add_argument("--interval", type=float, default=30.0, help="safety check every N seconds (default 30)")
+    dr = sub.add_parser("doctor", help="check the classic causes of a forward that does not work")
+    dr.add_argument("--libvirt-dir", default="/etc/libvirt", help=argparse.SUPPRESS)
     s = sub.add_parser("status", help="guests, their forwards and whether they are live in the kernel")
     s.add_argument("guest", nargs="?")
     s.add_argument("--json", action="store_true")
@@ -103,6 +105,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "watch":
             from .watch import watch
             return int(watch(ctx, interval=args.interval))
+        if args.command == "doctor":
+            from pathlib import Path
+
+            from .doctor import doctor
+            return int(doctor(ctx, Path(args.libvirt_dir)))
         if args.command == "status":
             from .commands import status
             return int(status(ctx, args.guest, as_json=args.json))

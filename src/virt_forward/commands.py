@@ -13,14 +13,14 @@ from .plan import GuestPlan, find_conflicts, plan_guest
 from .runner import run, which
 
 
-def check(ctx: engine.Context) -> int:
+def collect_plans(ctx: engine.Context) -> tuple[list[GuestPlan], list[str]]:
+    """Every guest's plan and every config error, conflicts across guests included."""
     errors: list[str] = []
     plans: list[tuple[GuestPlan, str]] = []
     try:
         settings = load_settings(ctx.config_dir)
     except ConfigError as exc:
-        print(f"error: {exc}")
-        return ExitCode.CONFIG
+        return [], [str(exc)]
     names = guest_names(ctx.config_dir)
     configs = {}
     for name in names:
@@ -32,9 +32,15 @@ def check(ctx: engine.Context) -> int:
         except VirtForwardError as exc:
             errors.append(str(exc))
     errors += [str(e) for e in find_conflicts(plans, configs)]
+    return [p for p, _ in plans], errors
+
+
+def check(ctx: engine.Context) -> int:
+    plans, errors = collect_plans(ctx)
+    names = guest_names(ctx.config_dir)
     for line in errors:
         print(f"error: {line}")
-    forwards = sum(len(p.forwards) for p, _ in plans)
+    forwards = sum(len(p.forwards) for p in plans)
     print(f"{'FAILED' if errors else 'ok'}: {len(names)} guest file(s), {forwards} forward(s), "
           f"{len(errors)} error(s) in {ctx.config_dir}")
     return ExitCode.CONFIG if errors else ExitCode.OK

@@ -1,0 +1,256 @@
+"""doctor: the classic reasons a forward does not work, each with a verdict and the fix.
+
+`gather()` reads the host (sysctls, addresses, sockets, libvirt's files, the
+firewall); `diagnose()` is pure and turns those facts into verdicts, so every
+check is testable with made-up facts.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import engine
+from .errors import VirtForwardError
+from .plan import GuestPlan
+from .ports import IPAddress
+
+OK, WARN, FAIL, SKIP = "ok", "warn", "FAIL", "skip"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    level: str
+    check: str
+    message: str
+    fix: str = ""
+
+    def line(self) -> str:
+        return f"{self.level:<4} {self.check}: {self.message}" + (f" -- fix: {self.fix}" if self.fix else "")
+
+
+@dataclass(frozen=True)
+class Facts:
+    sysctl: dict[str, str]
+    local_addresses: frozenset[IPAddress]
+    listening: frozenset[tuple[str, int]]  # (proto, port) the host itself listens on
+    networks: dict[str, tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]]  # libvirt network -> subnets
+    plans: tuple[GuestPlan, ...]  # every configured guest
+    config_errors: tuple[str, ...]
+    firewall_problems: tuple[str, ...]  # recorded vs live (watch.problems)
+    applied: frozenset[str]
+    docker_drop: bool
+    firewalld_strict: bool | None  # None: no firewalld config
+    hook_path: str
+    hook_installed: bool
+    hook_mtime: float | None
+    daemon_started: float | None  # libvirtd/virtqemud start time (epoch), None: not running
+    nft_installed: bool
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+def diagnose(f: Facts) -> list[Verdict]:
+    v: list[Verdict] = []
+    families = {fwd.family for p in f.plans for fwd in p.forwards}
+
+    v.append(Verdict(OK, "nftables", "nft is installed") if f.nft_installed else
+             Verdict(FAIL, "nftables", "the nft command is missing", "apt-get install nftables"))
+
+    for fam, key in ((4, "net.ipv4.ip_forward"), (6, "net.ipv6.conf.all.forwarding")):
+        if fam not in families:
+            continue
+        if f.sysctl.get(key) == "1":
+            v.append(Verdict(OK, "ip_forward", f"{key} = 1"))
+        else:
+            v.append(Verdict(FAIL, "ip_forward", f"{key} = {f.sysctl.get(key, '?')}: the host routes nothing",
+                             f"sysctl -w {key}=1 and persist it in /etc/sysctl.d/"))
+
+    if f.config_errors:
+        v += [Verdict(FAIL, "config", e, "virt-forward check") for e in f.config_errors]
+    else:
+        v.append(Verdict(OK, "config", f"{len(f.plans)} guest file(s) valid"))
+
+    missing = sorted({str(fwd.public) for p in f.plans for fwd in p.forwards
+                      if fwd.public is not None and fwd.public not in f.local_addresses})
+    for missing_addr in missing:
+        addr = missing_addr
+        v.append(Verdict(FAIL, "public address", f"{addr} is not on any interface of this host; "
+                         "packets to it never reach us", f"ip addr add {addr}/... dev <uplink>, or fix `public`"))
+    if f.plans and not missing:
+        v.append(Verdict(OK, "public address", "every public address is on an interface"))
+
+    clashes = sorted({(fwd.proto, fwd.public_port) for p in f.plans for fwd in p.forwards}
+                     & set(f.listening))
+    for proto, port in clashes:
+        v.append(Verdict(WARN, "host listener", f"a host service listens on {port}/{proto}: outside clients reach "
+                         "the guest, but it is easy to test from the host and hit the host's own service instead",
+                         f"ss -ltnup | grep :{port}"))
+
+    if f.networks:
+        for plan in f.plans:
+            for guest_addr in sorted({fwd.guest for fwd in plan.forwards}, key=str):
+                inside = [n for n, subnets in f.networks.items() if any(guest_addr in s for s in subnets)]
+                if not inside:
+                    v.append(Verdict(FAIL, "guest address", f"{plan.domain}: {guest_addr} is in no libvirt network "
+                                     f"({', '.join(sorted(f.networks))})", "fix `address` in its guest file"))
+    else:
+        v.append(Verdict(SKIP, "guest address", "no libvirt network definitions found to check against"))
+
+    if f.firewall_problems:
+        v += [Verdict(FAIL, "live rules", p, "virt-forward reconcile (and run virt-forward watch)")
+              for p in f.firewall_problems]
+    elif f.applied:
+        v.append(Verdict(OK, "live rules", f"{len(f.applied)} guest(s) applied, rules and guards in place"))
+
+    if f.docker_drop:
+        v.append(Verdict(OK if not f.firewall_problems else WARN, "docker",
+                         "iptables FORWARD policy is DROP (Docker); our guard on top of FORWARD lets our forwards "
+                         "through"))
+    if f.firewalld_strict:
+        v.append(Verdict(FAIL, "firewalld", "StrictForwardPorts=yes: firewalld drops DNAT it did not make",
+                         "set StrictForwardPorts=no in /etc/firewalld/firewalld.conf, then firewall-cmd --reload"))
+
+    for key, value in sorted(f.sysctl.items()):
+        if key.endswith(".rp_filter") and value == "1":
+            v.append(Verdict(WARN, "rp_filter", f"{key} = 1 (strict): replies or asymmetric routes may be dropped",
+                             f"sysctl -w {key}=2 (loose)"))
+    if f.sysctl.get("net.bridge.bridge-nf-call-iptables") == "1":
+        v.append(Verdict(WARN, "br_netfilter", "bridge-nf-call-iptables = 1: traffic between guests of one bridge "
+                         "passes the IP firewall; a guest calling its own public port also needs hairpin mode on "
+                         "its bridge port", "ip link set dev vnetN type bridge_slave hairpin on"))
+
+    if not f.hook_installed:
+        v.append(Verdict(FAIL, "hook", f"{f.hook_path} is missing or not executable", "virt-forward install"))
+    elif f.daemon_started is None:
+        v.append(Verdict(WARN, "hook", "installed, but no libvirtd/virtqemud is running"))
+    elif f.hook_mtime is not None and f.hook_mtime > f.daemon_started:
+        v.append(Verdict(FAIL, "hook", "installed after libvirt started: libvirt has not seen it",
+                         "systemctl restart libvirtd (or virtqemud)"))
+    else:
+        v.append(Verdict(OK, "hook", f"{f.hook_path} installed and libvirt started after it"))
+    return v
+
+
+# ---------------------------------------------------------------- reading the host
+
+SYSCTLS = ("net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding", "net.ipv4.conf.all.rp_filter",
+           "net.ipv4.conf.default.rp_filter", "net.bridge.bridge-nf-call-iptables")
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def _sysctls() -> dict[str, str]:
+    out = {}
+    for key in SYSCTLS:
+        value = _read(Path("/proc/sys") / key.replace(".", "/"))
+        if value is not None:
+            out[key] = value
+    return out
+
+
+def _local_addresses() -> frozenset[IPAddress]:
+    from .runner import run
+    found: set[IPAddress] = set()
+    result = run(["ip", "-j", "addr", "show"], check=False)
+    if result.returncode == 0:
+        for link in json.loads(result.stdout):
+            for a in link.get("addr_info", []):
+                try:
+                    found.add(ipaddress.ip_address(a["local"]))
+                except (KeyError, ValueError):
+                    pass
+    return frozenset(found)
+
+
+def _listening() -> frozenset[tuple[str, int]]:
+    found: set[tuple[str, int]] = set()
+    for proto, files, state in (("tcp", ("tcp", "tcp6"), "0A"), ("udp", ("udp", "udp6"), "07")):
+        for name in files:
+            text = _read(Path("/proc/net") / name) or ""
+            for line in text.splitlines()[1:]:
+                cols = line.split()
+                if len(cols) > 3 and cols[3] == state:
+                    found.add((proto, int(cols[1].rsplit(":", 1)[1], 16)))
+    return frozenset(found)
+
+
+def _libvirt_networks(libvirt_dir: Path) -> dict[str, tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]]:
+    nets: dict[str, tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]] = {}
+    for xml in sorted((libvirt_dir / "qemu" / "networks").glob("*.xml")):
+        try:
+            root = ET.parse(xml).getroot()
+        except (ET.ParseError, OSError):
+            continue
+        subnets = []
+        for ip in root.findall("ip"):
+            addr, prefix, mask = ip.get("address"), ip.get("prefix"), ip.get("netmask")
+            if not addr:
+                continue
+            try:
+                subnets.append(ipaddress.ip_interface(f"{addr}/{prefix or mask or 24}").network)
+            except ValueError:
+                continue
+        nets[root.findtext("name") or xml.stem] = tuple(subnets)
+    return nets
+
+
+def _daemon_started() -> float | None:
+    """Start time of libvirtd or virtqemud, from /proc (boot time + start ticks)."""
+    btime = next((float(ln.split()[1]) for ln in (_read(Path("/proc/stat")) or "").splitlines()
+                  if ln.startswith("btime ")), 0.0)
+    ticks = os.sysconf("SC_CLK_TCK")
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        if _read(Path("/proc", pid, "comm")) in ("libvirtd", "virtqemud"):
+            stat = _read(Path("/proc", pid, "stat")) or ""
+            fields = stat.rsplit(")", 1)[-1].split()
+            if len(fields) > 19:
+                return btime + int(fields[19]) / ticks
+    return None
+
+
+def gather(ctx: engine.Context, libvirt_dir: Path = Path("/etc/libvirt")) -> Facts:
+    from .commands import collect_plans
+    from .runner import run, which
+    from .watch import problems
+    plans, errors = collect_plans(ctx)
+    applied = frozenset(ctx.store.domains())
+    try:
+        fw = tuple(problems(ctx)) if which("nft") else ()
+    except VirtForwardError as exc:
+        fw = (str(exc),)
+    docker = False
+    save = run(["iptables-save", "-t", "filter"], check=False) if which("iptables-save") else None
+    if save is not None and save.returncode == 0:
+        docker = bool(re.search(r"^:FORWARD DROP", save.stdout, re.M)) and "DOCKER" in save.stdout
+    conf = _read(Path("/etc/firewalld/firewalld.conf"))
+    strict = None if conf is None else bool(re.search(r"^\s*StrictForwardPorts\s*=\s*yes", conf, re.M | re.I))
+    hook = libvirt_dir / "hooks" / "qemu.d" / "virt-forward"
+    try:
+        st = os.stat(hook)
+        installed, mtime = bool(st.st_mode & 0o111), st.st_mtime
+    except OSError:
+        installed, mtime = False, None
+    return Facts(sysctl=_sysctls(), local_addresses=_local_addresses(), listening=_listening(),
+                 networks=_libvirt_networks(libvirt_dir), plans=tuple(plans), config_errors=tuple(errors),
+                 firewall_problems=fw, applied=applied, docker_drop=docker, firewalld_strict=strict,
+                 hook_path=str(hook), hook_installed=installed, hook_mtime=mtime,
+                 daemon_started=_daemon_started(), nft_installed=which("nft") is not None)
+
+
+def doctor(ctx: engine.Context, libvirt_dir: Path = Path("/etc/libvirt")) -> int:
+    verdicts = diagnose(gather(ctx, libvirt_dir))
+    for verdict in verdicts:
+        print(verdict.line())
+    failed = sum(v.level == FAIL for v in verdicts)
+    print(f"{failed} problem(s) found" if failed else "no problem found")
+    return 1 if failed else 0
