@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-for pkg in nftables iptables iproute2 python3 python3-venv; do
+# libvirt-dev, pkg-config, gcc, python3-dev: to build libvirt-python (reconcile/watch ask libvirt)
+for pkg in nftables iptables iproute2 python3 python3-venv python3-dev libvirt-dev pkg-config gcc; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -18,4 +19,4 @@ py=python3
 if [ ! -x .venv/bin/python ]; then
   "$py" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test,libvirt]'

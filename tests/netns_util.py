@@ -73,8 +73,9 @@ class World:
         return self.root / "qemu.d" / "virt-forward"
 
     def env(self) -> dict[str, str]:
+        # never ask a libvirtd that may run on the machine running the tests
         return {"PATH": "/bin:/usr/bin", "VIRT_FORWARD_CONFIG_DIR": str(self.cfg),
-                "VIRT_FORWARD_STATE_DIR": str(self.state)}
+                "VIRT_FORWARD_STATE_DIR": str(self.state), "VIRT_FORWARD_LIBVIRT_URI": "none"}
 
     def write(self, rel: str, text: str) -> Path:
         path = self.cfg / rel

@@ -371,3 +371,19 @@ def test_table_of_an_older_version_is_rebuilt(world: World) -> None:
     assert r.returncode == 0 and "older version" in r.stderr, r.stderr
     assert w.probe("tcp", PUBLIC4, 80) == f"guest1:80 from {CLIENT4}"
     assert w.probe("tcp", PUBLIC4, 443, src=CLIENT4_OTHER).startswith("guest2:443")
+
+
+def test_live_migration_hook_sequence(world: World) -> None:
+    """Destination: migrate, prepare, start, started bring the forwards up; source: stopped/release
+    (reason `migrated` on libvirt >= 10.5) take them down, as on any stop."""
+    w = world
+    setup_two(w)
+    r = w.hook("guest1", "migrate", "begin", "-")
+    assert r.returncode == 0 and r.stdout == "" and w.elements() == {}  # nothing before it runs here
+    for op in ("prepare", "start", "started"):
+        assert w.hook("guest1", op, "begin", "-").returncode == 0
+    assert w.probe("tcp", PUBLIC4, 80) == f"guest1:80 from {CLIENT4}"
+    # the source side of the same migration (a second host, here the same one after the fact)
+    assert w.hook("guest1", "stopped", "end", "migrated").returncode == 0
+    assert w.hook("guest1", "release", "end", "migrated").returncode == 0
+    assert w.elements() == {} and w.probe("tcp", PUBLIC4, 80).startswith(REFUSED)

@@ -8,6 +8,7 @@ and rewrites the records, so afterwards there is no orphan and no duplicate.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from . import engine, log, nft
@@ -28,10 +29,19 @@ class Outcome:
         return text + "".join(f"\n  {p}" for p in self.problems)
 
 
-def running_from_libvirt(uri: str = "qemu:///system") -> list[str] | None:
+def libvirt_uri() -> str | None:
+    """VIRT_FORWARD_LIBVIRT_URI overrides qemu:///system; "none" means: do not ask libvirt."""
+    uri = os.environ.get("VIRT_FORWARD_LIBVIRT_URI", "qemu:///system")
+    return None if uri == "none" else uri
+
+
+def running_from_libvirt() -> list[str] | None:
     """Names of running domains, or None when libvirt cannot be asked (never from the hook)."""
+    uri = libvirt_uri()
+    if uri is None:
+        return None
     try:
-        import libvirt  # type: ignore[import-not-found]
+        import libvirt
     except ImportError:
         return None
     try:

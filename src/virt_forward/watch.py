@@ -20,7 +20,7 @@ from typing import Any
 
 from . import engine, log, nft
 from .plan import GuestPlan
-from .reconcile import reconcile, running_from_libvirt
+from .reconcile import libvirt_uri, reconcile, running_from_libvirt
 from .runner import SEARCH_PATH, run, which
 
 
@@ -125,15 +125,18 @@ class _Wakeups:
             time.sleep(1)
 
     def libvirt_events(self) -> None:
+        uri = libvirt_uri()
         try:
-            import libvirt  # type: ignore[import-not-found]
+            import libvirt
         except ImportError:
+            return
+        if uri is None:
             return
         libvirt.virEventRegisterDefaultImpl()
         threading.Thread(target=self._libvirt_loop, args=(libvirt,), daemon=True).start()
         while not self.stop.is_set():
             try:
-                conn = libvirt.openReadOnly("qemu:///system")
+                conn = libvirt.openReadOnly(uri)
             except libvirt.libvirtError:
                 time.sleep(2)  # libvirtd away: keep trying, it comes back
                 continue
