@@ -6,6 +6,7 @@ with a REJECT towards virbr0), so every forward here has to get past them.
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 from typing import Iterator
@@ -278,9 +279,14 @@ def test_status_shows_live_and_missing(world: World) -> None:
     assert w.hook("guest1", "started").returncode == 0  # re-applying keeps the counters
     assert "3 connection(s)" in next(ln for ln in w.cli("status").stdout.splitlines() if f"{PUBLIC4}:80/tcp" in ln)
     assert "guest2: not applied" in out
+    assert "rules and guards: in place" in out
     w.nft("delete", "element", "inet", "virt_forward", "dnat4", "{", f"{PUBLIC4} . tcp . 80", "}")
     out = w.cli("status").stdout
     assert f"{PUBLIC4}:80/tcp -> {G1_4}:80" in out and "MISSING" in out
+    assert "rules and guards: map dnat4 differs from the records" in out
+    data = json.loads(w.cli("status", "--json").stdout)
+    assert data["problems"] == ["map dnat4 differs from the records"]
+    assert [f["live"] for f in data["guests"][0]["forwards"]].count(False) == 1
 
 
 def test_libvirt_reinserting_its_rules(world: World) -> None:

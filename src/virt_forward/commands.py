@@ -99,12 +99,19 @@ def status(ctx: engine.Context, only: str | None, as_json: bool) -> int:
         entry["config_differs"] = (applied is not None and configured is not None
                                    and applied.forwards != configured.forwards)
         report.append(entry)
+    drift: list[str] = []
+    if which("nft") is not None and ctx.store.domains():
+        from .watch import problems
+        drift = problems(ctx)
     if as_json:
-        json.dump(report, sys.stdout, indent=1)
+        json.dump({"guests": report, "problems": drift}, sys.stdout, indent=1)
         print()
         return ExitCode.OK
     if not report:
         print(f"no guests configured in {ctx.config_dir}")
+    if ctx.store.domains():
+        print("rules and guards: " + ("in place" if not drift else "; ".join(drift) +
+                                      " (virt-forward reconcile puts them back)"))
     for entry in report:
         state = "applied" if entry["applied"] else "not applied (guest stopped, or no hook call yet)"
         print(f"{entry['guest']}: {state}")
