@@ -9,6 +9,8 @@ imported inside the functions so that the hook's imports stay light.
 
 from __future__ import annotations
 
+import dataclasses
+import ipaddress
 import os
 import re
 import stat
@@ -27,6 +29,7 @@ if TYPE_CHECKING:
 
 NEW_FILE_MODE = 0o644
 NEW_DIR_MODE = 0o755
+STAND_IN_ADDRESSES = (ipaddress.ip_address("192.0.2.1"), ipaddress.ip_address("2001:db8::1"))
 
 
 # ------------------------------------------------------------- shared with importer
@@ -38,6 +41,9 @@ def validate_text(config_dir: Path, name: str, path: Path, text: str) -> GuestPl
     except tomllib.TOMLDecodeError as exc:  # our own writers only make valid TOML: a bug if seen
         raise ConfigError(f"would not be valid TOML ({exc})", path=path) from None
     guest = parse_guest(name, path, data, text.split("\n"))
+    if not guest.addresses:
+        # no `address`: found from the guest's MAC at start; check the ports against both families
+        guest = dataclasses.replace(guest, addresses=STAND_IN_ADDRESSES)
     return plan_guest(guest, load_settings(config_dir))
 
 
@@ -163,7 +169,9 @@ def _commit(config_dir: Path, guest: str, path: Path, doc: Any,
     return plan
 
 
-def _summary(path: Path, plan: GuestPlan) -> str:
+def _summary(path: Path, plan: GuestPlan, arr: Array) -> str:
+    if any(f.guest in STAND_IN_ADDRESSES for f in plan.forwards):
+        return f"{path}: {len(arr)} port spec(s) now; the address is found from the guest's MAC at start"
     return f"{path}: {len(plan.forwards)} forward(s) now"
 
 
@@ -211,7 +219,7 @@ def add_ports(config_dir: Path, guest: str, specs: list[str], address: str | Non
         arr.append(text)
         lines.append(f"added {text!r} to {path}")
     plan = _commit(config_dir, guest, path, doc, st)
-    return lines + [_summary(path, plan)]
+    return lines + [_summary(path, plan, arr)]
 
 
 def remove_ports(config_dir: Path, guest: str, specs: list[str]) -> list[str]:
@@ -246,7 +254,7 @@ def remove_ports(config_dir: Path, guest: str, specs: list[str]) -> list[str]:
     for index in sorted(doomed, reverse=True):
         del arr[index]
     plan = _commit(config_dir, guest, path, doc, st)
-    return [f"removed {entries[i][0]!r} from {path}" for i in sorted(doomed)] + [_summary(path, plan)]
+    return [f"removed {entries[i][0]!r} from {path}" for i in sorted(doomed)] + [_summary(path, plan, arr)]
 
 
 def _part_of(spec: PortSpec | None, entries: list[tuple[str, PortSpec | None]]) -> str | None:
