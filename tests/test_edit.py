@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import shutil
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -14,7 +17,7 @@ from virt_forward.edit import add_ports, remove_ports
 from virt_forward.errors import ConfigError
 from virt_forward.plan import plan_guest
 
-pytest.importorskip("tomlkit")
+needs_tomlkit = pytest.mark.skipif(importlib.util.find_spec("tomlkit") is None, reason="tomlkit is not installed")
 
 COMMENTED = """\
 # web server, see ticket 42
@@ -59,6 +62,7 @@ CASES = [
 ]
 
 
+@needs_tomlkit
 @pytest.mark.parametrize("name,before,op,specs,out,after", CASES, ids=[c[0] for c in CASES])
 def test_edit(name: str, before: str, op: str, specs: list[str], out: list[str], after: str,
               cdir: Path, write_guest: WriteFile) -> None:
@@ -104,6 +108,7 @@ ERRORS = [
 ]
 
 
+@needs_tomlkit
 @pytest.mark.parametrize("name,before,op,specs,address,error", ERRORS, ids=[c[0] for c in ERRORS])
 def test_edit_refused(name: str, before: str | None, op: str, specs: list[str], address: str | None,
                       error: str, cdir: Path, write_guest: WriteFile) -> None:
@@ -124,6 +129,7 @@ def test_edit_refused(name: str, before: str | None, op: str, specs: list[str], 
     assert [p.name for p in path.parent.iterdir() if p.name.startswith(".")] == []
 
 
+@needs_tomlkit
 def test_add_creates_file_with_address(cdir: Path) -> None:
     path = cdir / "guests" / "db.toml"
     old = os.umask(0o077)
@@ -140,6 +146,7 @@ def test_add_creates_file_with_address(cdir: Path) -> None:
     assert load_guest(cdir, "db") is not None
 
 
+@needs_tomlkit
 def test_add_creates_dirs(tmp_path: Path) -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root")
@@ -149,12 +156,14 @@ def test_add_creates_dirs(tmp_path: Path) -> None:
     assert load_guest(cdir, "db") is not None
 
 
+@needs_tomlkit
 def test_add_with_same_address_to_existing(cdir: Path, write_guest: WriteFile) -> None:
     path = write_guest("web", 'address = "10.1.1.2"\nports = ["80"]\n')
     assert add_ports(cdir, "web", ["443"], address="10.1.1.2") == [
         f"added '443' to {path}", f"{path}: 2 forward(s) now"]
 
 
+@needs_tomlkit
 def test_keeps_owner_and_mode(cdir: Path, write_guest: WriteFile) -> None:
     path = write_guest("web", 'address = "10.1.1.2"\nports = ["80"]\n', mode=0o600)
     os.chown(path, 0, 5)
@@ -165,6 +174,7 @@ def test_keeps_owner_and_mode(cdir: Path, write_guest: WriteFile) -> None:
     assert st.st_ino != inode  # replaced by rename, not rewritten in place
 
 
+@needs_tomlkit
 def test_refuses_symlink(cdir: Path, tmp_path: Path) -> None:
     target = write_trusted(tmp_path / "elsewhere.toml", 'address = "10.1.1.2"\nports = ["80"]\n')
     (cdir / "guests" / "web.toml").symlink_to(target)
@@ -173,6 +183,7 @@ def test_refuses_symlink(cdir: Path, tmp_path: Path) -> None:
     assert target.read_text() == 'address = "10.1.1.2"\nports = ["80"]\n'
 
 
+@needs_tomlkit
 def test_bad_config_toml_is_named(cdir: Path, write_guest: WriteFile, write_config: WriteFile) -> None:
     write_guest("web", 'address = "10.1.1.2"\nports = ["80"]\n')
     write_config('backend = "pf"\n')
@@ -180,6 +191,7 @@ def test_bad_config_toml_is_named(cdir: Path, write_guest: WriteFile, write_conf
         add_ports(cdir, "web", ["443"])
 
 
+@needs_tomlkit
 def test_conflict_with_default_public_family(cdir: Path, write_guest: WriteFile) -> None:
     """A v6-only public for a v4-only guest is refused by the planner: the file stays."""
     before = 'address = "10.1.1.2"\nports = ["80"]\n'
@@ -191,6 +203,7 @@ def test_conflict_with_default_public_family(cdir: Path, write_guest: WriteFile)
     assert path.read_text() == before
 
 
+@needs_tomlkit
 def test_file_without_address(cdir: Path, write_guest: WriteFile) -> None:
     """Guests whose address is found from their MAC at start: ports are still checked, the address is not made up."""
     before = '# address from DHCP\nports = ["80"]\n'
@@ -205,3 +218,104 @@ def test_file_without_address(cdir: Path, write_guest: WriteFile) -> None:
     with pytest.raises(ConfigError, match=r"'tcp:443' is already in ports as '443'"):
         add_ports(cdir, "web", ["tcp:443"])
     assert remove_ports(cdir, "web", ["80"])[0] == f"removed '80' from {path}"
+
+
+# ---------------------------------------------------------------- completion/virt-forward.bash
+# run in a real bash with COMP_WORDS as readline would split them
+
+SCRIPT = Path(__file__).resolve().parent.parent / "completion" / "virt-forward.bash"
+COMMANDS = "hook check plan apply remove reconcile watch install uninstall status doctor add rm import demo".split()
+
+needs_bash = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+
+_RUN = """
+source "$0"
+COMP_WORDS=("$@")
+COMP_CWORD=$(( ${#COMP_WORDS[@]} - 1 ))
+COMP_LINE="$*"
+COMP_POINT=${#COMP_LINE}
+_virt_forward virt-forward "${COMP_WORDS[COMP_CWORD]}" "${COMP_WORDS[COMP_CWORD-1]}"
+printf '%s\\n' "${COMPREPLY[@]}"
+"""
+
+
+def complete(*words: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> list[str]:
+    """The candidates for the last word of `virt-forward WORDS...` ('' = completing a new word)."""
+    run_env = {k: v for k, v in os.environ.items() if k != "VIRT_FORWARD_CONFIG_DIR"}
+    run_env.update(env or {})
+    out = subprocess.run(["bash", "--norc", "--noprofile", "-c", _RUN, str(SCRIPT), "virt-forward", *words],
+                         capture_output=True, text=True, env=run_env, cwd=cwd, check=True)
+    assert out.stderr == ""
+    return [line for line in out.stdout.split("\n") if line]
+
+
+@pytest.fixture
+def comp_dir(tmp_path: Path) -> Path:
+    guests = tmp_path / "conf" / "guests"
+    guests.mkdir(parents=True)
+    (guests / "web.toml").write_text(
+        '# shop\naddress = "10.1.1.2"\nports = [\n  "80/tcp",  # http\n  "2222:22",\n'
+        '  "[2001:db8::1]:443:443", "tcp:25"\n]\nallow = ["203.0.113.0/24"]\n')
+    (guests / "db.toml").write_text('address = "10.1.1.3"\nports = "5432"\n')
+    (guests / "my vm.toml").write_text('address = "10.1.1.4"\nports = []\n')
+    (guests / ".hidden.toml").write_text("")
+    (guests / "notes.txt").write_text("")
+    return tmp_path / "conf"
+
+
+@needs_bash
+def test_registered() -> None:
+    out = subprocess.run(["bash", "--norc", "-c", 'source "$0"; complete -p virt-forward', str(SCRIPT)],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "complete -F _virt_forward virt-forward"
+
+
+@needs_bash
+def test_commands_and_global_options() -> None:
+    assert complete("") == COMMANDS
+    assert complete("re") == ["remove", "reconcile"]
+    assert complete("--") == ["--config-dir", "--state-dir", "--debug", "--help"]
+    assert complete("--debug", "u") == ["uninstall"]
+
+
+@needs_bash
+def test_guest_names_from_config_dir(comp_dir: Path) -> None:
+    for command in ("plan", "apply", "remove", "status", "add", "rm"):
+        assert complete("--config-dir", str(comp_dir), command, "") == ["db", "my\\ vm", "web"], command
+    assert complete("--config-dir", str(comp_dir), "plan", "w") == ["web"]
+    assert complete("--config-dir", "=", str(comp_dir), "plan", "") == ["db", "my\\ vm", "web"]  # --config-dir=DIR
+    assert complete("--config-dir", str(comp_dir), "plan", "web", "") == []  # one guest only
+    assert complete("plan", "", env={"VIRT_FORWARD_CONFIG_DIR": str(comp_dir)}) == ["db", "my\\ vm", "web"]
+    assert complete("--config-dir", str(comp_dir), "--debug", "reconcile", "--running", "d") == ["db"]
+    assert complete("--config-dir", str(comp_dir / "nowhere"), "plan", "") == []
+
+
+@needs_bash
+def test_command_options(comp_dir: Path) -> None:
+    assert complete("status", "--") == ["--help", "--json"]
+    assert complete("install", "--") == ["--help", "--dry-run", "--root"]
+    assert complete("import", "--") == ["--help", "--dry-run", "--force"]
+    assert complete("add", "web", "--a") == ["--address"]
+    assert complete("add", "--address", "") == []
+    assert complete("watch", "--interval", "") == []
+
+
+@needs_bash
+def test_rm_completes_the_guests_ports(comp_dir: Path) -> None:
+    base = ("--config-dir", str(comp_dir), "rm", "web")
+    assert complete(*base, "") == ["80/tcp", "2222:22", "[2001:db8::1]:443:443", "tcp:25"]
+    # ':' is a word break: readline replaces only what follows the last ':'
+    assert complete(*base, "2222", ":", "") == ["22"]
+    assert complete(*base, "2222", ":", "2") == ["22"]
+    assert complete(*base, "tcp", ":", "") == ["25"]
+    assert complete(*base, "[2001", ":", "db8", ":", ":", "1]", ":", "") == ["443:443"]
+    assert complete("--config-dir", str(comp_dir), "rm", "db", "") == ["5432"]
+
+
+@needs_bash
+def test_dirs_and_files(tmp_path: Path) -> None:
+    (tmp_path / "networks").mkdir()
+    (tmp_path / "hooks.json").write_text("{}")
+    assert complete("--config-dir", "", cwd=tmp_path) == ["networks"]
+    assert sorted(complete("import", "", cwd=tmp_path)) == ["hooks.json", "networks"]
+    assert complete("import", "h", cwd=tmp_path) == ["hooks.json"]
