@@ -137,9 +137,8 @@ def _from_script(path: Path, text: str) -> _Guest | tuple[str, str] | None:
             words = words[1:]
         if not words:
             continue
-        call = next((i for i, w in enumerate(words) if os.path.basename(w) == "modify_network"), None)
-        if call is not None:
-            calls.append((number, words[call + 1:]))
+        if os.path.basename(words[0]) == "modify_network":  # a command, not `echo modify_network`
+            calls.append((number, words[1:]))
         elif m := _ASSIGN.fullmatch(words[0]):
             # NAME=value alone sets NAME; `NAME=$(cmd args)` or a prefix `NAME=x cmd` is nothing we can evaluate
             value = m.group(2)
