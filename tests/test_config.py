@@ -174,7 +174,6 @@ def test_huge_wrong_value_is_cut_short(cdir: Path, write_guest: WriteFile) -> No
     ('address = ["10.1.1.2", "10.1.1.3"]\nports = ["80"]\n', 1, "address", "more than one IPv4 address"),
     ('address = ["10.1.1.2",\n  "10.1.1.2"]\nports = ["80"]\n', 2, "address", "listed twice"),  # the copy's line
     ('address = []\nports = ["80"]\n', 1, "address", "is empty"),
-    ('ports = ["80"]\n', None, "address", "missing"),
     ('address = "10.1.1.2"\n', None, "ports", "missing"),
     ('address = "10.1.1.2"\nports = ["80"]\npublic = "nope"\n', 3, "public", "'nope' is not an IP address"),
     ('address = "10.1.1.2"\nports = ["80"]\nallow = ["10.0.0.1/24"]\n', 3, "allow", "has host bits set"),
@@ -346,7 +345,7 @@ def test_settings_public_as_string(cdir: Path, write_config: WriteFile) -> None:
     ('\nstrict = 1\n', 2, "strict", "must be true or false, not 1"),
     ('public = ["192.0.2.1", "192.0.2.300"]\n', 1, "public", "'192.0.2.300' is not an IP address"),
     ('public = "::"\n', 1, "public", "cannot be used here"),
-    ('hairpin = true\nports = ["80"]\n', 2, "ports", "unknown key (known: backend, hairpin, public, strict)"),
+    ('hairpin = true\nports = ["80"]\n', 2, "ports", "unknown key (known: backend, hairpin, metadata, public, strict)"),
 ])
 def test_settings_errors(cdir: Path, write_config: WriteFile, text: str, line: int, key: str,
                          message: str) -> None:

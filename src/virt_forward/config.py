@@ -26,7 +26,7 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 DEFAULT_CONFIG_DIR = Path("/etc/virt-forward")
 MAX_FILE_BYTES = 1 << 20
-_SETTINGS_KEYS = {"backend", "public", "hairpin", "strict"}
+_SETTINGS_KEYS = {"backend", "public", "hairpin", "strict", "metadata"}
 _GUEST_KEYS = {"address", "public", "ports", "allow"}
 
 
@@ -36,6 +36,8 @@ class Settings:
     public: tuple[IPAddress, ...] = ()
     hairpin: bool = True
     strict: bool = False
+    # trust forwards in the domain XML's <metadata> (whoever may edit domains decides host ports)
+    metadata: bool = False
     path: str | None = None
 
 
@@ -293,25 +295,24 @@ def load_settings(cdir: Path) -> Settings:
         raise where.error("backend", f"{_short(backend)} is not one of auto, nftables, iptables")
     public = _addresses(_string_list(data, "public", where) or [], "public", where)
     flags: dict[str, bool] = {}
-    for key, default in (("hairpin", True), ("strict", False)):
+    for key, default in (("hairpin", True), ("strict", False), ("metadata", False)):
         value = data.get(key, default)
         if not isinstance(value, bool):
             raise where.error(key, f"must be true or false, not {_short(value)}")
         flags[key] = value
     return Settings(backend=backend, public=public, hairpin=flags["hairpin"],
-                    strict=flags["strict"], path=str(path))
+                    strict=flags["strict"], metadata=flags["metadata"], path=str(path))
 
 
 def parse_guest(name: str, path: Path, data: dict[str, Any], lines: list[str]) -> GuestConfig:
     where = _Where(path, lines)
     _unknown_keys(data, _GUEST_KEYS, where)
 
-    if "address" not in data:
-        raise where.error("address", "missing: the guest's address on its libvirt network")
-    addr_list = _string_list(data, "address", where) or []
-    addresses = _addresses(addr_list, "address", where)
-    if not addresses:
-        raise where.error("address", "is empty")
+    # no `address`: found from the guest's MAC at start (static DHCP host or lease)
+    addr_list = _string_list(data, "address", where)
+    addresses = _addresses(addr_list or [], "address", where)
+    if addr_list is not None and not addresses:
+        raise where.error("address", "is empty (leave the key out to find it from the guest's MAC)")
     for version in (4, 6):
         if sum(1 for a in addresses if a.version == version) > 1:
             raise where.error("address", f"gives more than one IPv{version} address; forwards need one target")
@@ -378,3 +379,8 @@ def guest_names(cdir: Path) -> list[str]:
     if not gdir.is_dir():
         return []
     return sorted(p.name[:-5] for p in gdir.iterdir() if p.name.endswith(".toml") and not p.name.startswith("."))
+
+
+def guest_from_metadata(name: str, data: dict[str, Any]) -> GuestConfig:
+    """A guest config from the domain XML's <metadata> (see domainxml.py)."""
+    return parse_guest(name, Path(f"<metadata of domain {name}>"), data, [])

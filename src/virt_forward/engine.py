@@ -7,11 +7,12 @@ renderers, runner.py executes; this module only sequences them.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from . import guards, log, nft
-from .config import GuestConfig, Settings, check_domain_name, load_guest, load_settings
+from . import discovery, domainxml, guards, log, nft
+from .config import GuestConfig, Settings, check_domain_name, guest_from_metadata, load_guest, load_settings
 from .errors import FirewallError
 from .plan import Family, GuestPlan, plan_guest
 from .runner import nft_apply, run, which
@@ -25,6 +26,7 @@ _IPTABLES: dict[Family, tuple[str, str]] = {4: ("iptables-save", "iptables-resto
 class Context:
     config_dir: Path
     state_dir: Path
+    libvirt_root: Path = Path("/")  # where libvirt's network XMLs and lease files are (tests move it)
 
     @property
     def store(self) -> StateStore:
@@ -36,15 +38,28 @@ class Desired:
     settings: Settings
     guest: GuestConfig | None
     plan: GuestPlan | None
+    pending: str | None = None  # why there is no plan yet although the guest is ours
 
 
-def desired(ctx: Context, domain: str) -> Desired:
-    """The guest's plan from its file now; plan None when it has no file.  Raises ConfigError."""
+def desired(ctx: Context, domain: str, xml: str | None = None, settings: Settings | None = None) -> Desired:
+    """The guest's plan now: from its file, else (if trusted) the domain XML's metadata;
+    plan None when neither exists.  Raises ConfigError."""
     check_domain_name(domain)
-    settings = load_settings(ctx.config_dir)
+    settings = load_settings(ctx.config_dir) if settings is None else settings
     guest = load_guest(ctx.config_dir, domain)
-    plan = None if guest is None else plan_guest(guest, settings)
-    return Desired(settings, guest, plan)
+    dom = domainxml.parse(xml) if xml else None
+    if guest is None and settings.metadata and dom is not None and dom.metadata is not None:
+        guest = guest_from_metadata(domain, dom.metadata)
+    if guest is None:
+        return Desired(settings, None, None)
+    if not guest.addresses:
+        found = discovery.discover(dom.nics, ctx.libvirt_root) if dom is not None else ()
+        if not found:
+            macs = ", ".join(n.mac for n in dom.nics) if dom is not None and dom.nics else "no domain XML"
+            return Desired(settings, guest, None, pending=f"address not known yet (MAC {macs}: no static "
+                           "DHCP host, no lease); `virt-forward watch` applies it when a lease appears")
+        guest = replace(guest, addresses=found)
+    return Desired(settings, guest, plan_guest(guest, settings))
 
 
 def resolve_backend(settings: Settings) -> str:
@@ -57,9 +72,14 @@ def resolve_backend(settings: Settings) -> str:
                         "(install the nftables package)")
 
 
-def apply(ctx: Context, domain: str) -> str:
+def apply(ctx: Context, domain: str, xml: str | None = None) -> str:
     """Make the kernel hold exactly this guest's current forwards.  Idempotent."""
-    want = desired(ctx, domain)
+    want = desired(ctx, domain, xml)
+    if xml and want.guest is not None:
+        ctx.store.write_xml(domain, xml)
+    if want.pending is not None:
+        log.warning(f"{domain}: {want.pending}")
+        return f"{domain}: {want.pending}"
     if want.plan is None:
         return remove(ctx, domain, why="no config file")
     backend = resolve_backend(want.settings)
@@ -92,6 +112,7 @@ def remove(ctx: Context, domain: str, why: str = "") -> str:
     check_domain_name(domain)
     store = ctx.store
     with store.lock():
+        store.delete_xml(domain)
         old = store.read(domain)
         if old is None:
             return f"{domain}: nothing applied" + (f" ({why})" if why else "")
@@ -214,7 +235,7 @@ def remove_guards() -> None:
 def default_context(config_dir: str | None = None, state_dir: str | None = None) -> Context:
     from .config import config_dir as cdir
     from .state import state_dir as sdir
-    return Context(cdir(config_dir), sdir(state_dir))
+    return Context(cdir(config_dir), sdir(state_dir), Path(os.environ.get("VIRT_FORWARD_LIBVIRT_ROOT", "/")))
 
 
 __all__ = ["Context", "apply", "remove", "desired", "ensure_guards", "remove_guards", "default_context"]

@@ -41,9 +41,10 @@ def run_hook(ctx: engine.Context, argv: list[str], stdin: TextIO) -> int:
     if op not in APPLY | REMOVE | {"prepare"}:
         return ExitCode.OK
     try:
-        xml_name = domain_name_from_xml(stdin.read())
+        xml = stdin.read()
     except (OSError, ValueError):
-        xml_name = None
+        xml = ""
+    xml_name = domain_name_from_xml(xml)
     if xml_name is not None and xml_name != domain:
         log.warning(f"{domain}: hook argv names {domain!r} but the XML on stdin names {xml_name!r}; using argv")
 
@@ -52,11 +53,11 @@ def run_hook(ctx: engine.Context, argv: list[str], stdin: TextIO) -> int:
         if op in REMOVE:
             engine.remove(ctx, domain, why=f"{op} {sub}")
             return ExitCode.OK
-        want = engine.desired(ctx, domain)  # validates; raises ConfigError
+        want = engine.desired(ctx, domain, xml)  # validates; raises ConfigError
         strict = want.settings.strict
         if op == "prepare":
             return ExitCode.OK
-        engine.apply(ctx, domain)
+        engine.apply(ctx, domain, xml)
     except ConfigError as exc:
         strict = strict or _strict(ctx)
         log.error(f"{domain}: {op}: {exc}" + ("; keeping what was applied before" if op == "reconnect" else ""))

@@ -86,6 +86,8 @@ def _err(guest: GuestConfig, entry: PortEntry | None, key: str, message: str) ->
 
 
 def plan_guest(guest: GuestConfig, settings: Settings) -> GuestPlan:
+    if not guest.addresses:
+        raise _err(guest, None, "address", "no address given and none found from the guest's MAC")
     by_family: dict[int, IPAddress] = {a.version: a for a in guest.addresses}
     forwards: dict[tuple[Family, IPAddress | None, Proto, int], tuple[Forward, PortEntry]] = {}
 

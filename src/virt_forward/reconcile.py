@@ -12,9 +12,9 @@ import os
 from dataclasses import dataclass
 
 from . import engine, log, nft
-from .config import load_guest, load_settings
+from .config import load_settings
 from .errors import StateError, VirtForwardError
-from .plan import GuestPlan, plan_guest
+from .plan import GuestPlan
 
 
 @dataclass(frozen=True)
@@ -35,8 +35,8 @@ def libvirt_uri() -> str | None:
     return None if uri == "none" else uri
 
 
-def running_from_libvirt() -> list[str] | None:
-    """Names of running domains, or None when libvirt cannot be asked (never from the hook)."""
+def running_from_libvirt() -> dict[str, str] | None:
+    """Running domains and their live XML, or None when libvirt cannot be asked (never from the hook)."""
     uri = libvirt_uri()
     if uri is None:
         return None
@@ -48,7 +48,7 @@ def running_from_libvirt() -> list[str] | None:
         libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
         conn = libvirt.openReadOnly(uri)
         try:
-            return sorted(d.name() for d in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE))
+            return {d.name(): d.XMLDesc(0) for d in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)}
         finally:
             conn.close()
     except Exception:  # libvirt down: fall back to the records
@@ -71,19 +71,24 @@ def reconcile(ctx: engine.Context, running: list[str] | None = None) -> Outcome:
                 continue
             if plan is not None:
                 records[domain] = plan
-        source = "caller"
+        source, xmls = "caller", {}
         if running is None:
-            running = running_from_libvirt()
-            source = "libvirt"
+            asked = running_from_libvirt()
+            if asked is not None:
+                running, xmls, source = sorted(asked), asked, "libvirt"
         if running is None:
-            running, source = sorted(records), "records (libvirt not reachable)"
+            running, source = sorted(set(records) | set(store.xml_domains())), "records (libvirt not reachable)"
 
         plans: list[GuestPlan] = []
         for domain in sorted(set(running)):
             try:
-                guest = load_guest(ctx.config_dir, domain)
-                if guest is not None:
-                    plans.append(plan_guest(guest, settings))
+                want = engine.desired(ctx, domain, xmls.get(domain) or store.read_xml(domain), settings)
+                if want.plan is not None:
+                    plans.append(want.plan)
+                elif want.pending is not None:
+                    problems.append(f"{domain}: {want.pending}")
+                    if domain in records:  # known from an earlier start: keep it
+                        plans.append(records[domain])
             except VirtForwardError as exc:
                 # nothing lost, nothing opened: what was live for it stays as it was
                 kept = records.get(domain)
@@ -97,6 +102,9 @@ def reconcile(ctx: engine.Context, running: list[str] | None = None) -> Outcome:
         for domain in records:
             if domain not in wanted:
                 store.delete(domain)
+        for domain in store.xml_domains():
+            if domain not in running:
+                store.delete_xml(domain)
         for plan in plans:
             if records.get(plan.domain) != plan:
                 store.write(plan, "nftables")

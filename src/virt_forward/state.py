@@ -88,6 +88,33 @@ class StateStore:
         finally:
             os.close(fd)
 
+    # The domain XML the hook was given at start: lets reconcile/watch find an address
+    # (a lease that came later) or read metadata without asking libvirt.
+    def _xml_path(self, domain: str) -> Path:
+        return self.root / "xml" / (urllib.parse.quote(domain, safe="") + ".xml")
+
+    def write_xml(self, domain: str, xml: str) -> None:
+        path = self._xml_path(domain)
+        self._ensure()
+        path.parent.mkdir(mode=0o700, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(xml)
+        os.replace(tmp, path)
+
+    def read_xml(self, domain: str) -> str | None:
+        try:
+            return self._xml_path(domain).read_text()
+        except OSError:
+            return None
+
+    def delete_xml(self, domain: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._xml_path(domain).unlink()
+
+    def xml_domains(self) -> list[str]:
+        d = self.root / "xml"
+        return sorted(urllib.parse.unquote(p.name[:-4]) for p in d.glob("*.xml")) if d.is_dir() else []
+
     def domains(self) -> list[str]:
         if not self.guests.is_dir():
             return []

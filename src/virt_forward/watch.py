@@ -59,18 +59,22 @@ def problems(ctx: engine.Context, running: list[str] | None = None) -> list[str]
     found: list[str] = []
     with store.lock():
         plans = [p for p in (store.read(d) for d in store.domains()) if p is not None]
+        waiting = [d for d in store.xml_domains() if store.read(d) is None]
+        found += [f"{d}: {WAITING}" for d in waiting
+                  if running is None or d in running]
         if running is not None:
             recorded = {p.domain for p in plans}
             configured = set(guest_names(ctx.config_dir))
-            found += [f"{d}: running but not applied" for d in sorted((set(running) & configured) - recorded)]
+            found += [f"{d}: running but not applied" for d in sorted((set(running) & configured) - recorded)
+                      if d not in waiting]
             found += [f"{d}: applied but not running" for d in sorted(recorded - set(running))]
         got = run(["nft", "-j", "list", "table", nft.FAMILY, nft.TABLE], check=False)
         if not plans:
-            if got.returncode == 0:
+            if got.returncode == 0 and not waiting:
                 found.append("our table exists but no guest is recorded")
             return found
         if got.returncode != 0:
-            return ["table inet virt_forward is gone"]
+            return found + ["table inet virt_forward is gone"]
         listing = json.loads(got.stdout)
         live = nft.parse_live(listing)
         want = expected_elements(plans)
@@ -96,9 +100,17 @@ def problems(ctx: engine.Context, running: list[str] | None = None) -> list[str]
     return found
 
 
+WAITING = "running but not applied (waiting for its address)"
+
+
 def check_and_repair(ctx: engine.Context, running: list[str] | None = None) -> list[str]:
     found = problems(ctx, running)
-    if found:
+    if found and all(p.endswith(WAITING) for p in found):
+        # only guests waiting for a lease: try each alone, the rest of the table stays untouched
+        for p in found:
+            domain = p[: -len(WAITING) - 2]
+            engine.apply(ctx, domain, ctx.store.read_xml(domain))
+    elif found:
         log.warning("repairing: " + "; ".join(found))
         reconcile(ctx, running=running)
     return found
@@ -164,13 +176,17 @@ def watch(ctx: engine.Context, interval: float = 30.0, debounce: float = 0.2) ->
     reason = "start"
     try:
         while True:
-            running = running_from_libvirt()
+            asked = running_from_libvirt()
+            running = None if asked is None else sorted(asked)
+            pending = False
             try:
-                check_and_repair(ctx, running=running)
+                found = check_and_repair(ctx, running=running)
+                # a guest waiting for its DHCP lease: look again soon, not at the next tick
+                pending = any("running but not applied" in p for p in found) and bool(problems(ctx, running))
             except Exception as exc:  # keep watching: the next event or tick retries
                 log.error(f"check after {reason}: {exc}")
             try:
-                reason = wake.q.get(timeout=interval)
+                reason = wake.q.get(timeout=min(interval, 2.0) if pending else interval)
             except queue.Empty:
                 reason = "timer"
                 continue
