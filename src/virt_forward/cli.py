@@ -45,6 +45,17 @@ def _parser() -> argparse.ArgumentParser:
     wt.add_argument("--interval", type=float, default=30.0, help="safety check every N seconds (default 30)")
     dr = sub.add_parser("doctor", help="check the classic causes of a forward that does not work")
     dr.add_argument("--libvirt-dir", default="/etc/libvirt", help=argparse.SUPPRESS)
+    ad = sub.add_parser("add", help="add forwards to a guest's file (comments kept); apply now if it runs")
+    ad.add_argument("guest")
+    ad.add_argument("specs", nargs="+", metavar="SPEC", help="port specs, e.g. 2222:22 80 8000-8009:9000-9009/udp")
+    ad.add_argument("--address", help="the guest's address, to create its file")
+    rmp = sub.add_parser("rm", help="remove forwards from a guest's file; apply now if it runs")
+    rmp.add_argument("guest")
+    rmp.add_argument("specs", nargs="+", metavar="SPEC")
+    im = sub.add_parser("import", help="turn the post's per-guest scripts or a hooks.json into guest files")
+    im.add_argument("path")
+    im.add_argument("--dry-run", action="store_true")
+    im.add_argument("--force", action="store_true", help="replace existing guest files")
     s = sub.add_parser("status", help="guests, their forwards and whether they are live in the kernel")
     s.add_argument("guest", nargs="?")
     s.add_argument("--json", action="store_true")
@@ -110,6 +121,25 @@ def main(argv: list[str] | None = None) -> int:
 
             from .doctor import doctor
             return int(doctor(ctx, Path(args.libvirt_dir)))
+        if args.command in ("add", "rm"):
+            from . import edit, log
+            log.to_stderr = False
+            with ctx.store.lock():  # two edits at once must not lose one
+                if args.command == "add":
+                    lines = edit.add_ports(ctx.config_dir, args.guest, args.specs, args.address)
+                else:
+                    lines = edit.remove_ports(ctx.config_dir, args.guest, args.specs)
+            print("\n".join(lines))
+            if ctx.store.read(args.guest) is not None:  # it runs (applied): take the change now
+                print(engine.apply(ctx, args.guest, ctx.store.read_xml(args.guest)))
+            return ExitCode.OK
+        if args.command == "import":
+            from pathlib import Path
+
+            from .importer import import_path
+            lines = import_path(Path(args.path), ctx.config_dir, dry_run=args.dry_run, force=args.force)
+            print("\n".join(lines))
+            return ExitCode.CONFIG if any(ln.startswith("refused ") for ln in lines) else ExitCode.OK
         if args.command == "status":
             from .commands import status
             return int(status(ctx, args.guest, as_json=args.json))
