@@ -76,9 +76,29 @@ def live_listing() -> dict[str, Any]:
     return json.loads(result.stdout) if result.returncode == 0 else {}
 
 
+def _iptables_live() -> dict[str, dict[tuple[str, ...], tuple[str, ...]]]:
+    """The iptables backend's DNAT rules, shaped like the nft maps for the same lookups."""
+    from . import iptables
+    live: dict[str, dict[tuple[str, ...], tuple[str, ...]]] = {}
+    for save in ("iptables-save", "ip6tables-save"):
+        got = run([save, "-t", "nat"], check=False) if which(save) else None
+        if got is None or got.returncode != 0:
+            continue
+        for fwd in iptables.live_forwards(iptables.parse_nat(got.stdout)):
+            name, key, value = nft.dnat_element(fwd)
+            live.setdefault(name, {})[key] = value
+    return live
+
+
 def status(ctx: engine.Context, only: str | None, as_json: bool) -> int:
     listing = live_listing()
     live, counters = nft.parse_live(listing), nft.parse_counters(listing)
+    try:
+        backend = engine.resolve_backend(load_settings(ctx.config_dir))
+    except VirtForwardError:
+        backend = "nftables"
+    if backend == "iptables":
+        live, counters = _iptables_live(), {}
     names = sorted(set(ctx.store.domains()) | set(guest_names(ctx.config_dir)))
     if only is not None:
         names = [n for n in names if n == only]

@@ -6,12 +6,13 @@ renderers, runner.py executes; this module only sequences them.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from . import discovery, domainxml, guards, log, nft
+from . import discovery, domainxml, guards, iptables, log, nft
 from .config import GuestConfig, Settings, check_domain_name, guest_from_metadata, load_guest, load_settings
 from .errors import FirewallError
 from .plan import Family, GuestPlan, plan_guest
@@ -67,9 +68,9 @@ def resolve_backend(settings: Settings) -> str:
         return "nftables"
     if settings.backend == "nftables":
         raise FirewallError("backend = \"nftables\" but the nft command is not installed (apt install nftables)")
-    # Not built yet; refusing beats pretending.
-    raise FirewallError(f"backend {settings.backend!r}: only the nftables backend exists in this version "
-                        "(install the nftables package)")
+    if which("iptables-restore"):
+        return "iptables"
+    raise FirewallError("neither nft nor iptables-restore is installed (apt install nftables)")
 
 
 def apply(ctx: Context, domain: str, xml: str | None = None) -> str:
@@ -84,6 +85,16 @@ def apply(ctx: Context, domain: str, xml: str | None = None) -> str:
         return remove(ctx, domain, why="no config file")
     backend = resolve_backend(want.settings)
     store = ctx.store
+    if backend == "iptables":
+        with store.lock():
+            old = store.read(domain)
+            others = [p for p in (store.read(d) for d in store.domains() if d != domain) if p is not None]
+            families = want.plan.families() | (old.families() if old else set())
+            iptables_sync(others + [want.plan], [want.plan], families, want.settings.hairpin)
+            store.write(want.plan, backend)
+        msg = f"{domain}: {len(want.plan.forwards)} forward(s) live" + _summary(want.plan)
+        log.info(msg)
+        return msg
     with store.lock():
         old = store.read(domain)
         body = nft.change(old, want.plan, hairpin=want.settings.hairpin)
@@ -118,6 +129,13 @@ def remove(ctx: Context, domain: str, why: str = "") -> str:
             return f"{domain}: nothing applied" + (f" ({why})" if why else "")
         last = not store.any_other(domain)
         hairpin = _hairpin(ctx)
+        if _backend(ctx) == "iptables":
+            others = [p for p in (store.read(d) for d in store.domains() if d != domain) if p is not None]
+            iptables_sync(others, [], old.families(), hairpin)
+            store.delete(domain)
+            msg = f"{domain}: removed {len(old.forwards)} forward(s)" + (f" ({why})" if why else "")
+            log.info(msg)
+            return msg
         body = nft.change(old, None, hairpin=hairpin, last=last)
         if last:
             _apply_with_nft_guards(body, want=False)
@@ -129,6 +147,54 @@ def remove(ctx: Context, domain: str, why: str = "") -> str:
     msg = f"{domain}: removed {len(old.forwards)} forward(s)" + (f" ({why})" if why else "")
     log.info(msg)
     return msg
+
+
+def _backend(ctx: Context) -> str:
+    try:
+        settings = load_settings(ctx.config_dir)
+    except Exception:  # a broken config.toml must not block removing forwards
+        settings = Settings()
+    return resolve_backend(settings)
+
+
+def connected_routes() -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    """Directly connected routes of this network namespace, from /proc (no process)."""
+    routes: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+    try:
+        for line in Path("/proc/net/route").read_text().splitlines()[1:]:
+            cols = line.split()
+            if len(cols) > 7 and int(cols[2], 16) == 0:
+                dest = ipaddress.IPv4Address(int(cols[1], 16).to_bytes(4, "little"))
+                mask = ipaddress.IPv4Address(int(cols[7], 16).to_bytes(4, "little"))
+                routes.append(ipaddress.ip_network(f"{dest}/{mask}", strict=False))
+        for line in Path("/proc/net/ipv6_route").read_text().splitlines():
+            cols = line.split()
+            if len(cols) > 9 and int(cols[4], 16) == 0 and cols[9] != "lo":
+                dest6 = ipaddress.IPv6Address(bytes.fromhex(cols[0]))
+                routes.append(ipaddress.ip_network(f"{dest6}/{int(cols[1], 16)}", strict=False))
+    except OSError:
+        pass
+    return routes
+
+
+def iptables_sync(applied: list[GuestPlan], rebuild: list[GuestPlan], families: set[Family],
+                  hairpin: bool) -> None:
+    """The iptables backend: one iptables-restore --noflush per family (nat chains and guard)."""
+    routes = connected_routes()
+    subnets = {}
+    for plan in applied:
+        for guest in {f.guest for f in plan.forwards}:
+            net = iptables.connected_subnet(guest, routes)
+            if net is not None:
+                subnets[str(guest)] = net
+    for family in sorted(families):
+        save, restore = _IPTABLES[family]
+        if which(restore) is None:
+            raise FirewallError(f"{restore}: not installed, but IPv{family} forwards are configured")
+        got = run([save, "-t", "nat"], check=False)
+        state = iptables.parse_nat(got.stdout) if got.returncode == 0 else iptables.NatState()
+        text = iptables.render(family, state, applied, rebuild, hairpin, subnets, read_forward_chain(family))
+        run([restore, "-w", "5", "--noflush"], stdin=text)
 
 
 def _old_schema(hairpin: bool) -> bool:

@@ -58,7 +58,7 @@ def running_from_libvirt() -> dict[str, str] | None:
 def reconcile(ctx: engine.Context, running: list[str] | None = None) -> Outcome:
     """`running`: the running domains if the caller knows them; else libvirt, else the records."""
     settings = load_settings(ctx.config_dir)
-    engine.resolve_backend(settings)
+    backend = engine.resolve_backend(settings)
     store = ctx.store
     problems: list[str] = []
     with store.lock():
@@ -97,7 +97,10 @@ def reconcile(ctx: engine.Context, running: list[str] | None = None) -> Outcome:
                     plans.append(kept)
         plans = _without_conflicts(plans, problems)
 
-        engine.apply_full(nft.full(plans, hairpin=settings.hairpin), want_guards=bool(plans))
+        if backend == "iptables":
+            engine.iptables_sync(plans, plans, {4, 6}, settings.hairpin)
+        else:
+            engine.apply_full(nft.full(plans, hairpin=settings.hairpin), want_guards=bool(plans))
         wanted = {p.domain for p in plans}
         for domain in records:
             if domain not in wanted:
@@ -107,8 +110,10 @@ def reconcile(ctx: engine.Context, running: list[str] | None = None) -> Outcome:
                 store.delete_xml(domain)
         for plan in plans:
             if records.get(plan.domain) != plan:
-                store.write(plan, "nftables")
-        if plans:
+                store.write(plan, backend)
+        if backend == "iptables":
+            pass  # the guard went with the same iptables-restore batch
+        elif plans:
             engine.ensure_guards(set().union(*(p.families() for p in plans)))
         else:
             engine.remove_guards()

@@ -19,7 +19,7 @@ import time
 from typing import Any
 
 from . import engine, log, nft
-from .plan import GuestPlan
+from .plan import Family, GuestPlan
 from .reconcile import libvirt_uri, reconcile, running_from_libvirt
 from .runner import SEARCH_PATH, run, which
 
@@ -68,6 +68,12 @@ def problems(ctx: engine.Context, running: list[str] | None = None) -> list[str]
             found += [f"{d}: running but not applied" for d in sorted((set(running) & configured) - recorded)
                       if d not in waiting]
             found += [f"{d}: applied but not running" for d in sorted(recorded - set(running))]
+        try:
+            backend = engine.resolve_backend(load_settings(ctx.config_dir))
+        except Exception:
+            backend = "nftables"
+        if backend == "iptables":
+            return found + _iptables_problems(ctx, plans)
         got = run(["nft", "-j", "list", "table", nft.FAMILY, nft.TABLE], check=False)
         if not plans:
             if got.returncode == 0 and not waiting:
@@ -97,6 +103,35 @@ def problems(ctx: engine.Context, running: list[str] | None = None) -> list[str]
             fchain = engine.read_forward_chain(family)
             if fchain is not None and fchain.needs_guard() and not fchain.guard_in_place():
                 found.append(f"guard not on top of ip{'6' if family == 6 else ''}tables FORWARD")
+    return found
+
+
+def _iptables_problems(ctx: engine.Context, plans: list[GuestPlan]) -> list[str]:
+    from . import iptables
+    from .config import load_settings
+    try:
+        hairpin = load_settings(ctx.config_dir).hairpin
+    except Exception:
+        hairpin = True
+    found: list[str] = []
+    want = {f for p in plans for f in p.forwards}
+    live: set[object] = set()
+    families: tuple[Family, ...] = (4, 6)
+    for family in families:
+        save = "iptables-save" if family == 4 else "ip6tables-save"
+        got = run([save, "-t", "nat"], check=False) if which(save) else None
+        state = iptables.parse_nat(got.stdout) if got is not None and got.returncode == 0 else iptables.NatState()
+        live |= iptables.live_forwards(state)
+        if any(iptables.has_family(p, family) for p in plans):
+            for chain, rule in iptables.base_jumps(family, hairpin).items():
+                if state.jumps.get(chain, ()) != (rule,):
+                    found.append(f"ip{'6' if family == 6 else ''}tables nat {chain}: jump to our chain missing "
+                                 "or doubled")
+            fchain = engine.read_forward_chain(family)
+            if fchain is not None and fchain.needs_guard() and not fchain.guard_in_place():
+                found.append(f"guard not on top of ip{'6' if family == 6 else ''}tables FORWARD")
+    if live != want:
+        found.append("iptables DNAT rules differ from the records")
     return found
 
 

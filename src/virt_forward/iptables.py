@@ -1,0 +1,168 @@
+"""The iptables backend, for hosts without nft: render one iptables-restore batch per family.
+
+Pure functions.  Own chains only, in the nat table:
+
+  PREROUTING (dst-type LOCAL)  -> VF-PREROUTING -> one jump per guest -> VF-<tag>
+  OUTPUT     (LOCAL, not lo)   -> VF-PREROUTING                 (hairpin from the host)
+  VF-<tag>:   the guest's allow list (-s CIDR -g VF-<tag>-D), or a plain goto
+  VF-<tag>-D: per forward, CONNMARK our mark + DNAT to guest:port
+  POSTROUTING -> VF-POSTROUTING: masquerade our connections from the guest's own subnet (hairpin)
+
+plus the same guard as the nftables backend on top of filter FORWARD.  A change
+rebuilds the changed guest's chains and the two dispatch chains (one line per
+guest), so its cost grows with the number of guests, not with their forwards;
+a packet walks the guests' rules linearly, as with any iptables setup: the
+nftables backend is the fast one.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+from . import guards
+from .nft import MARK_FORWARDED
+from .plan import Family, Forward, GuestPlan
+
+PRE, POST = "VF-PREROUTING", "VF-POSTROUTING"
+IPNet = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def base_jumps(family: Family, hairpin: bool) -> dict[str, str]:
+    lo = "127.0.0.0/8" if family == 4 else "::1/128"
+    jumps = {"PREROUTING": f"-m addrtype --dst-type LOCAL -j {PRE}"}
+    if hairpin:
+        jumps["OUTPUT"] = f"! -d {lo} -m addrtype --dst-type LOCAL -j {PRE}"
+        jumps["POSTROUTING"] = f"-j {POST}"
+    return jumps
+
+
+def guest_chain(plan: GuestPlan) -> str:
+    return f"VF-{plan.tag}"
+
+
+def dnat_chain(plan: GuestPlan) -> str:
+    return f"VF-{plan.tag}-D"
+
+
+@dataclass(frozen=True)
+class NatState:
+    """Our part of the nat table as iptables-save shows it."""
+
+    chains: frozenset[str] = frozenset()
+    jumps: dict[str, tuple[str, ...]] = field(default_factory=dict)  # base chain -> our jump rules
+    dnat: dict[tuple[str | None, str, int], tuple[str, int]] = field(default_factory=dict)
+
+
+def parse_nat(save: str) -> NatState:
+    chains: set[str] = set()
+    jumps: dict[str, list[str]] = {}
+    dnat: dict[tuple[str | None, str, int], tuple[str, int]] = {}
+    in_nat = False
+    for line in save.splitlines():
+        if line.startswith("*"):
+            in_nat = line == "*nat"
+        elif not in_nat:
+            continue
+        elif line.startswith(":VF-"):
+            chains.add(line[1:].split()[0])
+        elif line.startswith("-A "):
+            parts = line.split()
+            chain = parts[1]
+            if chain in ("PREROUTING", "OUTPUT", "POSTROUTING") and parts[-1].startswith("VF-"):
+                jumps.setdefault(chain, []).append(" ".join(parts[2:]))
+            elif chain.startswith("VF-") and chain.endswith("-D") and "--to-destination" in parts:
+                pub = parts[parts.index("-d") + 1].split("/")[0] if "-d" in parts else None
+                proto = parts[parts.index("-p") + 1]
+                port = int(parts[parts.index("--dport") + 1])
+                to = parts[parts.index("--to-destination") + 1]
+                addr, _, gport = to.rpartition(":")
+                dnat[(pub, proto, port)] = (addr.strip("[]"), int(gport))
+    return NatState(frozenset(chains), {k: tuple(v) for k, v in jumps.items()}, dnat)
+
+
+def _dnat_rules(plan: GuestPlan, family: Family) -> list[str]:
+    chain = dnat_chain(plan)
+    out = []
+    for fwd in plan.forwards:
+        if fwd.family != family:
+            continue
+        dest = f"-d {fwd.public} " if fwd.public is not None else ""
+        match = f"{dest}-p {fwd.proto} -m {fwd.proto} --dport {fwd.public_port}"
+        to = f"{fwd.guest}:{fwd.guest_port}" if family == 4 else f"[{fwd.guest}]:{fwd.guest_port}"
+        out += [f"-A {chain} {match} -j CONNMARK --or-mark {MARK_FORWARDED:#x}",
+                f"-A {chain} {match} -j DNAT --to-destination {to}"]
+    return out
+
+
+def _guest_rules(plan: GuestPlan, family: Family) -> list[str]:
+    nets = plan.allow_of(family) if plan.allow is not None else None
+    head = guest_chain(plan)
+    if nets is None:
+        sources = [f"-A {head} -g {dnat_chain(plan)}"]
+    else:
+        sources = [f"-A {head} -s {n} -g {dnat_chain(plan)}" for n in nets]
+    return sources + _dnat_rules(plan, family)
+
+
+def has_family(plan: GuestPlan, family: Family) -> bool:
+    return any(f.family == family for f in plan.forwards)
+
+
+def render(family: Family, state: NatState, applied: list[GuestPlan], rebuild: list[GuestPlan],
+           hairpin: bool, subnets: dict[str, IPNet], filter_chain: guards.ForwardChain | None) -> str:
+    """iptables-restore --noflush input taking our nat chains (and the guard) to:
+    exactly `applied` (every guest that stays), with `rebuild` (changed guests) rewritten."""
+    mine = [p for p in applied if has_family(p, family)]
+    lines = ["*nat", f":{PRE} - [0:0]", f":{POST} - [0:0]"]  # declaring a chain flushes it
+    keep = {guest_chain(p) for p in mine} | {dnat_chain(p) for p in mine}
+    for plan in rebuild:
+        if has_family(plan, family):
+            lines += [f":{guest_chain(plan)} - [0:0]", f":{dnat_chain(plan)} - [0:0]"]
+            lines += _guest_rules(plan, family)
+    gone = sorted(c for c in state.chains if c not in keep and c not in (PRE, POST))
+    lines += [f":{c} - [0:0]" for c in gone]
+    want = base_jumps(family, hairpin) if mine else {}
+    for chain in ("PREROUTING", "OUTPUT", "POSTROUTING"):
+        present = list(state.jumps.get(chain, ()))
+        target = want.get(chain)
+        if target is not None and target in present:
+            present.remove(target)  # keep one, delete the others
+        lines += [f"-D {chain} {rule}" for rule in present]
+        if target is not None and target not in state.jumps.get(chain, ()):
+            lines.append(f"-A {chain} {target}")
+    for plan in mine:
+        lines.append(f"-A {PRE} -j {guest_chain(plan)}")
+    if hairpin:
+        for plan in mine:
+            for guest in sorted({f.guest for f in plan.forwards if f.family == family}, key=str):
+                net = subnets.get(str(guest))
+                if net is not None:
+                    lines.append(f"-A {POST} -s {net} -d {guest} -m connmark --mark "
+                                 f"{MARK_FORWARDED:#x}/{MARK_FORWARDED:#x} -j MASQUERADE")
+    lines += [f"-X {c}" for c in gone]
+    if not mine:
+        lines += [f"-X {PRE}", f"-X {POST}"]
+    lines.append("COMMIT")
+    if filter_chain is not None:
+        text = guards.render(filter_chain, want=bool(mine) and filter_chain.needs_guard())
+        if text is not None:
+            lines += text.splitlines()
+    return "\n".join(lines) + "\n"
+
+
+def connected_subnet(guest: ipaddress.IPv4Address | ipaddress.IPv6Address,
+                     routes: list[IPNet]) -> IPNet | None:
+    """The longest directly connected route holding the guest: its network, for hairpin."""
+    hits = [n for n in routes if n.version == guest.version and guest in n and n.prefixlen > 0]
+    return max(hits, key=lambda n: n.prefixlen) if hits else None
+
+
+def live_forwards(state: NatState) -> set[Forward]:
+    out = set()
+    for (pub, proto, port), (addr, gport) in state.dnat.items():
+        guest = ipaddress.ip_address(addr)
+        fam: Family = 4 if guest.version == 4 else 6
+        out.add(Forward(fam, proto, port, None if pub is None else ipaddress.ip_address(pub),  # type: ignore[arg-type]
+                        guest, gport))
+    return out
