@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
+from typing import Iterator
 import os
 import shutil
 import subprocess
@@ -130,6 +132,17 @@ def _unwrap(elem: object) -> object:
     if isinstance(elem, list) and elem and isinstance(elem[0], dict) and "elem" in elem[0]:
         return [elem[0]["elem"]["val"], *elem[1:]]
     return elem
+
+
+@contextmanager
+def lab_world(**kwargs: object) -> Iterator[World]:
+    """A World for one test; its namespaces and files go, also on failure."""
+    w, lab = make_world(**kwargs)  # type: ignore[arg-type]
+    try:
+        yield w
+    finally:
+        lab.close()
+        shutil.rmtree(w.root, ignore_errors=True)
 
 
 def make_world(libvirt_rules: bool = True, guests: int = 2, backend: str = "iptables") -> tuple[World, Lab]:

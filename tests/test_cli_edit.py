@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
-from netns_util import World, make_world
+from netns_util import World, lab_world
 from virt_forward.lab import CLIENT4, PUBLIC4
 
 pytestmark = pytest.mark.netns
@@ -17,12 +16,8 @@ SEED = Path(__file__).resolve().parents[2] / "shared" / "seed"
 
 @pytest.fixture
 def world() -> Iterator[World]:
-    w, lab = make_world()
-    try:
+    with lab_world() as w:
         yield w
-    finally:
-        lab.close()
-        shutil.rmtree(w.root, ignore_errors=True)
 
 
 def test_add_and_rm_apply_to_a_running_guest_and_keep_comments(world: World) -> None:

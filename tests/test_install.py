@@ -3,25 +3,20 @@
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
-from netns_util import World, make_world
+from netns_util import World, lab_world
 from virt_forward.lab import CLIENT4, PUBLIC4, domain_xml
 
 
 @pytest.fixture
 def world() -> Iterator[World]:
-    w, lab = make_world()
-    try:
+    with lab_world() as w:
         yield w
-    finally:
-        lab.close()
-        shutil.rmtree(w.root, ignore_errors=True)
 
 
 def test_dry_run_writes_nothing(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from typing import Iterator
 
 import pytest
 
-from netns_util import World, make_world
+from netns_util import World, lab_world
 from virt_forward.lab import CLIENT4, CLIENT4_OTHER, PUBLIC4, PUBLIC6
 
 pytestmark = pytest.mark.netns
@@ -25,23 +25,15 @@ REFUSED = "ERR ConnectionRefusedError"
 @pytest.fixture(params=["libvirt-iptables", "libvirt-nftables"])
 def world(request: pytest.FixtureRequest) -> Iterator[World]:
     """A host with libvirt's rules from its iptables backend (libvirt 9.0) or its nftables one (>= 10.4)."""
-    w, lab = make_world(backend=request.param.split("-")[1])
-    try:
+    with lab_world(backend=request.param.split("-")[1]) as w:
         yield w
-    finally:
-        lab.close()
-        shutil.rmtree(w.root, ignore_errors=True)
 
 
 @pytest.fixture
 def bare() -> Iterator[World]:
     """A host without libvirt's iptables rules (pure nftables host)."""
-    w, lab = make_world(libvirt_rules=False)
-    try:
+    with lab_world(libvirt_rules=False) as w:
         yield w
-    finally:
-        lab.close()
-        shutil.rmtree(w.root, ignore_errors=True)
 
 
 def setup_two(w: World) -> None:

@@ -9,27 +9,15 @@ libvirt kill the guest, so that path never fails.
 from __future__ import annotations
 
 import sys
-import xml.etree.ElementTree as ET
 from typing import TextIO
 
-from . import engine, log
+from . import domainxml, engine, log
 from .errors import ConfigError, ExitCode, UsageError, VirtForwardError
 
 APPLY = {"start", "started", "reconnect"}
 REMOVE = {"stopped", "release"}
 # libvirt reads our stdout as replacement XML for these: print nothing, ever.
 SILENT = {"migrate", "restore"}
-
-
-def domain_name_from_xml(text: str) -> str | None:
-    if not text.strip():
-        return None
-    try:
-        root = ET.fromstring(text)
-    except ET.ParseError:
-        return None
-    name = root.findtext("name")
-    return name.strip() if name else None
 
 
 def run_hook(ctx: engine.Context, argv: list[str], stdin: TextIO) -> int:
@@ -44,7 +32,8 @@ def run_hook(ctx: engine.Context, argv: list[str], stdin: TextIO) -> int:
         xml = stdin.read()
     except (OSError, ValueError):
         xml = ""
-    xml_name = domain_name_from_xml(xml)
+    parsed = domainxml.parse(xml)
+    xml_name = parsed.name if parsed is not None else None
     if xml_name is not None and xml_name != domain:
         log.warning(f"{domain}: hook argv names {domain!r} but the XML on stdin names {xml_name!r}; using argv")
 
