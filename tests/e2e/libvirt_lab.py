@@ -48,7 +48,10 @@ __all__ = [
     "OutsideClient",
     "ProbeResult",
     "build_guest",
+    "build_trixie_chroot",
     "cleanup_stale",
+    "host_libvirt_version",
+    "libvirt_chroot_from_env",
     "default_guests",
     "ensure_host_packages",
 ]
@@ -56,7 +59,15 @@ __all__ = [
 NS_PREFIX = "vfe2e-"
 HERE = Path(__file__).resolve().parent
 BUILD_SCRIPT = HERE / "build_guest.sh"
+CHROOT_SCRIPT = HERE / "build_trixie_chroot.sh"
 DEFAULT_CACHE_DIR = Path("/var/cache/virt-forward-e2e")
+# libvirt's nftables firewall backend exists from this version on.
+NFTABLES_BACKEND_SINCE = (10, 4, 0)
+# Inside the lab's /run tmpfs (seen by the host-side view and by a chroot alike).
+LAB_BIN = "/run/vfe2e-bin"  # the tc wrapper (first in libvirtd's PATH on libvirt >= 10.4)
+LAB_BOOT = "/run/vfe2e-boot"  # guest kernel/initrd, bound here in chroot mode
+LAB_XML = "/run/vfe2e-xml"  # the lab's XML files, bound here in chroot mode
+HOLDER_PIDFILE = "/run/vfe2e-holder.pid"
 SBIN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 QEMU_BIN = "/usr/bin/qemu-system-x86_64"
 HOST_PACKAGES = (
@@ -165,6 +176,60 @@ def build_guest(cache_dir: str | os.PathLike[str] = DEFAULT_CACHE_DIR) -> tuple[
     if not (kernel.is_file() and initrd.is_file()):
         raise LabError(f"build_guest.sh did not produce {kernel} and {initrd}")
     return kernel, initrd
+
+
+def build_trixie_chroot(chroot_dir: str | os.PathLike[str] = DEFAULT_CACHE_DIR / "trixie",
+                        log: Callable[[str], None] = _log_default) -> Path:
+    """Run build_trixie_chroot.sh (idempotent; a cold build is ~1 min) and return the chroot.
+
+    A failure is a LabError, not LabUnavailable: a machine with apt access must manage it.
+    """
+    root = Path(chroot_dir)
+    t = time.monotonic()
+    r = subprocess.run(["bash", str(CHROOT_SCRIPT), str(root)], check=False,
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_lab_env())
+    if r.returncode != 0:
+        raise LabError(f"build_trixie_chroot.sh failed ({r.returncode}):\n{r.stdout[-4000:]}")
+    if time.monotonic() - t > 5:
+        log(f"built the trixie chroot {root} in {time.monotonic() - t:.1f}s")
+    return root
+
+
+def _parse_version(text: str) -> tuple[int, int, int] | None:
+    for word in text.replace(":", " ").split():
+        parts = word.split(".")
+        if len(parts) >= 2 and all(p.isdigit() for p in parts[:3]):
+            nums = [int(p) for p in parts[:3]] + [0] * (3 - len(parts[:3]))
+            return nums[0], nums[1], nums[2]
+    return None
+
+
+def host_libvirt_version(root: str | os.PathLike[str] | None = None) -> tuple[int, int, int] | None:
+    """libvirtd's version on the host (or in the chroot ``root``); None when not installed."""
+    if root is None:
+        exe = _which("libvirtd")
+        if exe is None:
+            return None
+        argv = [exe, "--version"]
+    else:
+        argv = ["chroot", str(root), "/usr/sbin/libvirtd", "--version"]
+    r = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, check=False,
+                       env=_lab_env())
+    return _parse_version(r.stdout) if r.returncode == 0 else None
+
+
+def libvirt_chroot_from_env(default: str | None = "auto") -> str | None:
+    """LibvirtLab's libvirt_chroot from $VF_E2E_LIBVIRT_CHROOT: "auto" (default), "none", or a
+    chroot directory ("trixie" means CACHE_DIR/trixie).  A chroot for every lab emulates a
+    Debian 13 host (libvirt 11 for both firewall backends) on Debian 12."""
+    value = os.environ.get("VF_E2E_LIBVIRT_CHROOT", "").strip()
+    if not value:
+        return default
+    if value == "none":
+        return None
+    if value == "trixie":
+        return str(Path(os.environ.get("VF_E2E_CACHE", str(DEFAULT_CACHE_DIR))) / "trixie")
+    return value
 
 
 # --------------------------------------------------------------------------- guests
@@ -503,6 +568,20 @@ cgroup_controllers = [ ]
 remember_owner = 0
 """
 
+# libvirt >= 10.4 adds `tc filter ... action csum` on its bridges; this kernel has no act_csum
+# (and no module loading).  In the lab only, this wrapper comes first in libvirtd's PATH:
+# it pretends success for that one filter and runs the real tc for everything else.
+_TC_WRAPPER = """#!/bin/sh
+case " $* " in
+  *" action csum "*) exit 0 ;;
+esac
+for tc in /usr/sbin/tc /sbin/tc /usr/bin/tc; do
+  [ -x "$tc" ] && exec "$tc" "$@"
+done
+echo "tc wrapper: no real tc" >&2
+exit 127
+"""
+
 _LIBVIRTD_CONF_EXTRA = """
 # --- virt-forward e2e lab ---
 log_outputs = "3:file:/var/log/libvirt/libvirtd.log"
@@ -544,6 +623,15 @@ class LibvirtLab(_NsRunner):
             env_path to run a hook with that PATH).
         workdir_parent: where the lab's directory is made (default: the system temp dir).
         log: a callable for progress lines (default: stderr).
+        firewall_backend: None (libvirt's default), "iptables" or "nftables": written as
+            ``firewall_backend`` into the lab's copy of network.conf (libvirt >= 10.4).
+            "nftables" on a host whose libvirt is older (Debian 12's 9.0) runs libvirt 11
+            from a Debian 13 chroot (see libvirt_chroot).
+        libvirt_chroot: "auto" (a chroot only when firewall_backend="nftables" needs a newer
+            libvirt than the host's: CACHE_DIR/trixie, built by build_trixie_chroot.sh),
+            None (never), or the directory of a chroot to run libvirt from.  In a chroot,
+            libvirtd, virtlogd, virsh, qemu and dnsmasq are the chroot's; the hooks run
+            on the host's side of the lab (see install_hook), as do run(), probes and nft.
     """
 
     def __init__(
@@ -562,8 +650,17 @@ class LibvirtLab(_NsRunner):
         daemon_path: str = SBIN_PATH,
         workdir_parent: str | os.PathLike[str] | None = None,
         log: Callable[[str], None] | None = None,
+        firewall_backend: str | None = None,
+        libvirt_chroot: str | os.PathLike[str] | None = "auto",
     ) -> None:
+        if firewall_backend not in (None, "iptables", "nftables"):
+            raise ValueError(f"firewall_backend must be None, 'iptables' or 'nftables', not {firewall_backend!r}")
         self.cache_dir = Path(cache_dir)
+        self.firewall_backend = firewall_backend
+        self._chroot_request = libvirt_chroot
+        # Set by start(): the chroot libvirt runs from (None: the host's libvirt) and its version.
+        self.chroot: Path | None = None
+        self.libvirt_version: tuple[int, int, int] | None = None
         self.ipv6 = ipv6
         self.guest_specs: list[GuestSpec] = (
             default_guests(guests, ipv6=ipv6) if isinstance(guests, int) else list(guests)
@@ -646,6 +743,37 @@ class LibvirtLab(_NsRunner):
             raise LabError("lab namespace is not up")
         return ["nsenter", "-t", str(self._holder.pid), "-m", "-n", "--"]
 
+    def _libvirt_prefix(self) -> list[str]:
+        if self.chroot is None:
+            return self._prefix()
+        return [*self._prefix(), "chroot", str(self.chroot)]
+
+    def libvirt_run(self, argv: Sequence[str], *, check: bool = True, timeout: float | None = 120,
+                    input: str | None = None, env: Mapping[str, str] | None = None
+                    ) -> subprocess.CompletedProcess[str]:
+        """Like run(), but in libvirt's root: the chroot's programs when libvirt runs in one."""
+        r = subprocess.run([*self._libvirt_prefix(), *argv], input=input, text=True, timeout=timeout,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           env=dict(env) if env is not None else _lab_env(), check=False)
+        if check and r.returncode != 0:
+            raise LabError(f"{' '.join(argv)} -> {r.returncode}\nstdout: {r.stdout}\nstderr: {r.stderr}")
+        return r
+
+    def nft(self, *args: str, check: bool = True) -> str:
+        """``nft ARGS`` in the lab's network namespace (the host's nft); returns stdout."""
+        return self.run(["nft", *args], check=check).stdout
+
+    @property
+    def uses_nftables_backend(self) -> bool:
+        """Does libvirt in this lab use its nftables firewall backend?"""
+        return self.firewall_backend == "nftables"
+
+    def _kernel_paths(self) -> tuple[str, str]:
+        """Kernel and initrd as libvirt sees them."""
+        if self.chroot is None:
+            return str(self.kernel), str(self.initrd)
+        return f"{LAB_BOOT}/vmlinuz", f"{LAB_BOOT}/initrd"
+
     # ---------------------------------------------------------------- context manager
 
     def __enter__(self) -> LibvirtLab:
@@ -667,6 +795,7 @@ class LibvirtLab(_NsRunner):
         self._started = True
         self._install_sigterm()
         atexit.register(self.close)
+        self._resolve_libvirt()
         self._check_prerequisites()
         if self._build:
             t = time.monotonic()
@@ -694,14 +823,48 @@ class LibvirtLab(_NsRunner):
         for spec in self.guest_specs:
             self.wait_guest(spec.name)
         self.timings.add("guests_boot_to_http", time.monotonic() - t)
-        self.log(f"lab {self.ns} up: {self.timings.values}")
+        where = f"chroot {self.chroot}" if self.chroot is not None else "host"
+        self.log(f"lab {self.ns} up (libvirt {self.libvirt_version} from {where}, firewall backend "
+                 f"{self.firewall_backend or 'default'}): {self.timings.values}")
 
     # ---------------------------------------------------------------- setup steps
+
+    def _resolve_libvirt(self) -> None:
+        """Pick the libvirt to run (host or chroot), building the chroot if needed."""
+        if os.geteuid() != 0:
+            raise LabUnavailable("the libvirt lab needs root")
+        host_version = host_libvirt_version()
+        req = self._chroot_request
+        if req == "auto":
+            if self.firewall_backend == "nftables" and (host_version is None or host_version < NFTABLES_BACKEND_SINCE):
+                req = self.cache_dir / "trixie"
+            else:
+                req = None
+        if req is None:
+            self.chroot = None
+            self.libvirt_version = host_version
+        else:
+            t = time.monotonic()
+            root = Path(req)
+            if self._build:
+                build_trixie_chroot(root, log=self.log)
+            self.timings.add("chroot_build", time.monotonic() - t)
+            if not (root / "usr/sbin/libvirtd").exists():
+                raise LabError(f"no libvirtd in the chroot {root}")
+            self.chroot = root.resolve()
+            self.libvirt_version = host_libvirt_version(self.chroot)
+        if self.firewall_backend == "nftables" and (
+                self.libvirt_version is None or self.libvirt_version < NFTABLES_BACKEND_SINCE):
+            raise LabError(f"libvirt {self.libvirt_version} has no nftables firewall backend "
+                           "(>= 10.4 needed; use libvirt_chroot='auto')")
 
     def _check_prerequisites(self) -> None:
         if os.geteuid() != 0:
             raise LabUnavailable("the libvirt lab needs root")
-        missing = [b for b in NEEDED_BINARIES if not _which(b)]
+        needed = NEEDED_BINARIES if self.chroot is None else ("nsenter", "unshare", "ip", "chroot")
+        if self.uses_nftables_backend:
+            needed = (*needed, "nft")
+        missing = [b for b in needed if not _which(b)]
         if missing:
             raise LabUnavailable(f"missing binaries: {missing} (see ensure_host_packages())")
         probe = f"{NS_PREFIX}{self.token}-probe"
@@ -714,8 +877,9 @@ class LibvirtLab(_NsRunner):
 
     def _prepare_dirs(self) -> None:
         etc = self.etc_dir
-        if Path("/etc/libvirt").is_dir():
-            shutil.copytree("/etc/libvirt", etc, symlinks=True)
+        src = Path("/etc/libvirt") if self.chroot is None else self.chroot / "etc/libvirt"
+        if src.is_dir():
+            shutil.copytree(src, etc, symlinks=True)
         etc.mkdir(exist_ok=True)
         # Nothing of the host's definitions: no networks, domains, pools, autostart links.
         for sub in ("qemu/networks", "qemu/autostart", "storage", "secrets", "nodedev"):
@@ -729,10 +893,15 @@ class LibvirtLab(_NsRunner):
                             ("virtlogd.conf", _VIRTLOGD_CONF_EXTRA)):
             with open(etc / conf, "a") as f:
                 f.write(extra)
+        if self.firewall_backend is not None and self.libvirt_version is not None \
+                and self.libvirt_version >= NFTABLES_BACKEND_SINCE:
+            with open(etc / "network.conf", "a") as f:
+                f.write(f'\n# --- virt-forward e2e lab ---\nfirewall_backend = "{self.firewall_backend}"\n')
         for sub in ("lib-libvirt/qemu", "lib-libvirt/dnsmasq", "lib-libvirt/network", "lib-libvirt/images",
                     "lib-libvirt/boot", "log-libvirt/qemu", "cache-libvirt/qemu", "run-libvirt"):
             (self.workdir / sub).mkdir(parents=True, exist_ok=True)
         (self.workdir / "xml").mkdir()
+        (self.workdir / "tc-wrapper").write_text(_TC_WRAPPER)
 
     def _make_lab_namespace(self) -> None:
         r = subprocess.run(["ip", "netns", "add", self.ns], stderr=subprocess.PIPE, text=True, check=False)
@@ -742,7 +911,9 @@ class LibvirtLab(_NsRunner):
         w = self.workdir
         ready = w / "holder.ready"
         if self.share_qemu_caps_cache:
-            self._cache_libvirt_dir = self.cache_dir / "libvirt-cache"
+            # libvirt 11's capability cache is kept apart from the host libvirt's.
+            self._cache_libvirt_dir = self.cache_dir / ("libvirt-cache" if self.chroot is None
+                                                        else "libvirt-cache-chroot")
             (self._cache_libvirt_dir / "qemu").mkdir(parents=True, exist_ok=True)
         else:
             self._cache_libvirt_dir = w / "cache-libvirt"
@@ -757,6 +928,11 @@ mount --bind {shlex.quote(str(w / "etc-libvirt"))} /etc/libvirt
 mount --bind {shlex.quote(str(w / "lib-libvirt"))} /var/lib/libvirt
 mount --bind {shlex.quote(str(w / "log-libvirt"))} /var/log/libvirt
 mount --bind {shlex.quote(str(self._cache_libvirt_dir))} /var/cache/libvirt
+echo $$ > {HOLDER_PIDFILE}
+mkdir -p {LAB_BIN}
+cp {shlex.quote(str(w / "tc-wrapper"))} {LAB_BIN}/tc
+chmod 0755 {LAB_BIN}/tc
+{self._chroot_mounts_script()}
 ip link set lo up
 touch {shlex.quote(str(ready))}
 exec sleep infinity
@@ -773,26 +949,57 @@ exec sleep infinity
                 raise LabError(f"namespace holder failed: {(w / 'holder.err').read_text(errors='replace')}")
             time.sleep(0.02)
 
+    def _chroot_mounts_script(self) -> str:
+        """Shell lines (run by the holder) giving the chroot proc, sys, dev, /run and the lab's dirs.
+
+        All in the lab's private mount namespace: they vanish with it.  The chroot's /run is
+        the lab's /run tmpfs itself (so pidfiles, sockets and LAB_BIN are the same on both
+        sides); the guest kernel and the XML files are bound below it first.
+        """
+        if self.chroot is None:
+            return ""
+        r = shlex.quote(str(self.chroot))
+        w = self.workdir
+        q = shlex.quote
+        return f"""mkdir -p {LAB_BOOT} {LAB_XML}
+touch {LAB_BOOT}/vmlinuz {LAB_BOOT}/initrd
+mount --bind {q(str(self.kernel))} {LAB_BOOT}/vmlinuz
+mount --bind {q(str(self.initrd))} {LAB_BOOT}/initrd
+mount --bind {q(str(w / "xml"))} {LAB_XML}
+mount -t proc proc {r}/proc
+mount -t sysfs sysfs {r}/sys
+mount --rbind /dev {r}/dev
+mount --bind {q(str(w / "etc-libvirt"))} {r}/etc/libvirt
+mount --bind {q(str(w / "lib-libvirt"))} {r}/var/lib/libvirt
+mount --bind {q(str(w / "log-libvirt"))} {r}/var/log/libvirt
+mount --bind {q(str(self._cache_libvirt_dir))} {r}/var/cache/libvirt
+mount --rbind /run {r}/run
+"""
+
     def _start_daemons(self) -> None:
-        self.run([_which("virtlogd") or "virtlogd", "-d", "-p", "/run/libvirt/lab-virtlogd.pid"],
-                 env=self._daemon_env())
+        exe = "/usr/sbin/virtlogd" if self.chroot is not None else (_which("virtlogd") or "virtlogd")
+        self.libvirt_run([exe, "-d", "-p", "/run/libvirt/lab-virtlogd.pid"], env=self._daemon_env())
         self._start_libvirtd()
 
     def _daemon_env(self) -> dict[str, str]:
         # A clean environment, as an init system would give.  libvirtd passes its PATH on
-        # to hook scripts, so this is the PATH hooks see.
-        return {"PATH": self.daemon_path, "LC_ALL": "C", "HOME": "/root"}
+        # to hook scripts, so this is the PATH hooks see.  libvirt >= 10.4 gets the tc
+        # wrapper first (this kernel has no act_csum, see _TC_WRAPPER).
+        path = self.daemon_path
+        if self.libvirt_version is not None and self.libvirt_version >= NFTABLES_BACKEND_SINCE:
+            path = f"{LAB_BIN}:{path}"
+        return {"PATH": path, "LC_ALL": "C", "HOME": "/root"}
 
     def _start_libvirtd(self) -> None:
-        self.run([_which("libvirtd") or "libvirtd", "-d", "-p", "/run/libvirt/lab-libvirtd.pid"],
-                 env=self._daemon_env())
+        exe = "/usr/sbin/libvirtd" if self.chroot is not None else (_which("libvirtd") or "libvirtd")
+        self.libvirt_run([exe, "-d", "-p", "/run/libvirt/lab-libvirtd.pid"], env=self._daemon_env())
         self._wait_libvirtd()
 
     def _wait_libvirtd(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
         last = ""
         while time.monotonic() < deadline:
-            r = self.run(["virsh", "-c", "qemu:///system", "version"], check=False, timeout=30)
+            r = self.libvirt_run(["virsh", "-c", "qemu:///system", "version"], check=False, timeout=30)
             if r.returncode == 0:
                 return
             last = r.stderr.strip()
@@ -808,15 +1015,19 @@ exec sleep infinity
     def _start_network(self) -> None:
         xml = self.workdir / "xml" / "network-default.xml"
         xml.write_text(_network_xml(self.ipv6))
-        self.virsh("net-define", str(xml))
+        self.virsh("net-define", self._xml_path(xml))
         self.virsh("net-start", "default")
         self.virsh("net-autostart", "default")
 
     # ---------------------------------------------------------------- public API
 
+    def _xml_path(self, host_path: Path) -> str:
+        """A file of workdir/xml as virsh sees it (bound at LAB_XML in chroot mode)."""
+        return str(host_path) if self.chroot is None else f"{LAB_XML}/{host_path.name}"
+
     def virsh(self, *args: str, check: bool = True, timeout: float = 120) -> str:
-        """Run ``virsh -c qemu:///system ARGS`` in the lab; returns stdout."""
-        return self.run(["virsh", "-c", "qemu:///system", *args], check=check, timeout=timeout).stdout
+        """Run ``virsh -c qemu:///system ARGS`` in the lab (libvirt's virsh); returns stdout."""
+        return self.libvirt_run(["virsh", "-c", "qemu:///system", *args], check=check, timeout=timeout).stdout
 
     def iptables_save(self, ipv6: bool = False) -> str:
         """``iptables -S`` of every table in the lab namespace (filter, nat, mangle)."""
@@ -827,9 +1038,10 @@ exec sleep infinity
         """Define (persistent) and start a guest; wait for its HTTP answer unless wait=False."""
         xml = self.workdir / "xml" / f"{spec.name}.xml"
         console = f"/var/log/libvirt/qemu/{spec.name}.console"
-        xml.write_text(_domain_xml(spec, self.kernel, self.initrd, console, self.domain_type))
+        kernel, initrd = self._kernel_paths()
+        xml.write_text(_domain_xml(spec, Path(kernel), Path(initrd), console, self.domain_type))
         self.guests[spec.name] = spec
-        self.virsh("define", str(xml))
+        self.virsh("define", self._xml_path(xml))
         t = time.monotonic()
         self.virsh("start", spec.name)
         self.timings.add(f"virsh_start:{spec.name}", time.monotonic() - t)
@@ -879,23 +1091,38 @@ exec sleep infinity
             self.virsh("undefine", name, check=False, timeout=60)
             self.guests.pop(name, None)
 
-    def install_hook(self, name: str, content: str | bytes | Path, *, restart: bool = False,
-                     env_path: str | None = None) -> Path:
-        """Write an executable hook to the lab's /etc/libvirt/hooks/qemu.d/NAME; returns its host path.
-
-        libvirtd only notices hooks when it starts: pass restart=True (or call
-        restart_libvirtd()) if the lab is already running.  With env_path (e.g.
-        "/bin:/usr/bin"), qemu.d/NAME is a small wrapper that sets PATH=env_path and
-        execs the real script, kept in the lab's /etc/libvirt/hook-bodies/NAME.
-        """
+    def _hook_paths(self, name: str, kind: str) -> tuple[Path, Path, str]:
+        """(host path of hooks/KIND.d/NAME, host path of its body, the body's path in the lab)."""
+        if kind not in ("qemu", "network"):
+            raise ValueError(f"hook kind must be 'qemu' or 'network', not {kind!r}")
         if "/" in name or name in ("", ".", "..") or name.startswith("."):
             raise ValueError(f"bad hook name {name!r}")
-        self.hooks_dir.mkdir(parents=True, exist_ok=True)
-        dest = self.hooks_dir / name
-        body = dest
-        if env_path is not None:
-            body = self.etc_dir / "hook-bodies" / name
-            body.parent.mkdir(parents=True, exist_ok=True)
+        bodies = "hook-bodies" if kind == "qemu" else "hook-bodies-network"
+        return (self.etc_dir / "hooks" / f"{kind}.d" / name, self.etc_dir / bodies / name,
+                f"/etc/libvirt/{bodies}/{name}")
+
+    def install_hook(self, name: str, content: str | bytes | Path, *, restart: bool = False,
+                     env_path: str | None = None, kind: str = "qemu") -> Path:
+        """Write an executable hook to the lab's /etc/libvirt/hooks/KIND.d/NAME; returns its host path.
+
+        kind is "qemu" (default) or "network".  libvirtd only notices hooks when it
+        starts: pass restart=True (or call restart_libvirtd()) if the lab is already
+        running.  With env_path (e.g. "/bin:/usr/bin"), KIND.d/NAME is a small wrapper
+        that sets PATH=env_path and execs the real script, kept in the lab's
+        /etc/libvirt/hook-bodies/NAME (hook-bodies-network/ for network hooks).
+
+        When libvirt runs in a chroot, KIND.d/NAME is always such a wrapper, and it
+        leaves the chroot first: ``nsenter -t HOLDER -m`` (the holder's pid is in
+        /run/vfe2e-holder.pid) enters the lab's mount namespace, whose root is the
+        host's, so the body runs with the host's interpreters and files (e.g. the
+        installed virt-forward), still in the lab's network namespace.
+        """
+        dest, body, body_in_lab = self._hook_paths(name, kind)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        wrapped = env_path is not None or self.chroot is not None
+        if not wrapped:
+            body = dest
+        body.parent.mkdir(parents=True, exist_ok=True)
         if isinstance(content, Path):
             shutil.copyfile(content, body)
         elif isinstance(content, bytes):
@@ -903,17 +1130,25 @@ exec sleep infinity
         else:
             body.write_text(content)
         body.chmod(0o755)
-        if env_path is not None:
-            dest.write_text(f"#!/bin/sh\nPATH={shlex.quote(env_path)}\nexport PATH\n"
-                            f"exec /etc/libvirt/hook-bodies/{shlex.quote(name)} \"$@\"\n")
+        if wrapped:
+            text = "#!/bin/sh\n"
+            if env_path is not None:
+                text += f"PATH={shlex.quote(env_path)}\nexport PATH\n"
+            if self.chroot is not None:
+                text += (f'exec /usr/bin/nsenter -t "$(cat {HOLDER_PIDFILE})" -m -- '
+                         f'{shlex.quote(body_in_lab)} "$@"\n')
+            else:
+                text += f'exec {shlex.quote(body_in_lab)} "$@"\n'
+            dest.write_text(text)
             dest.chmod(0o755)
         if restart:
             self.restart_libvirtd()
         return dest
 
-    def remove_hook(self, name: str, *, restart: bool = False) -> None:
-        (self.hooks_dir / name).unlink(missing_ok=True)
-        (self.etc_dir / "hook-bodies" / name).unlink(missing_ok=True)
+    def remove_hook(self, name: str, *, restart: bool = False, kind: str = "qemu") -> None:
+        dest, body, _ = self._hook_paths(name, kind)
+        dest.unlink(missing_ok=True)
+        body.unlink(missing_ok=True)
         if restart:
             self.restart_libvirtd()
 
@@ -927,6 +1162,19 @@ exec sleep infinity
         took = time.monotonic() - t
         self.timings.add("libvirtd_restart", took)
         return took
+
+    def reattach_taps(self) -> list[str]:
+        """Put every guest tap (vnet*) that has no bridge back on virbr0; returns their names.
+
+        libvirt (9.0 and 11.3 alike) does not re-plug running guests after
+        ``net-destroy`` + ``net-start``, nor on a later daemon restart: an admin does this.
+        """
+        links = json.loads(self.run(["ip", "-j", "link", "show"]).stdout)
+        taps = [str(ln["ifname"]) for ln in links
+                if str(ln.get("ifname", "")).startswith("vnet") and not ln.get("master")]
+        for tap in taps:
+            self.run(["ip", "link", "set", tap, "master", BRIDGE])
+        return taps
 
     def sighup_libvirtd(self) -> None:
         """Send SIGHUP to libvirtd (it reloads and re-applies network firewall rules)."""
@@ -1065,6 +1313,9 @@ def _main(argv: Sequence[str]) -> int:
     ap.add_argument("--domain-type", default="qemu")
     ap.add_argument("--hold", type=float, default=0.0, help="seconds to keep the lab up (Ctrl-C ends it)")
     ap.add_argument("--keep-workdir", action="store_true")
+    ap.add_argument("--firewall-backend", choices=("iptables", "nftables"), default=None,
+                    help="libvirt's firewall backend (nftables: libvirt 11 from a trixie chroot if the host's is older)")
+    ap.add_argument("--libvirt-chroot", default="auto", help="'auto', 'none' or a chroot directory")
     ap.add_argument("--cleanup-stale", action="store_true", help="only remove leftover vfe2e-* namespaces")
     a = ap.parse_args(argv)
     if a.cleanup_stale:
@@ -1072,7 +1323,9 @@ def _main(argv: Sequence[str]) -> int:
         return 0
     ensure_host_packages()
     with LibvirtLab(a.cache_dir, a.guests, ipv6=not a.no_ipv6, domain_type=a.domain_type,
-                    keep_workdir=a.keep_workdir) as lab:
+                    keep_workdir=a.keep_workdir, firewall_backend=a.firewall_backend,
+                    libvirt_chroot=None if a.libvirt_chroot == "none" else a.libvirt_chroot) as lab:
+        print(f"libvirt {lab.libvirt_version} ({'chroot ' + str(lab.chroot) if lab.chroot else 'host'})")
         for spec in lab.guest_specs:
             print(spec.name, lab.http_get(spec.ip).strip())
         if a.hold:

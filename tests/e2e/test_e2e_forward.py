@@ -1,4 +1,11 @@
-"""virt-forward under a real libvirtd (9.0 here, iptables firewall backend) with real guests.
+"""virt-forward under a real libvirtd with real guests, on both of libvirt's firewall backends.
+
+The module runs twice (the `e2e` fixture is parametrized):
+- "iptables": the host's libvirt (9.0 on Debian 12; `firewall_backend = "iptables"` on >= 10.4);
+  the guard sits on top of iptables' FORWARD.
+- "nftables": libvirt >= 10.4 with `firewall_backend = "nftables"` (the host's on Debian 13,
+  libvirt 11 from a Debian 13 chroot on Debian 12, see libvirt_lab.py); the guard sits on top
+  of the `forward` base chain of `ip libvirt_network` (and `ip6 libvirt_network`).
 
 The hook is written by `virt-forward install` and called by libvirt itself;
 traffic comes from an outside namespace to the lab host's public address.
@@ -24,12 +31,16 @@ from libvirt_lab import (  # noqa: E402
     DEFAULT_CACHE_DIR,
     LabUnavailable,
     LibvirtLab,
+    libvirt_chroot_from_env,
     OutsideClient,
     ensure_host_packages,
 )
 
 pytestmark = pytest.mark.e2e
 PUBLIC = "198.51.100.1"
+# A second qemu hook that records every call: proves which hooks libvirt ran (also from a chroot).
+RECORD_HOOK = '#!/bin/sh\necho "$*" >> /var/log/libvirt/hook-calls.log\ncat > /dev/null\n'
+RECORD_NET_HOOK = '#!/bin/sh\necho "network $*" >> /var/log/libvirt/hook-calls.log\ncat > /dev/null\n'
 
 
 @dataclass
@@ -38,6 +49,7 @@ class E2E:
     client: OutsideClient
     cfg: Path
     state: Path
+    backend: str  # libvirt's firewall backend: "iptables" | "nftables"
 
     def vf(self, *args: str) -> str:
         r = self.lab.run([sys.executable, "-m", "virt_forward", "--config-dir", str(self.cfg),
@@ -53,9 +65,56 @@ class E2E:
         # the key without its counter: [{"elem": {"val": K, "counter": ..}}, V] -> K -> V
         return sorted(json.dumps([e[0]["elem"]["val"], e[1]]) for e in elems)
 
+    def guard_chains(self) -> dict[str, list[str]]:
+        """The foreign chains our guard must top, each as its list of rules (in order)."""
+        if self.backend == "iptables":
+            rules = [ln for ln in self.lab.run(["iptables", "-S", "FORWARD"]).stdout.splitlines()
+                     if ln.startswith("-A FORWARD ")]
+            return {"iptables FORWARD": rules}
+        chains = {}
+        for family in ("ip", "ip6"):
+            r = self.lab.run(["nft", "list", "chain", family, "libvirt_network", "forward"], check=False)
+            assert r.returncode == 0, f"no {family} libvirt_network forward chain: {r.stderr}"
+            chains[f"{family} libvirt_network forward"] = nft_chain_rules(r.stdout)
+        return chains
+
+    def guard_ids(self) -> list[str]:
+        """Something that changes when a guard is deleted and inserted again: its nft handle, or
+        its iptables packet counter (restarts at 0)."""
+        if self.backend == "iptables":
+            out = self.lab.run(["iptables", "-L", "FORWARD", "-v", "-n", "-x", "--line-numbers"]).stdout
+            return [" ".join(ln.split()[:2]) for ln in out.splitlines() if "virt-forward" in ln]
+        ids = []
+        for family in ("ip", "ip6"):
+            out = self.lab.nft("-a", "list", "chain", family, "libvirt_network", "forward", check=False)
+            ids += [f"{family} {ln.split('# handle')[-1].strip()}" for ln in out.splitlines() if "virt-forward" in ln]
+        return ids
+
     def guards(self) -> list[str]:
-        return [ln for ln in self.lab.run(["iptables", "-S", "FORWARD"]).stdout.splitlines()
-                if "virt-forward" in ln]
+        """Every rule of ours in the foreign chains."""
+        return [r for rules in self.guard_chains().values() for r in rules if "virt-forward" in r]
+
+    def assert_one_guard_on_top(self) -> None:
+        for name, rules in self.guard_chains().items():
+            ours = [r for r in rules if "virt-forward" in r]
+            assert len(ours) == 1 and "virt-forward:guard" in rules[0], f"{name}: {rules}"
+
+    def guard_on_top(self) -> bool:
+        try:
+            self.assert_one_guard_on_top()
+        except AssertionError:
+            return False
+        return True
+
+    def forward_ok(self, port: int = 8080, want: str = "guest=vfguest1 port=80") -> bool:
+        r = self.client.probe_tcp(PUBLIC, port, b"GET / HTTP/1.0\r\n\r\n", timeout=1)
+        return r.ok and want in r.text
+
+    def hook_calls(self) -> list[str]:
+        try:
+            return (self.lab.log_dir / "hook-calls.log").read_text().splitlines()
+        except OSError:
+            return []
 
     def wait_http(self, port: int, want: str, limit: float = 10) -> float:
         t0 = time.monotonic()
@@ -64,7 +123,20 @@ class E2E:
             if r.ok and want in r.text:
                 return time.monotonic() - t0
             time.sleep(0.2)
-        raise AssertionError(f"{PUBLIC}:{port} did not answer with {want!r}")
+        ruleset = self.lab.run(["nft", "list", "ruleset"], check=False).stdout
+        raise AssertionError(f"{PUBLIC}:{port} did not answer with {want!r} within {limit} s: last {r}\n"
+                             f"--- nft list ruleset in the lab ---\n{ruleset}")
+
+
+def nft_chain_rules(listing: str) -> list[str]:
+    """The rules of `nft list chain ...` output, in order (no table/chain/type lines)."""
+    rules = []
+    for line in listing.splitlines():
+        ln = line.strip()
+        if not ln or ln in ("}",) or ln.startswith(("table ", "chain ", "type ", "policy ")):
+            continue
+        rules.append(ln)
+    return rules
 
 
 def _write(path: Path, text: str) -> None:
@@ -74,8 +146,9 @@ def _write(path: Path, text: str) -> None:
     path.chmod(0o644)
 
 
-@pytest.fixture(scope="module")
-def e2e() -> Iterator[E2E]:
+@pytest.fixture(scope="module", params=["iptables", "nftables"])
+def e2e(request: pytest.FixtureRequest) -> Iterator[E2E]:
+    backend: str = request.param
     if os.geteuid() != 0:
         pytest.skip("the libvirt lab needs root")
     try:
@@ -93,7 +166,8 @@ def e2e() -> Iterator[E2E]:
                     "install", "--root", str(fsroot)], check=True, capture_output=True)
     hook = (fsroot / "etc/libvirt/hooks/qemu.d/virt-forward").read_text()
     lab = LibvirtLab(os.environ.get("VF_E2E_CACHE", str(DEFAULT_CACHE_DIR)), guests=2,
-                     hooks={"virt-forward": hook})
+                     hooks={"virt-forward": hook, "zz-record": RECORD_HOOK}, firewall_backend=backend,
+                     libvirt_chroot=libvirt_chroot_from_env())
     try:
         lab.start()
     except LabUnavailable as e:
@@ -103,12 +177,12 @@ def e2e() -> Iterator[E2E]:
         lab.close()
         raise
     try:
-        net_hook = lab.etc_dir / "hooks" / "network.d" / "virt-forward"
-        net_hook.parent.mkdir(parents=True, exist_ok=True)
-        net_hook.write_text((fsroot / "etc/libvirt/hooks/network.d/virt-forward").read_text())
-        net_hook.chmod(0o755)
+        print(f"\n[{backend}] libvirt {lab.libvirt_version} from {lab.chroot or 'the host'}: {lab.timings.values}")
+        lab.install_hook("virt-forward", (fsroot / "etc/libvirt/hooks/network.d/virt-forward").read_text(),
+                         kind="network")
+        lab.install_hook("zz-record", RECORD_NET_HOOK, kind="network")
         lab.restart_libvirtd()  # libvirt finds hooks only at start; this also runs `reconnect`
-        yield E2E(lab, lab.add_client(route_to_guests=True), cfg, state)
+        yield E2E(lab, lab.add_client(route_to_guests=True), cfg, state, backend)
     finally:
         lab.close()
 
@@ -123,8 +197,12 @@ def test_forward_works_through_libvirts_reject(e2e: E2E) -> None:
     assert udp.ok and udp.data == b"vfguest1 ping", udp
     # hairpin from the host itself
     assert "guest=vfguest1 port=80" in e2e.lab.http_get(PUBLIC, 8080)
-    assert len(e2e.guards()) == 1 and "virt-forward:guard" in \
-        e2e.lab.run(["iptables", "-S", "FORWARD"]).stdout.splitlines()[1]
+    e2e.assert_one_guard_on_top()
+    if e2e.backend == "nftables":
+        # libvirt's nftables backend really is in use, and nothing of ours went to iptables
+        guest_input = e2e.lab.nft("list", "chain", "ip", "libvirt_network", "guest_input")
+        assert "virbr0" in guest_input and "reject" in guest_input, guest_input
+        assert "virt-forward" not in e2e.lab.run(["iptables-save"], check=False).stdout
 
 
 def test_narrow_direct_route_and_unforwarded_ports_stay_closed(e2e: E2E) -> None:
@@ -144,30 +222,74 @@ def test_destroy_closes_and_start_reopens_with_exactly_one_set(e2e: E2E) -> None
     e2e.lab.wait_guest("vfguest2")
     e2e.wait_http(8081, "guest=vfguest2 port=80")
     assert e2e.dnat4() == before
-    assert len(e2e.guards()) == 1
+    e2e.assert_one_guard_on_top()
 
 
 def test_libvirtd_restart_reconnect_keeps_one_set(e2e: E2E) -> None:
     before = e2e.dnat4()
+    calls = len(e2e.hook_calls())
     took = e2e.lab.restart_libvirtd()
     print(f"libvirtd restart: {took:.2f} s")
+    # libvirt reconnects to each guest in a thread of its own: the hooks may run just after it answers
+    want = {"vfguest1 reconnect begin -", "vfguest2 reconnect begin -"}
+    deadline = time.monotonic() + 15
+    while not want <= set(e2e.hook_calls()[calls:]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert want <= set(e2e.hook_calls()[calls:]), e2e.hook_calls()[calls:]
     e2e.wait_http(8080, "guest=vfguest1 port=80")
     assert e2e.dnat4() == before
-    assert len(e2e.guards()) == 1
+    e2e.assert_one_guard_on_top()
     assert "vfguest1: applied" in e2e.vf("status")
 
 
+def _observe(e2e: E2E, what: str, seconds: float = 3.0, ids_before: list[str] | None = None,
+             calls_before: int = 0) -> tuple[bool, bool]:
+    """After libvirt rewrote its rules: poll for `seconds`; print and return (guard on top, forward ok)."""
+    t0 = time.monotonic()
+    on_top = ok = False
+    while time.monotonic() - t0 < seconds:
+        on_top, ok = e2e.guard_on_top(), e2e.forward_ok()
+        time.sleep(0.3)
+    print(f"[{e2e.backend}] after {what} (+{time.monotonic() - t0:.1f} s): guard on top: {on_top}, "
+          f"forward works: {ok}; guard ids (line/packets or handle) before {ids_before} after {e2e.guard_ids()}; "
+          f"hooks run: {e2e.hook_calls()[calls_before:]}; {e2e.guard_chains()}")
+    return on_top, ok
+
+
 def test_libvirtd_sighup(e2e: E2E) -> None:
+    ids, calls = e2e.guard_ids(), len(e2e.hook_calls())
     e2e.lab.sighup_libvirtd()
-    time.sleep(2)
-    rules = e2e.lab.run(["iptables", "-S", "FORWARD"]).stdout.splitlines()
-    print("FORWARD after SIGHUP:", rules)
-    r = e2e.client.probe_tcp(PUBLIC, 8080, b"GET / HTTP/1.0\r\n\r\n", timeout=2)
-    if not r.ok:
-        # libvirt put its jumps above our guard and ran no hook: the watcher's (or a reconcile's) job
+    on_top, ok = _observe(e2e, "SIGHUP", ids_before=ids, calls_before=calls)
+    if not (on_top and ok):
+        # libvirt put its rules above our guard and ran no hook: the watcher's (or a reconcile's) job
         e2e.vf("reconcile", "--running", "vfguest1", "--running", "vfguest2")
     e2e.wait_http(8080, "guest=vfguest1 port=80")
-    assert len(e2e.guards()) == 1
+    e2e.assert_one_guard_on_top()
+
+
+def test_network_restart_runs_the_network_hook(e2e: E2E) -> None:
+    """net-destroy + net-start: libvirt re-makes its rules (the network hook `started` then runs
+    a reconcile): exactly one guard of ours stays on top and the DNAT set is unchanged.  libvirt
+    does not re-plug the running guests' taps into the new bridge; once they are (by hand, as an
+    admin would), the forward works again."""
+    before = e2e.dnat4()
+    ids, calls = e2e.guard_ids(), len(e2e.hook_calls())
+    t0 = time.monotonic()
+    e2e.lab.virsh("net-destroy", "default")
+    e2e.lab.virsh("net-start", "default")
+    print(f"[{e2e.backend}] net-destroy + net-start: {time.monotonic() - t0:.2f} s")
+    _observe(e2e, "net-destroy + net-start", seconds=1.0, ids_before=ids, calls_before=calls)
+    direct = e2e.lab.probe_tcp("192.168.122.10", 80, timeout=1)
+    print(f"[{e2e.backend}] guest from the lab host before re-plugging its tap: {direct.status}")
+    e2e.assert_one_guard_on_top()
+    assert e2e.dnat4() == before
+    t1 = time.monotonic()
+    taps = e2e.lab.reattach_taps()
+    took = e2e.wait_http(8080, "guest=vfguest1 port=80", limit=20)
+    print(f"[{e2e.backend}] re-plugged {taps}; forward works {time.monotonic() - t1:.2f} s later "
+          f"({took:.2f} s of polling)")
+    assert "guest=vfguest2 port=80" in e2e.client.probe_tcp(PUBLIC, 8081, b"GET / HTTP/1.0\r\n\r\n").text
+    e2e.assert_one_guard_on_top()
 
 
 def test_destroy_all_leaves_nothing_of_ours(e2e: E2E) -> None:
@@ -175,5 +297,5 @@ def test_destroy_all_leaves_nothing_of_ours(e2e: E2E) -> None:
         e2e.lab.virsh("destroy", g)
     assert e2e.client.probe_tcp(PUBLIC, 8080, timeout=2).status == "refused"
     assert e2e.lab.run(["nft", "list", "table", "inet", "virt_forward"], check=False).returncode != 0
-    assert e2e.guards() == []
+    assert e2e.guards() == [], e2e.guard_chains()
     assert list((e2e.state / "guests").iterdir()) == []

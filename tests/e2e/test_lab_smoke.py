@@ -1,5 +1,8 @@
 """Smoke test of the e2e harness: a real libvirtd and a real guest, inside namespaces.
 
+Runs once per libvirt firewall backend: "iptables" (the host's libvirt) and "nftables"
+(libvirt >= 10.4: the host's on Debian 13, libvirt 11 from a trixie chroot on Debian 12).
+
 Needs root.  Installs libvirt/qemu with apt if they are missing, builds the guest
 into $VF_E2E_CACHE (default /var/cache/virt-forward-e2e).  Skips only when this
 machine cannot run the lab at all (not root, no network namespaces, packages
@@ -26,6 +29,7 @@ from libvirt_lab import (  # noqa: E402
     GuestSpec,
     LabUnavailable,
     LibvirtLab,
+    libvirt_chroot_from_env,
     OutsideClient,
     ensure_host_packages,
 )
@@ -39,8 +43,16 @@ def _host_state() -> dict[str, str]:
     for cmd in (["iptables", "-S"], ["iptables", "-t", "nat", "-S"], ["ip6tables", "-S"]):
         r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, check=False)
         out[" ".join(cmd)] = r.stdout
+    r = subprocess.run(["nft", "list", "ruleset"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                       text=True, check=False)
+    out["nft list ruleset"] = r.stdout
     for key in ("net/ipv4/ip_forward", "net/ipv6/conf/all/forwarding"):
         out[key] = Path("/proc/sys", key).read_text().strip()
+    # e.g. the chroot's proc/sys/dev or a bind over /etc/libvirt leaking out of the lab's
+    # private mount namespace (/run/netns entries are namespaces, possibly other labs')
+    out["lab mounts"] = "".join(ln for ln in Path("/proc/self/mountinfo").read_text().splitlines(True)
+                                if ("libvirt" in ln or "vfe2e" in ln or "trixie" in ln) and "/run/netns/" not in ln)
+    out["/run/libvirt"] = str(Path("/run/libvirt").exists())
     return out
 
 
@@ -49,10 +61,12 @@ class Setup:
     lab: LibvirtLab
     guest: GuestSpec
     host_before: dict[str, str]
+    backend: str
 
 
-@pytest.fixture(scope="module")
-def setup() -> Iterator[Setup]:
+@pytest.fixture(scope="module", params=["iptables", "nftables"])
+def setup(request: pytest.FixtureRequest) -> Iterator[Setup]:
+    backend: str = request.param
     if os.geteuid() != 0:
         pytest.skip("the libvirt lab needs root")
     try:
@@ -60,7 +74,8 @@ def setup() -> Iterator[Setup]:
     except LabUnavailable as e:
         pytest.skip(f"libvirt/qemu unavailable: {e}")
     host_before = _host_state()
-    lab = LibvirtLab(os.environ.get("VF_E2E_CACHE", str(DEFAULT_CACHE_DIR)), guests=1)
+    lab = LibvirtLab(os.environ.get("VF_E2E_CACHE", str(DEFAULT_CACHE_DIR)), guests=1, firewall_backend=backend,
+                     libvirt_chroot=libvirt_chroot_from_env())
     try:
         lab.start()
     except LabUnavailable as e:
@@ -70,7 +85,8 @@ def setup() -> Iterator[Setup]:
         lab.close()
         raise
     try:
-        yield Setup(lab, lab.guest_specs[0], host_before)
+        print(f"\n[{backend}] libvirt {lab.libvirt_version} from {lab.chroot or 'the host'}: {lab.timings.values}")
+        yield Setup(lab, lab.guest_specs[0], host_before, backend)
     finally:
         lab.close()
 
@@ -100,6 +116,15 @@ def test_guest_other_services(setup: Setup) -> None:
 
 
 def test_libvirt_firewall_rules_in_lab(setup: Setup) -> None:
+    if setup.backend == "nftables":
+        ruleset = setup.lab.nft("list", "ruleset")
+        assert "table ip libvirt_network" in ruleset and "table ip6 libvirt_network" in ruleset, ruleset
+        assert re.search(r'oif "virbr0" counter packets \d+ bytes \d+ reject', ruleset), ruleset
+        assert "masquerade" in ruleset
+        assert "LIBVIRT" not in setup.lab.run(["iptables-save"], check=False).stdout
+        host = subprocess.run(["nft", "list", "ruleset"], stdout=subprocess.PIPE, text=True, check=False).stdout
+        assert "libvirt_network" not in host
+        return
     rules = setup.lab.run(["iptables", "-S"]).stdout
     assert "-N LIBVIRT_FWI" in rules
     assert re.search(r"^-A LIBVIRT_FWI -o virbr0 -j REJECT", rules, re.M), rules
@@ -112,6 +137,11 @@ def test_libvirt_firewall_rules_in_lab(setup: Setup) -> None:
 
 
 def _reject_packets(lab: LibvirtLab) -> int:
+    if lab.uses_nftables_backend:
+        out = lab.nft("list", "chain", "ip", "libvirt_network", "guest_input")
+        m = re.search(r'oif "virbr0" counter packets (\d+) bytes \d+ reject', out)
+        assert m, out
+        return int(m.group(1))
     out = lab.run(["iptables", "-L", "LIBVIRT_FWI", "-v", "-n", "-x"]).stdout
     for line in out.splitlines():
         f = line.split()
