@@ -116,6 +116,16 @@ class E2E:
         except OSError:
             return []
 
+    def wait_hook_calls(self, want: set[str], since: int, limit: float = 15) -> None:
+        """Wait until the recording hook saw every call in `want` (after the first `since` lines).
+
+        libvirt reconnects to each guest in a thread of its own, so the `reconnect` hooks may run
+        just after the restarted libvirtd answers; zz-record runs after virt-forward's hook."""
+        deadline = time.monotonic() + limit
+        while not want <= set(self.hook_calls()[since:]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert want <= set(self.hook_calls()[since:]), self.hook_calls()[since:]
+
     def wait_http(self, port: int, want: str, limit: float = 10) -> float:
         t0 = time.monotonic()
         while time.monotonic() - t0 < limit:
@@ -181,8 +191,11 @@ def e2e(request: pytest.FixtureRequest) -> Iterator[E2E]:
         lab.install_hook("virt-forward", (fsroot / "etc/libvirt/hooks/network.d/virt-forward").read_text(),
                          kind="network")
         lab.install_hook("zz-record", RECORD_NET_HOOK, kind="network")
+        env = E2E(lab, lab.add_client(route_to_guests=True), cfg, state, backend)
+        calls = len(env.hook_calls())
         lab.restart_libvirtd()  # libvirt finds hooks only at start; this also runs `reconnect`
-        yield E2E(lab, lab.add_client(route_to_guests=True), cfg, state, backend)
+        env.wait_hook_calls({"vfguest1 reconnect begin -", "vfguest2 reconnect begin -"}, calls)
+        yield env
     finally:
         lab.close()
 
@@ -230,12 +243,7 @@ def test_libvirtd_restart_reconnect_keeps_one_set(e2e: E2E) -> None:
     calls = len(e2e.hook_calls())
     took = e2e.lab.restart_libvirtd()
     print(f"libvirtd restart: {took:.2f} s")
-    # libvirt reconnects to each guest in a thread of its own: the hooks may run just after it answers
-    want = {"vfguest1 reconnect begin -", "vfguest2 reconnect begin -"}
-    deadline = time.monotonic() + 15
-    while not want <= set(e2e.hook_calls()[calls:]) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert want <= set(e2e.hook_calls()[calls:]), e2e.hook_calls()[calls:]
+    e2e.wait_hook_calls({"vfguest1 reconnect begin -", "vfguest2 reconnect begin -"}, calls)
     e2e.wait_http(8080, "guest=vfguest1 port=80")
     assert e2e.dnat4() == before
     e2e.assert_one_guard_on_top()
