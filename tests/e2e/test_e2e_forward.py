@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -166,38 +167,41 @@ def e2e(request: pytest.FixtureRequest) -> Iterator[E2E]:
     except LabUnavailable as e:
         pytest.skip(f"libvirt/qemu unavailable: {e}")
     root = Path(tempfile.mkdtemp(prefix="vf-e2e-"))
-    root.chmod(0o755)
-    cfg, state, fsroot = root / "etc", root / "run", root / "fsroot"
-    _write(cfg / "config.toml", f'public = "{PUBLIC}"\n')
-    _write(cfg / "guests" / "vfguest1.toml",
-           'address = "192.168.122.10"\nports = ["8080:80", "2222:22", "5353/udp"]\n')
-    _write(cfg / "guests" / "vfguest2.toml", 'address = "192.168.122.11"\nports = ["8081:80"]\n')
-    subprocess.run([sys.executable, "-m", "virt_forward", "--config-dir", str(cfg), "--state-dir", str(state),
-                    "install", "--root", str(fsroot)], check=True, capture_output=True)
-    hook = (fsroot / "etc/libvirt/hooks/qemu.d/virt-forward").read_text()
-    lab = LibvirtLab(os.environ.get("VF_E2E_CACHE", str(DEFAULT_CACHE_DIR)), guests=2,
-                     hooks={"virt-forward": hook, "zz-record": RECORD_HOOK}, firewall_backend=backend,
-                     libvirt_chroot=libvirt_chroot_from_env())
-    try:
-        lab.start()
-    except LabUnavailable as e:
-        lab.close()
-        pytest.skip(f"cannot run the libvirt lab here: {e}")
-    except BaseException:
-        lab.close()
-        raise
-    try:
-        print(f"\n[{backend}] libvirt {lab.libvirt_version} from {lab.chroot or 'the host'}: {lab.timings.values}")
-        lab.install_hook("virt-forward", (fsroot / "etc/libvirt/hooks/network.d/virt-forward").read_text(),
-                         kind="network")
-        lab.install_hook("zz-record", RECORD_NET_HOOK, kind="network")
-        env = E2E(lab, lab.add_client(route_to_guests=True), cfg, state, backend)
-        calls = len(env.hook_calls())
-        lab.restart_libvirtd()  # libvirt finds hooks only at start; this also runs `reconnect`
-        env.wait_hook_calls({"vfguest1 reconnect begin -", "vfguest2 reconnect begin -"}, calls)
-        yield env
+    try:  # the config and state dirs go too, whatever happens
+        root.chmod(0o755)
+        cfg, state, fsroot = root / "etc", root / "run", root / "fsroot"
+        _write(cfg / "config.toml", f'public = "{PUBLIC}"\n')
+        _write(cfg / "guests" / "vfguest1.toml",
+               'address = "192.168.122.10"\nports = ["8080:80", "2222:22", "5353/udp"]\n')
+        _write(cfg / "guests" / "vfguest2.toml", 'address = "192.168.122.11"\nports = ["8081:80"]\n')
+        subprocess.run([sys.executable, "-m", "virt_forward", "--config-dir", str(cfg), "--state-dir", str(state),
+                        "install", "--root", str(fsroot)], check=True, capture_output=True)
+        hook = (fsroot / "etc/libvirt/hooks/qemu.d/virt-forward").read_text()
+        lab = LibvirtLab(os.environ.get("VF_E2E_CACHE", str(DEFAULT_CACHE_DIR)), guests=2,
+                         hooks={"virt-forward": hook, "zz-record": RECORD_HOOK}, firewall_backend=backend,
+                         libvirt_chroot=libvirt_chroot_from_env())
+        try:
+            lab.start()
+        except LabUnavailable as e:
+            lab.close()
+            pytest.skip(f"cannot run the libvirt lab here: {e}")
+        except BaseException:
+            lab.close()
+            raise
+        try:
+            print(f"\n[{backend}] libvirt {lab.libvirt_version} from {lab.chroot or 'the host'}: {lab.timings.values}")
+            lab.install_hook("virt-forward", (fsroot / "etc/libvirt/hooks/network.d/virt-forward").read_text(),
+                             kind="network")
+            lab.install_hook("zz-record", RECORD_NET_HOOK, kind="network")
+            env = E2E(lab, lab.add_client(route_to_guests=True), cfg, state, backend)
+            calls = len(env.hook_calls())
+            lab.restart_libvirtd()  # libvirt finds hooks only at start; this also runs `reconnect`
+            env.wait_hook_calls({"vfguest1 reconnect begin -", "vfguest2 reconnect begin -"}, calls)
+            yield env
+        finally:
+            lab.close()
     finally:
-        lab.close()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_forward_works_through_libvirts_reject(e2e: E2E) -> None:
