@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from . import discovery, domainxml, guards, iptables, log, nft
+from . import guards, log, nft
 from .config import GuestConfig, Settings, check_domain_name, guest_from_metadata, load_guest, load_settings
 from .errors import FirewallError
 from .plan import Family, GuestPlan, plan_guest
@@ -48,12 +48,18 @@ def desired(ctx: Context, domain: str, xml: str | None = None, settings: Setting
     check_domain_name(domain)
     settings = load_settings(ctx.config_dir) if settings is None else settings
     guest = load_guest(ctx.config_dir, domain)
-    dom = domainxml.parse(xml) if xml else None
+    need_xml = guest is None and settings.metadata or guest is not None and not guest.addresses
+    if not (need_xml and xml):
+        dom = None
+    else:
+        from . import domainxml
+        dom = domainxml.parse(xml)
     if guest is None and settings.metadata and dom is not None and dom.metadata is not None:
         guest = guest_from_metadata(domain, dom.metadata)
     if guest is None:
         return Desired(settings, None, None)
     if not guest.addresses:
+        from . import discovery
         found = discovery.discover(dom.nics, ctx.libvirt_root) if dom is not None else ()
         if not found:
             macs = ", ".join(n.mac for n in dom.nics) if dom is not None and dom.nics else "no domain XML"
@@ -180,6 +186,7 @@ def connected_routes() -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
 def iptables_sync(applied: list[GuestPlan], rebuild: list[GuestPlan], families: set[Family],
                   hairpin: bool) -> None:
     """The iptables backend: one iptables-restore --noflush per family (nat chains and guard)."""
+    from . import iptables
     routes = connected_routes()
     subnets = {}
     for plan in applied:
@@ -219,7 +226,7 @@ def _summary(plan: GuestPlan) -> str:
 
 def nft_guard_chains() -> list[guards.NftChain]:
     """The foreign nftables chains that need a guard, as they are now (cheap: small tables)."""
-    listed = run(["nft", "-j", "list", "tables"], check=False)
+    listed = run(["nft", "-j", "list", "chains"], check=False)
     if listed.returncode != 0:
         return []
     chains = []

@@ -124,11 +124,15 @@ class NftChain:
         return list(self.guards) == list(self.handles[:1]) == list(self.current)
 
 
-def present_targets(tables_listing: dict[str, Any]) -> list[NftTarget]:
-    """Targets whose table exists, from `nft -j list tables`."""
-    have = {(t["table"]["family"], t["table"]["name"])
-            for t in tables_listing.get("nftables", []) if "table" in t}
-    return [t for t in NFT_TARGETS if (t.family, t.table) in have]
+def present_targets(chains_listing: dict[str, Any]) -> list[NftTarget]:
+    """Targets whose chain exists, from `nft -j list chains`.
+
+    Not `list tables`: nft 1.0.6 loads every set element to answer that (148 ms with
+    10,000 forwards, measured), while `list chains` stays at a few ms at any size.
+    """
+    have = {(c["chain"]["family"], c["chain"]["table"], c["chain"]["name"])
+            for c in chains_listing.get("nftables", []) if "chain" in c}
+    return [t for t in NFT_TARGETS if (t.family, t.table, t.chain) in have]
 
 
 def parse_nft_chain(target: NftTarget, listing: dict[str, Any]) -> NftChain | None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from typing import TextIO
 
-from . import domainxml, engine, log
+from . import engine, log
 from .errors import ConfigError, ExitCode, UsageError, VirtForwardError
 
 APPLY = {"start", "started", "reconnect"}
@@ -32,10 +32,8 @@ def run_hook(ctx: engine.Context, argv: list[str], stdin: TextIO) -> int:
         xml = stdin.read()
     except (OSError, ValueError):
         xml = ""
-    parsed = domainxml.parse(xml)
-    xml_name = parsed.name if parsed is not None else None
-    if xml_name is not None and xml_name != domain:
-        log.warning(f"{domain}: hook argv names {domain!r} but the XML on stdin names {xml_name!r}; using argv")
+    # The XML is parsed only when it is needed (no `address`, or metadata): xml.etree
+    # costs milliseconds at every guest start, and argv names the domain anyway.
 
     strict = False
     try:
