@@ -39,6 +39,7 @@ from libvirt_lab import (  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 PUBLIC = "198.51.100.1"
+PUBLIC6 = "2001:db8:5100::1"  # the lab side of the client's link (LibvirtLab.add_client)
 # A second qemu hook that records every call: proves which hooks libvirt ran (also from a chroot).
 RECORD_HOOK = '#!/bin/sh\necho "$*" >> /var/log/libvirt/hook-calls.log\ncat > /dev/null\n'
 RECORD_NET_HOOK = '#!/bin/sh\necho "network $*" >> /var/log/libvirt/hook-calls.log\ncat > /dev/null\n'
@@ -170,9 +171,9 @@ def e2e(request: pytest.FixtureRequest) -> Iterator[E2E]:
     try:  # the config and state dirs go too, whatever happens
         root.chmod(0o755)
         cfg, state, fsroot = root / "etc", root / "run", root / "fsroot"
-        _write(cfg / "config.toml", f'public = "{PUBLIC}"\n')
+        _write(cfg / "config.toml", f'public = ["{PUBLIC}", "{PUBLIC6}"]\n')
         _write(cfg / "guests" / "vfguest1.toml",
-               'address = "192.168.122.10"\nports = ["8080:80", "2222:22", "5353/udp"]\n')
+               'address = ["192.168.122.10", "fd00:122::a"]\nports = ["8080:80", "2222:22", "5353/udp"]\n')
         _write(cfg / "guests" / "vfguest2.toml", 'address = "192.168.122.11"\nports = ["8081:80"]\n')
         subprocess.run([sys.executable, "-m", "virt_forward", "--config-dir", str(cfg), "--state-dir", str(state),
                         "install", "--root", str(fsroot)], check=True, capture_output=True)
@@ -212,6 +213,11 @@ def test_forward_works_through_libvirts_reject(e2e: E2E) -> None:
     assert banner.ok and banner.text.startswith("SSH-2.0-vfe2e vfguest1"), banner
     udp = e2e.client.probe_udp(PUBLIC, 5353, b"ping")
     assert udp.ok and udp.data == b"vfguest1 ping", udp
+    # IPv6: the network has fd00:122::/64, the host a public IPv6 address
+    r6 = e2e.client.probe_tcp(PUBLIC6, 8080, b"GET / HTTP/1.0\r\n\r\n")
+    assert r6.ok and "guest=vfguest1 port=80" in r6.text, r6
+    udp6 = e2e.client.probe_udp(PUBLIC6, 5353, b"ping6")
+    assert udp6.ok and udp6.data == b"vfguest1 ping6", udp6
     # hairpin from the host itself
     assert "guest=vfguest1 port=80" in e2e.lab.http_get(PUBLIC, 8080)
     e2e.assert_one_guard_on_top()
