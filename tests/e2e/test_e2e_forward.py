@@ -340,8 +340,11 @@ def test_watcher_against_real_libvirt(e2e: E2E) -> None:
         assert _recovered(e2e, "state dir wiped + table deleted") < 2.0
         assert sorted(p.name for p in (e2e.state / "guests").iterdir()) == ["vfguest1.json", "vfguest2.json"]
         # libvirt comes back with its own rules (above our guard on the iptables backend)
+        calls = len(e2e.hook_calls())
         took = e2e.lab.restart_libvirtd()
         assert _recovered(e2e, f"libvirtd restart ({took:.2f} s)") < 2.0
+        # its per-guest `reconnect` hooks run in threads after it answers: let them end here
+        e2e.wait_hook_calls({"vfguest1 reconnect begin -", "vfguest2 reconnect begin -"}, calls)
         e2e.lab.sighup_libvirtd()
         assert _recovered(e2e, "libvirtd SIGHUP") < 2.0
         deadline = time.monotonic() + 5
