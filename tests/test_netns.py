@@ -385,3 +385,22 @@ def test_live_migration_hook_sequence(world: World) -> None:
     assert w.hook("guest1", "stopped", "end", "migrated").returncode == 0
     assert w.hook("guest1", "release", "end", "migrated").returncode == 0
     assert w.elements() == {} and w.probe("tcp", PUBLIC4, 80).startswith(REFUSED)
+
+
+def test_plan_shows_the_batch_and_the_guards_and_changes_nothing(world: World) -> None:
+    w = world
+    setup_two(w)
+    before = w.ruleset()
+    out = w.cli("plan", "guest1").stdout
+    assert w.ruleset() == before  # read-only
+    assert f"add element inet virt_forward dnat4 {{ {PUBLIC4} . tcp . 80 : {G1_4} . 80" in out
+    if w.backend == "iptables":
+        assert "iptables filter FORWARD guard: iptables-restore --noflush" in out and "-I FORWARD 1 " in out
+    else:
+        assert "insert rule ip libvirt_network forward ct mark" in out
+        assert "insert rule ip6 libvirt_network forward ct mark" in out
+    start(w, "guest1")
+    out = w.cli("plan", "guest1").stdout
+    assert "guards in nftables tables of others (same transaction): none needed" in out
+    if w.backend == "iptables":
+        assert "iptables filter FORWARD guard: in place or not needed" in out

@@ -47,9 +47,13 @@ def check(ctx: engine.Context) -> int:
 
 
 def plan(ctx: engine.Context, domain: str) -> int:
-    want = engine.desired(ctx, domain)
+    """What `apply GUEST` would do, read from the live firewall but changing nothing."""
+    from . import guards
+    want = engine.desired(ctx, domain, ctx.store.read_xml(domain))
     old = ctx.store.read(domain)
-    if want.plan is None:
+    if want.pending is not None:
+        print(f"# {domain}: {want.pending}")
+    elif want.plan is None:
         print(f"# {domain}: no config file; applying would remove what is recorded")
     else:
         print(f"# {domain}: {len(want.plan.forwards)} forward(s) from {want.guest.path if want.guest else '?'}")
@@ -58,15 +62,26 @@ def plan(ctx: engine.Context, domain: str) -> int:
         if want.plan.allow is not None:
             print(f"#   only from: {', '.join(map(str, want.plan.allow))}")
     print(f"# recorded as applied now: {'nothing' if old is None else f'{len(old.forwards)} forward(s)'}")
-    print("# guards: one rule on top of iptables' filter FORWARD (ip and ip6) when a FORWARD chain there "
-          "rejects or drops: " + " ".join(["iptables -I FORWARD 1", _guard_spec()]))
+    backend = engine.resolve_backend(want.settings)
+    print(f"# backend: {backend}")
+    if want.plan is None:
+        return ExitCode.OK
+    if backend == "iptables":
+        print("# (iptables-restore batches are computed from the live nat table at apply time)")
+        return ExitCode.OK
     print(nft.change(old, want.plan, hairpin=want.settings.hairpin), end="")
+    guard_cmds = guards.nft_commands(engine.nft_guard_chains(), want=True)
+    print("# guards in nftables tables of others (same transaction):" + ("" if guard_cmds else " none needed"))
+    print("".join(c + "\n" for c in guard_cmds), end="")
+    for family in sorted(want.plan.families()):
+        chain = engine.read_forward_chain(family)
+        text = guards.render(chain, want=True) if chain is not None and chain.needs_guard() else None
+        tool = "iptables" if family == 4 else "ip6tables"
+        print(f"# {tool} filter FORWARD guard: " + ("in place or not needed" if text is None else
+                                                     f"{tool}-restore --noflush <<EOF"))
+        if text is not None:
+            print(text + "EOF")
     return ExitCode.OK
-
-
-def _guard_spec() -> str:
-    from .guards import GUARD_SPEC
-    return GUARD_SPEC
 
 
 def live_listing() -> dict[str, Any]:
