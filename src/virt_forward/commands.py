@@ -91,6 +91,15 @@ def live_listing() -> dict[str, Any]:
     return json.loads(result.stdout) if result.returncode == 0 else {}
 
 
+def _painter() -> Any:
+    """Colours only on a terminal (and not with NO_COLOR)."""
+    import os
+    if not sys.stdout.isatty() or os.environ.get("NO_COLOR"):
+        return lambda text, _kind: text
+    codes = {"live": "32", "MISSING": "31;1"}
+    return lambda text, kind: f"\033[{codes[kind]}m{text}\033[0m" if kind in codes else text
+
+
 def _iptables_live() -> dict[str, dict[tuple[str, ...], tuple[str, ...]]]:
     """The iptables backend's DNAT rules, shaped like the nft maps for the same lookups."""
     from . import iptables
@@ -114,13 +123,17 @@ def status(ctx: engine.Context, only: str | None, as_json: bool) -> int:
         backend = "nftables"
     if backend == "iptables":
         live, counters = _iptables_live(), {}
+    from .reconcile import running_from_libvirt
+    asked = running_from_libvirt()
+    running = None if asked is None else set(asked)
     names = sorted(set(ctx.store.domains()) | set(guest_names(ctx.config_dir)))
     if only is not None:
         names = [n for n in names if n == only]
     report: list[dict[str, Any]] = []
     for name in names:
         applied = ctx.store.read(name)
-        entry: dict[str, Any] = {"guest": name, "applied": applied is not None, "forwards": []}
+        entry: dict[str, Any] = {"guest": name, "applied": applied is not None, "forwards": [],
+                                 "running": None if running is None else name in running}
         try:
             guest = load_guest(ctx.config_dir, name)
             configured = None if guest is None else plan_guest(guest, load_settings(ctx.config_dir))
@@ -147,8 +160,11 @@ def status(ctx: engine.Context, only: str | None, as_json: bool) -> int:
     if ctx.store.domains():
         print("rules and guards: " + ("in place" if not drift else "; ".join(drift) +
                                       " (virt-forward reconcile puts them back)"))
+    paint = _painter()
     for entry in report:
         state = "applied" if entry["applied"] else "not applied (guest stopped, or no hook call yet)"
+        if entry["running"] is not None:
+            state += ", running" if entry["running"] else ", not running"
         print(f"{entry['guest']}: {state}")
         if "config_error" in entry:
             print(f"  config error: {entry['config_error']}")
@@ -157,5 +173,5 @@ def status(ctx: engine.Context, only: str | None, as_json: bool) -> int:
         for f in entry["forwards"]:
             mark = "live" if f["live"] else ("MISSING" if entry["applied"] else "-")
             conns = "" if f["connections"] is None else f"{f['connections']:>8} connection(s)"
-            print(f"  {f['forward']:<48} {mark:<8}{conns}")
+            print(f"  {f['forward']:<48} {paint(f'{mark:<8}', mark)}{conns}")
     return ExitCode.OK
