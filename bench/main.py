@@ -274,8 +274,8 @@ class Bench:
             "nft -f (start batch)": ([nft_bin, "-f", "-"], add),
             "nft -f (stop batch)": ([nft_bin, "-f", "-"], rm),
             "iptables-save -t filter": ([save, "-t", "filter"], ""),
-            "nft -j list tables (engine.nft_guard_chains)": ([nft_bin, "-j", "list", "tables"], ""),
-            "nft -j list chains (a replacement?)": ([nft_bin, "-j", "list", "chains"], ""),
+            "nft -j list tables (what the hook ran before b577e8b)": ([nft_bin, "-j", "list", "tables"], ""),
+            "nft -j list chains (engine.nft_guard_chains now)": ([nft_bin, "-j", "list", "chains"], ""),
         })
         parts: dict[str, list[float]] = {k: [] for k in cmds}
         had_table = a.count() > 0
