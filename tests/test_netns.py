@@ -404,3 +404,44 @@ def test_plan_shows_the_batch_and_the_guards_and_changes_nothing(world: World) -
     assert "guards in nftables tables of others (same transaction): none needed" in out
     if w.backend == "iptables":
         assert "iptables filter FORWARD guard: in place or not needed" in out
+
+
+DOCKER_FILTER = """*filter
+:FORWARD DROP [0:0]
+:DOCKER - [0:0]
+:DOCKER-ISOLATION-STAGE-1 - [0:0]
+:DOCKER-ISOLATION-STAGE-2 - [0:0]
+:DOCKER-USER - [0:0]
+-A FORWARD -j DOCKER-USER
+-A FORWARD -j DOCKER-ISOLATION-STAGE-1
+-A FORWARD -o docker0 -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+-A FORWARD -o docker0 -j DOCKER
+-A FORWARD -i docker0 ! -o docker0 -j ACCEPT
+-A FORWARD -i docker0 -o docker0 -j ACCEPT
+-A DOCKER-ISOLATION-STAGE-1 -i docker0 ! -o docker0 -j DOCKER-ISOLATION-STAGE-2
+-A DOCKER-ISOLATION-STAGE-1 -j RETURN
+-A DOCKER-ISOLATION-STAGE-2 -o docker0 -j DROP
+-A DOCKER-ISOLATION-STAGE-2 -j RETURN
+-A DOCKER-USER -j RETURN
+COMMIT
+"""
+
+
+def test_docker_forward_policy_drop(bare: World) -> None:
+    """A host where Docker set FORWARD's policy to DROP (and no libvirt rules)."""
+    w = bare
+    setup_two(w)
+    w.lab.sh(w.lab.host, "iptables-restore", "-w", "--noflush", stdin=DOCKER_FILTER)
+    start(w, "guest1")
+    assert w.probe("tcp", PUBLIC4, 80) == f"guest1:80 from {CLIENT4}"
+    rules = w.forward_chain()
+    assert rules[0] == "-P FORWARD DROP" and "virt-forward:guard" in rules[1], rules
+    # the obstacle is real: without the guard, Docker's policy drops our DNAT-ed connection
+    w.lab.sh(w.lab.host, "iptables", "-w", "-D", "FORWARD", "1")
+    assert w.probe("tcp", PUBLIC4, 80, timeout=1).startswith("ERR")
+    assert w.hook("guest1", "reconnect").returncode == 0
+    assert w.probe("tcp", PUBLIC4, 80) == f"guest1:80 from {CLIENT4}"
+    w.lab.sh(w.lab.client, "ip", "route", "add", "192.168.122.0/24", "via", PUBLIC4)
+    assert w.probe("tcp", G1_4, 80, timeout=1).startswith("ERR")  # Docker's DROP stays for the rest
+    assert w.hook("guest1", "stopped", "end").returncode == 0
+    assert not any("virt-forward" in r for r in w.forward_chain())
