@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
-from typing import Iterator
 import os
 import shutil
+import signal
 import subprocess
+import sys
 import tempfile
+from contextlib import contextmanager
+from typing import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,7 +99,6 @@ class World:
                            stdin=domain_xml(domain) if xml is None else xml, env=self.env(), check=False)
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        import sys
         return self.lab.sh(self.lab.host, sys.executable, "-m", "virt_forward", *args,
                            env={**os.environ, **self.env()}, check=check)
 
@@ -132,6 +133,25 @@ def _unwrap(elem: object) -> object:
     if isinstance(elem, list) and elem and isinstance(elem[0], dict) and "elem" in elem[0]:
         return [elem[0]["elem"]["val"], *elem[1:]]
     return elem
+
+
+class Watcher:
+    """`virt-forward watch` in the lab host's namespace (stopped with SIGINT, like Ctrl-C)."""
+
+    def __init__(self, w: World) -> None:
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", w.lab.host, sys.executable, "-m", "virt_forward", "watch", "--interval", "30"],
+            env={**os.environ, **w.env()}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def stop(self) -> str:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        try:
+            _, err = self.proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            _, err = self.proc.communicate()
+        return err
 
 
 @contextmanager

@@ -18,7 +18,7 @@ from typing import Iterator
 
 import pytest
 
-from netns_util import World, make_world
+from netns_util import Watcher, World, make_world
 from virt_forward.lab import CLIENT4, PUBLIC4
 
 pytestmark = pytest.mark.netns
@@ -37,21 +37,6 @@ def world(request: pytest.FixtureRequest) -> Iterator[World]:
         lab.close()
         shutil.rmtree(w.root, ignore_errors=True)
 
-
-class Watcher:
-    def __init__(self, w: World) -> None:
-        self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", w.lab.host, sys.executable, "-m", "virt_forward", "watch", "--interval", "30"],
-            env={**os.environ, **w.env()}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-
-    def stop(self) -> str:
-        self.proc.send_signal(signal.SIGINT)
-        try:
-            _, err = self.proc.communicate(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            _, err = self.proc.communicate()
-        return err
 
 
 @pytest.fixture

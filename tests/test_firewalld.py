@@ -40,7 +40,7 @@ from typing import IO, Iterator
 
 import pytest
 
-from netns_util import World, lab_world, need_root_and_tools
+from netns_util import Watcher, World, lab_world, need_root_and_tools
 from virt_forward.guards import GUARD_COMMENT, NFT_GUARD_COMMENT
 from virt_forward.lab import CLIENT4, GUEST_NET4, PUBLIC4
 
@@ -277,24 +277,6 @@ def recovered(w: World, fault: str, t0: float, limit: float = 6.0) -> float:
     raise AssertionError(f"no recovery within {limit} s after {fault}: guards at {guards(w)}, "
                          f"probe {w.probe('tcp', PUBLIC4, 80, timeout=0.5)}")
 
-
-class Watcher:
-    """`virt-forward watch` in the lab host's namespace, as tests/test_faults.py starts it."""
-
-    def __init__(self, w: World) -> None:
-        self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", w.lab.host, sys.executable, "-m", "virt_forward", "watch", "--interval", "30"],
-            env={**os.environ, **w.env()}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-
-    def stop(self) -> str:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-        try:
-            _, err = self.proc.communicate(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            _, err = self.proc.communicate()
-        return err
 
 
 # ---------------------------------------------------------------- the test
