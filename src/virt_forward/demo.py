@@ -125,12 +125,13 @@ def _demo(lab: Lab, tmp: Path) -> bool:
     _step("virt-forward status")
     st = lab.sh(lab.host, sys.executable, "-m", "virt_forward", "status", env={**os.environ, **env}, check=False)
     _say(st.stdout.rstrip())
-    _say("\nnft list table inet virt_forward (abridged):")
-    table = lab.sh(lab.host, "nft", "list", "table", "inet", "virt_forward").stdout
-    for line in table.splitlines():
-        if "elements" in line or "dnat ip" in line or ":" in line and "." in line and "jump" not in line:
-            _say("  " + line.strip())
-    _say("iptables -S FORWARD:")
+    for name in ("dnat4", "dnat6"):
+        _say(f"\n$ nft list map inet virt_forward {name}   (one hash lookup per NEW connection)")
+        listing = lab.sh(lab.host, "nft", "list", "map", "inet", "virt_forward", name).stdout
+        for line in listing.splitlines():
+            if "elements" in line or (" : " in line and "type" not in line):
+                _say("  " + line.strip())
+    _say("\n$ iptables -S FORWARD   (our guard on top of libvirt's jumps)")
     for line in lab.sh(lab.host, "iptables", "-S", "FORWARD").stdout.splitlines():
         _say("  " + line)
 
