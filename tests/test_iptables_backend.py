@@ -104,3 +104,13 @@ def test_concurrent_starts_and_reconcile_after_a_flush(world: World) -> None:
     w.cli("reconcile")
     assert sorted(ours(w)) == sorted(before)
     assert "rules and guards: in place" in w.cli("status").stdout
+
+
+def test_a_second_guest_cannot_take_a_claimed_port(world: World) -> None:
+    w = world
+    start(w, "guest1")
+    w.guest_file("guest2", f'address = "{G2}"\nports = ["80"]\npublic = "{PUBLIC4}"\n')
+    r = w.hook("guest2", "start")
+    assert r.returncode == 0 and "also forwarded by guest 'guest1'" in r.stderr, r.stderr
+    assert w.probe("tcp", PUBLIC4, 80) == f"guest1:80 from {CLIENT4}"
+    assert not any(G2 in ln for ln in ours(w))

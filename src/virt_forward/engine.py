@@ -15,7 +15,7 @@ from pathlib import Path
 from . import guards, log, nft
 from .config import GuestConfig, Settings, check_domain_name, guest_from_metadata, load_guest, load_settings
 from .errors import FirewallError
-from .plan import Family, GuestPlan, plan_guest
+from .plan import Family, GuestPlan, find_conflicts, plan_guest
 from .runner import nft_apply, run, which
 from .state import StateStore
 
@@ -95,6 +95,10 @@ def apply(ctx: Context, domain: str, xml: str | None = None) -> str:
         with store.lock():
             old = store.read(domain)
             others = [p for p in (store.read(d) for d in store.domains() if d != domain) if p is not None]
+            # iptables takes two DNAT rules for one port (the first wins): refuse like nft's map does
+            clash = find_conflicts([(p, p.domain) for p in others] + [(want.plan, domain)])
+            if clash:
+                raise FirewallError(f"{domain}: not applied: {clash[-1].reason}")
             families = want.plan.families() | (old.families() if old else set())
             iptables_sync(others + [want.plan], [want.plan], families, want.settings.hairpin)
             store.write(want.plan, backend)
