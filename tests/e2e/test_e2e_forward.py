@@ -338,6 +338,10 @@ def test_watcher_against_real_libvirt(e2e: E2E) -> None:
         shutil.rmtree(e2e.state / "guests")
         e2e.lab.run(["nft", "delete", "table", "inet", "virt_forward"], check=False)
         assert _recovered(e2e, "state dir wiped + table deleted") < 2.0
+        # the records are written right after the transaction that brought the forward back
+        deadline = time.monotonic() + 2
+        while len(list((e2e.state / "guests").iterdir())) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert sorted(p.name for p in (e2e.state / "guests").iterdir()) == ["vfguest1.json", "vfguest2.json"]
         # libvirt comes back with its own rules (above our guard on the iptables backend)
         calls = len(e2e.hook_calls())
