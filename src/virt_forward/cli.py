@@ -59,8 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="guests, their forwards and whether they are live in the kernel")
     s.add_argument("guest", nargs="?")
     s.add_argument("--json", action="store_true")
-    d = sub.add_parser("demo", help="show a forward working in throw-away network namespaces (no libvirt)")
-    d.add_argument("--keep-going", action="store_true", help=argparse.SUPPRESS)
+    sub.add_parser("demo", help="show a forward working in throw-away network namespaces (no libvirt)")
     return p
 
 

@@ -7,9 +7,9 @@ import sys
 from typing import Any
 
 from . import engine, nft
-from .config import guest_names, load_guest, load_settings
+from .config import guest_names, load_guest, load_settings, settings_or_default
 from .errors import ConfigError, ExitCode, VirtForwardError
-from .plan import GuestPlan, find_conflicts, plan_guest
+from .plan import Family, GuestPlan, find_conflicts, plan_guest
 from .runner import run, which
 
 
@@ -104,25 +104,29 @@ def _iptables_live() -> dict[str, dict[tuple[str, ...], tuple[str, ...]]]:
     """The iptables backend's DNAT rules, shaped like the nft maps for the same lookups."""
     from . import iptables
     live: dict[str, dict[tuple[str, ...], tuple[str, ...]]] = {}
-    for save in ("iptables-save", "ip6tables-save"):
-        got = run([save, "-t", "nat"], check=False) if which(save) else None
-        if got is None or got.returncode != 0:
-            continue
-        for fwd in iptables.live_forwards(iptables.parse_nat(got.stdout)):
+    families: tuple[Family, ...] = (4, 6)
+    for family in families:
+        for fwd in iptables.live_forwards(engine.read_nat_state(family)):
             name, key, value = nft.dnat_element(fwd)
             live.setdefault(name, {})[key] = value
     return live
 
 
 def status(ctx: engine.Context, only: str | None, as_json: bool) -> int:
-    listing = live_listing()
-    live, counters = nft.parse_live(listing), nft.parse_counters(listing)
+    settings_error = None
     try:
-        backend = engine.resolve_backend(load_settings(ctx.config_dir))
+        settings = load_settings(ctx.config_dir)
+    except VirtForwardError as exc:
+        settings, settings_error = settings_or_default(ctx.config_dir), str(exc)
+    try:
+        backend = engine.resolve_backend(settings)
     except VirtForwardError:
         backend = "nftables"
     if backend == "iptables":
         live, counters = _iptables_live(), {}
+    else:
+        listing = live_listing()
+        live, counters = nft.parse_live(listing), nft.parse_counters(listing)
     from .reconcile import running_from_libvirt
     asked = running_from_libvirt()
     running = None if asked is None else set(asked)
@@ -135,8 +139,10 @@ def status(ctx: engine.Context, only: str | None, as_json: bool) -> int:
         entry: dict[str, Any] = {"guest": name, "applied": applied is not None, "forwards": [],
                                  "running": None if running is None else name in running}
         try:
-            guest = load_guest(ctx.config_dir, name)
-            configured = None if guest is None else plan_guest(guest, load_settings(ctx.config_dir))
+            if settings_error is not None:
+                raise ConfigError(settings_error)
+            # the same plan the hook would make (an address by MAC from the kept domain XML)
+            configured = engine.desired(ctx, name, ctx.store.read_xml(name), settings).plan
         except VirtForwardError as exc:
             configured, entry["config_error"] = None, str(exc)
         shown = applied or configured

@@ -304,6 +304,15 @@ def load_settings(cdir: Path) -> Settings:
                     strict=flags["strict"], metadata=flags["metadata"], path=str(path))
 
 
+def settings_or_default(cdir: Path) -> Settings:
+    """For paths that must go on with a broken config.toml (removing forwards, repairing,
+    deciding strictness): its defaults.  The error itself is reported where it is read."""
+    try:
+        return load_settings(cdir)
+    except ConfigError:
+        return Settings()
+
+
 def parse_guest(name: str, path: Path, data: dict[str, Any], lines: list[str]) -> GuestConfig:
     where = _Where(path, lines)
     _unknown_keys(data, _GUEST_KEYS, where)

@@ -11,16 +11,21 @@ import json
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import guards, log, nft
-from .config import GuestConfig, Settings, check_domain_name, guest_from_metadata, load_guest, load_settings
+from .config import (GuestConfig, Settings, check_domain_name, guest_from_metadata, load_guest, load_settings,
+                     settings_or_default)
 from .errors import FirewallError
 from .plan import Family, GuestPlan, find_conflicts, plan_guest
 from .runner import nft_apply, run, which
 from .state import StateStore
 
-_IPTABLES: dict[Family, tuple[str, str]] = {4: ("iptables-save", "iptables-restore"),
-                                            6: ("ip6tables-save", "ip6tables-restore")}
+if TYPE_CHECKING:  # the iptables backend is imported only where it is used
+    from . import iptables as iptables_mod
+
+IPTABLES_TOOLS: dict[Family, tuple[str, str]] = {4: ("iptables-save", "iptables-restore"),
+                                                 6: ("ip6tables-save", "ip6tables-restore")}
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,7 @@ class Desired:
     guest: GuestConfig | None
     plan: GuestPlan | None
     pending: str | None = None  # why there is no plan yet although the guest is ours
+    uses_xml: bool = False  # the plan came from the domain XML (metadata, or an address by MAC)
 
 
 def desired(ctx: Context, domain: str, xml: str | None = None, settings: Settings | None = None) -> Desired:
@@ -58,15 +64,18 @@ def desired(ctx: Context, domain: str, xml: str | None = None, settings: Setting
         guest = guest_from_metadata(domain, dom.metadata)
     if guest is None:
         return Desired(settings, None, None)
+    if not need_xml:
+        return Desired(settings, guest, plan_guest(guest, settings))
     if not guest.addresses:
         from . import discovery
         found = discovery.discover(dom.nics, ctx.libvirt_root) if dom is not None else ()
         if not found:
             macs = ", ".join(n.mac for n in dom.nics) if dom is not None and dom.nics else "no domain XML"
             return Desired(settings, guest, None, pending=f"address not known yet (MAC {macs}: no static "
-                           "DHCP host, no lease); `virt-forward watch` applies it when a lease appears")
+                           "DHCP host, no lease); `virt-forward watch` applies it when a lease appears",
+                           uses_xml=True)
         guest = replace(guest, addresses=found)
-    return Desired(settings, guest, plan_guest(guest, settings))
+    return Desired(settings, guest, plan_guest(guest, settings), uses_xml=True)
 
 
 def resolve_backend(settings: Settings) -> str:
@@ -79,10 +88,13 @@ def resolve_backend(settings: Settings) -> str:
     raise FirewallError("neither nft nor iptables-restore is installed (apt install nftables)")
 
 
-def apply(ctx: Context, domain: str, xml: str | None = None) -> str:
-    """Make the kernel hold exactly this guest's current forwards.  Idempotent."""
-    want = desired(ctx, domain, xml)
-    if xml and want.guest is not None:
+def apply(ctx: Context, domain: str, xml: str | None = None, want: Desired | None = None) -> str:
+    """Make the kernel hold exactly this guest's current forwards.  Idempotent.
+
+    `want`: `desired(ctx, domain, xml)` when the caller computed it already (the hook has)."""
+    want = desired(ctx, domain, xml) if want is None else want
+    if xml and want.uses_xml:
+        # kept so that reconcile/watch can plan this guest again without asking libvirt
         ctx.store.write_xml(domain, xml)
     if want.pending is not None:
         log.warning(f"{domain}: {want.pending}")
@@ -102,14 +114,12 @@ def apply(ctx: Context, domain: str, xml: str | None = None) -> str:
             families = want.plan.families() | (old.families() if old else set())
             iptables_sync(others + [want.plan], [want.plan], families, want.settings.hairpin)
             store.write(want.plan, backend)
-        msg = f"{domain}: {len(want.plan.forwards)} forward(s) live" + _summary(want.plan)
-        log.info(msg)
-        return msg
+        return _done(f"{domain}: {len(want.plan.forwards)} forward(s) live" + _summary(want.plan))
     with store.lock():
         old = store.read(domain)
         body = nft.change(old, want.plan, hairpin=want.settings.hairpin)
         try:
-            _apply_with_nft_guards(body, want=True)
+            apply_with_nft_guards(body, want=True)
         except FirewallError:
             if not _old_schema(want.settings.hairpin):
                 raise
@@ -123,9 +133,12 @@ def apply(ctx: Context, domain: str, xml: str | None = None) -> str:
         log.warning("table inet virt_forward is from an older version: rebuilding it")
         from .reconcile import reconcile
         reconcile(ctx, running=sorted(set(store.domains()) | {domain}))
-    msg = f"{domain}: {len(want.plan.forwards)} forward(s) live" + _summary(want.plan)
-    log.info(msg)
-    return msg
+    return _done(f"{domain}: {len(want.plan.forwards)} forward(s) live" + _summary(want.plan))
+
+
+def _done(message: str) -> str:
+    log.info(message)
+    return message
 
 
 def remove(ctx: Context, domain: str, why: str = "") -> str:
@@ -137,34 +150,20 @@ def remove(ctx: Context, domain: str, why: str = "") -> str:
         old = store.read(domain)
         if old is None:
             return f"{domain}: nothing applied" + (f" ({why})" if why else "")
-        last = not store.any_other(domain)
-        hairpin = _hairpin(ctx)
-        if _backend(ctx) == "iptables":
+        settings = settings_or_default(ctx.config_dir)  # a broken config.toml must not block removal
+        if resolve_backend(settings) == "iptables":
             others = [p for p in (store.read(d) for d in store.domains() if d != domain) if p is not None]
-            iptables_sync(others, [], old.families(), hairpin)
-            store.delete(domain)
-            msg = f"{domain}: removed {len(old.forwards)} forward(s)" + (f" ({why})" if why else "")
-            log.info(msg)
-            return msg
-        body = nft.change(old, None, hairpin=hairpin, last=last)
-        if last:
-            _apply_with_nft_guards(body, want=False)
+            iptables_sync(others, [], old.families(), settings.hairpin)
         else:
-            nft_apply(body)
+            last = not store.any_other(domain)
+            body = nft.change(old, None, hairpin=settings.hairpin, last=last)
+            if last:
+                apply_with_nft_guards(body, want=False)
+                remove_guards()
+            else:
+                nft_apply(body)
         store.delete(domain)
-        if last:
-            remove_guards()
-    msg = f"{domain}: removed {len(old.forwards)} forward(s)" + (f" ({why})" if why else "")
-    log.info(msg)
-    return msg
-
-
-def _backend(ctx: Context) -> str:
-    try:
-        settings = load_settings(ctx.config_dir)
-    except Exception:  # a broken config.toml must not block removing forwards
-        settings = Settings()
-    return resolve_backend(settings)
+    return _done(f"{domain}: removed {len(old.forwards)} forward(s)" + (f" ({why})" if why else ""))
 
 
 def connected_routes() -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
@@ -199,25 +198,24 @@ def iptables_sync(applied: list[GuestPlan], rebuild: list[GuestPlan], families: 
             if net is not None:
                 subnets[str(guest)] = net
     for family in sorted(families):
-        save, restore = _IPTABLES[family]
-        if which(restore) is None:
-            raise FirewallError(f"{restore}: not installed, but IPv{family} forwards are configured")
-        got = run([save, "-t", "nat"], check=False)
-        state = iptables.parse_nat(got.stdout) if got.returncode == 0 else iptables.NatState()
-        text = iptables.render(family, state, applied, rebuild, hairpin, subnets, read_forward_chain(family))
-        run([restore, "-w", "5", "--noflush"], stdin=text)
+        if which(IPTABLES_TOOLS[family][1]) is None:
+            raise FirewallError(f"{IPTABLES_TOOLS[family][1]}: not installed, but IPv{family} forwards are configured")
+        text = iptables.render(family, read_nat_state(family), applied, rebuild, hairpin, subnets,
+                               read_forward_chain(family))
+        _restore(family, text)
+
+
+def read_nat_state(family: Family) -> iptables_mod.NatState:
+    """Our part of iptables' nat table as it is now (empty when there is no nat table)."""
+    from . import iptables
+    save = IPTABLES_TOOLS[family][0]
+    got = run([save, "-t", "nat"], check=False) if which(save) else None
+    return iptables.parse_nat(got.stdout) if got is not None and got.returncode == 0 else iptables.NatState()
 
 
 def _old_schema(hairpin: bool) -> bool:
     """Does our fixed part alone fail against the live table (checked, not applied)?"""
     return run(["nft", "-c", "-f", "-"], stdin=nft.batch(nft.skeleton(hairpin)), check=False).returncode != 0
-
-
-def _hairpin(ctx: Context) -> bool:
-    try:
-        return load_settings(ctx.config_dir).hairpin
-    except Exception:  # a broken config.toml must not block removing forwards
-        return True
 
 
 def _summary(plan: GuestPlan) -> str:
@@ -243,12 +241,7 @@ def nft_guard_chains() -> list[guards.NftChain]:
     return chains
 
 
-def apply_full(body: str, want_guards: bool) -> None:
-    """A whole-table batch (reconcile) with the nft guards, as one transaction."""
-    _apply_with_nft_guards(body, want=want_guards)
-
-
-def _apply_with_nft_guards(body: str, want: bool) -> None:
+def apply_with_nft_guards(body: str, want: bool) -> None:
     """Our change and the guards in other nftables tables: one transaction.
 
     The guards are deleted by handle; if their owner rewrote the chain between
@@ -268,7 +261,7 @@ def _apply_with_nft_guards(body: str, want: bool) -> None:
 
 
 def read_forward_chain(family: Family) -> guards.ForwardChain | None:
-    save, _ = _IPTABLES[family]
+    save, _ = IPTABLES_TOOLS[family]
     if which(save) is None:
         return None
     result = run([save, "-t", "filter"], check=False)
@@ -278,7 +271,7 @@ def read_forward_chain(family: Family) -> guards.ForwardChain | None:
 
 
 def _restore(family: Family, text: str) -> None:
-    _, restore = _IPTABLES[family]
+    _, restore = IPTABLES_TOOLS[family]
     run([restore, "-w", "5", "--noflush"], stdin=text)
 
 

@@ -12,6 +12,7 @@ import sys
 from typing import TextIO
 
 from . import engine, log
+from .config import load_settings
 from .errors import ConfigError, ExitCode, UsageError, VirtForwardError
 
 APPLY = {"start", "started", "reconnect"}
@@ -35,18 +36,18 @@ def run_hook(ctx: engine.Context, argv: list[str], stdin: TextIO) -> int:
     # The XML is parsed only when it is needed (no `address`, or metadata): xml.etree
     # costs milliseconds at every guest start, and argv names the domain anyway.
 
-    strict = False
+    strict = False  # a broken config.toml says nothing, so its default holds
     try:
         if op in REMOVE:
             engine.remove(ctx, domain, why=f"{op} {sub}")
             return ExitCode.OK
-        want = engine.desired(ctx, domain, xml)  # validates; raises ConfigError
-        strict = want.settings.strict
+        settings = load_settings(ctx.config_dir)
+        strict = settings.strict
+        want = engine.desired(ctx, domain, xml, settings)  # validates; raises ConfigError
         if op == "prepare":
             return ExitCode.OK
-        engine.apply(ctx, domain, xml)
+        engine.apply(ctx, domain, xml, want)  # the same plan: the files are read once per call
     except ConfigError as exc:
-        strict = strict or _strict(ctx)
         log.error(f"{domain}: {op}: {exc}" + ("; keeping what was applied before" if op == "reconnect" else ""))
         if strict and op in ("prepare", "start"):
             return exc.exit_code
@@ -74,14 +75,6 @@ def network_hook(ctx: engine.Context, argv: list[str]) -> int:
     except Exception as exc:
         log.error(f"network {argv[0]}: {argv[1]}: {exc}")
     return ExitCode.OK
-
-
-def _strict(ctx: engine.Context) -> bool:
-    from .config import load_settings
-    try:
-        return load_settings(ctx.config_dir).strict
-    except ConfigError:
-        return False  # a broken config.toml says nothing; the default is not strict
 
 
 def main(argv: list[str], ctx: engine.Context) -> int:

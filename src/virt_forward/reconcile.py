@@ -100,7 +100,7 @@ def reconcile(ctx: engine.Context, running: list[str] | None = None) -> Outcome:
         if backend == "iptables":
             engine.iptables_sync(plans, plans, {4, 6}, settings.hairpin)
         else:
-            engine.apply_full(nft.full(plans, hairpin=settings.hairpin), want_guards=bool(plans))
+            engine.apply_with_nft_guards(nft.full(plans, hairpin=settings.hairpin), want=bool(plans))
         wanted = {p.domain for p in plans}
         for domain in records:
             if domain not in wanted:

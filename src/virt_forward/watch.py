@@ -54,7 +54,8 @@ def _expected_counts(hairpin: bool) -> dict[str, int]:
 def problems(ctx: engine.Context, running: list[str] | None = None) -> list[str]:
     """What differs between the records and the kernel (and libvirt's running guests,
     when known); [] when all is in place."""
-    from .config import guest_names, load_settings
+    from .config import guest_names, settings_or_default
+    settings = settings_or_default(ctx.config_dir)
     store = ctx.store
     found: list[str] = []
     with store.lock():
@@ -69,11 +70,11 @@ def problems(ctx: engine.Context, running: list[str] | None = None) -> list[str]
                       if d not in waiting]
             found += [f"{d}: applied but not running" for d in sorted(recorded - set(running))]
         try:
-            backend = engine.resolve_backend(load_settings(ctx.config_dir))
+            backend = engine.resolve_backend(settings)
         except Exception:
             backend = "nftables"
         if backend == "iptables":
-            return found + _iptables_problems(ctx, plans)
+            return found + _iptables_problems(plans, settings.hairpin)
         got = run(["nft", "-j", "list", "table", nft.FAMILY, nft.TABLE], check=False)
         if not plans:
             if got.returncode == 0 and not waiting:
@@ -87,50 +88,44 @@ def problems(ctx: engine.Context, running: list[str] | None = None) -> list[str]
         for name in sorted(set(want) | {n for n in live if n.startswith("dnat")}):
             if live.get(name, {}) != want.get(name, {}):
                 found.append(f"map {name} differs from the records")
-        try:
-            hairpin = load_settings(ctx.config_dir).hairpin
-        except Exception:
-            hairpin = True
         counts = _rule_counts(listing)
-        for chain, n in _expected_counts(hairpin).items():
+        for chain, n in _expected_counts(settings.hairpin).items():
             if counts.get(chain, 0) != n:
                 found.append(f"chain {chain} has {counts.get(chain, 0)} rules, not {n}")
         for guarded in engine.nft_guard_chains():
             if not guarded.guard_in_place():
                 found.append(f"guard not on top of nft {guarded.target.ref}")
-        families = set().union(*(p.families() for p in plans))
-        for family in sorted(families):
-            fchain = engine.read_forward_chain(family)
-            if fchain is not None and fchain.needs_guard() and not fchain.guard_in_place():
-                found.append(f"guard not on top of ip{'6' if family == 6 else ''}tables FORWARD")
+        found += _iptables_guard_problems(set().union(*(p.families() for p in plans)))
     return found
 
 
-def _iptables_problems(ctx: engine.Context, plans: list[GuestPlan]) -> list[str]:
+def _tool(family: Family) -> str:
+    return "iptables" if family == 4 else "ip6tables"
+
+
+def _iptables_guard_problems(families: set[Family]) -> list[str]:
+    found = []
+    for family in sorted(families):
+        fchain = engine.read_forward_chain(family)
+        if fchain is not None and fchain.needs_guard() and not fchain.guard_in_place():
+            found.append(f"guard not on top of {_tool(family)} FORWARD")
+    return found
+
+
+def _iptables_problems(plans: list[GuestPlan], hairpin: bool) -> list[str]:
     from . import iptables
-    from .config import load_settings
-    try:
-        hairpin = load_settings(ctx.config_dir).hairpin
-    except Exception:
-        hairpin = True
     found: list[str] = []
-    want = {f for p in plans for f in p.forwards}
     live: set[object] = set()
     families: tuple[Family, ...] = (4, 6)
     for family in families:
-        save = "iptables-save" if family == 4 else "ip6tables-save"
-        got = run([save, "-t", "nat"], check=False) if which(save) else None
-        state = iptables.parse_nat(got.stdout) if got is not None and got.returncode == 0 else iptables.NatState()
+        state = engine.read_nat_state(family)
         live |= iptables.live_forwards(state)
         if any(iptables.has_family(p, family) for p in plans):
             for chain, rule in iptables.base_jumps(family, hairpin).items():
                 if state.jumps.get(chain, ()) != (rule,):
-                    found.append(f"ip{'6' if family == 6 else ''}tables nat {chain}: jump to our chain missing "
-                                 "or doubled")
-            fchain = engine.read_forward_chain(family)
-            if fchain is not None and fchain.needs_guard() and not fchain.guard_in_place():
-                found.append(f"guard not on top of ip{'6' if family == 6 else ''}tables FORWARD")
-    if live != want:
+                    found.append(f"{_tool(family)} nat {chain}: jump to our chain missing or doubled")
+    found += _iptables_guard_problems({f for p in plans for f in p.families()})
+    if live != {f for p in plans for f in p.forwards}:
         found.append("iptables DNAT rules differ from the records")
     return found
 
@@ -217,7 +212,7 @@ def watch(ctx: engine.Context, interval: float = 30.0, debounce: float = 0.2) ->
             try:
                 found = check_and_repair(ctx, running=running)
                 # a guest waiting for its DHCP lease: look again soon, not at the next tick
-                pending = any("running but not applied" in p for p in found) and bool(problems(ctx, running))
+                pending = any(p.endswith(WAITING) for p in found)
             except Exception as exc:  # keep watching: the next event or tick retries
                 log.error(f"check after {reason}: {exc}")
             try:
