@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from virt_forward.lab import Lab, domain_xml, write_hook_script
+from virt_forward.lab import Lab, domain_xml, install_hooks
 
 
 def need_root_and_tools() -> None:
@@ -73,8 +73,17 @@ class World:
         return self.root / "state"
 
     @property
+    def fsroot(self) -> Path:
+        """Where `install --root` put the hooks and units."""
+        return self.root / "fsroot"
+
+    @property
     def hook_path(self) -> Path:
-        return self.root / "qemu.d" / "virt-forward"
+        return self.fsroot / "etc/libvirt/hooks/qemu.d/virt-forward"
+
+    @property
+    def network_hook_path(self) -> Path:
+        return self.fsroot / "etc/libvirt/hooks/network.d/virt-forward"
 
     def env(self) -> dict[str, str]:
         # never ask a libvirtd that may run on the machine running the tests
@@ -173,6 +182,5 @@ def make_world(libvirt_rules: bool = True, guests: int = 2, backend: str = "ipta
     lab.__enter__()
     world = World(lab, root)
     world.cfg.mkdir(mode=0o755)
-    world.hook_path.parent.mkdir()
-    write_hook_script(world.hook_path)
+    install_hooks(world.fsroot, world.cfg, world.state)  # the very files `install` writes
     return world, lab

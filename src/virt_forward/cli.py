@@ -65,12 +65,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command in ("hook", "network-hook"):  # by hand; the installed hooks call these directly
+        from . import hook
+        entry = hook.qemu_main if args.command == "hook" else hook.network_main
+        return entry(args.args, args.config_dir, args.state_dir)
     from . import engine  # after parsing: --help stays cheap
     ctx = engine.default_context(args.config_dir, args.state_dir)
     try:
-        if args.command == "hook":
-            from . import hook
-            return int(hook.main(args.args, ctx))
         if args.command == "check":
             from .commands import check
             return int(check(ctx))
@@ -92,9 +93,6 @@ def main(argv: list[str] | None = None) -> int:
             log.to_stderr = False
             print(reconcile(ctx, args.running).describe())
             return ExitCode.OK
-        if args.command == "network-hook":
-            from .hook import network_hook
-            return int(network_hook(ctx, args.args))
         if args.command in ("install", "uninstall"):
             from pathlib import Path
 

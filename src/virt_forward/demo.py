@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from .lab import CLIENT4, PUBLIC4, PUBLIC6, Lab, domain_xml, write_hook_script
+from .lab import CLIENT4, PUBLIC4, PUBLIC6, Lab, domain_xml, install_hooks
 
 GUEST_TOML = """\
 # /etc/virt-forward/guests/guest1.toml (here in a temp dir)
@@ -66,12 +66,11 @@ def run_demo() -> int:
 
 
 def _demo(lab: Lab, tmp: Path) -> bool:
-    cfg, state, hook = tmp / "etc", tmp / "run", tmp / "hooks" / "qemu.d" / "virt-forward"
+    cfg, state = tmp / "etc" / "virt-forward", tmp / "run" / "virt-forward"
     (cfg / "guests").mkdir(parents=True)
-    for d in (cfg, cfg / "guests"):
+    for d in (tmp / "etc", cfg, cfg / "guests"):
         d.chmod(0o755)
-    hook.parent.mkdir(parents=True)
-    write_hook_script(hook)
+    hook = install_hooks(tmp, cfg, state)  # what `virt-forward install` writes, checked as it does
     guest_file = cfg / "guests" / "guest1.toml"
     guest_file.write_text(GUEST_TOML.format(public4=PUBLIC4, public6=PUBLIC6))
     guest_file.chmod(0o644)

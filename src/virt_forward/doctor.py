@@ -51,6 +51,8 @@ class Facts:
     hook_mtime: float | None
     daemon_started: float | None  # libvirtd/virtqemud start time (epoch), None: not running
     nft_installed: bool
+    hook_problem: str | None = None  # the hook run as libvirt runs it failed: why
+    unit_problems: tuple[str, ...] = ()
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -126,13 +128,18 @@ def diagnose(f: Facts) -> list[Verdict]:
 
     if not f.hook_installed:
         v.append(Verdict(FAIL, "hook", f"{f.hook_path} is missing or not executable", "virt-forward install"))
+    elif f.hook_problem is not None:
+        v.append(Verdict(FAIL, "hook", f"it does not run: {f.hook_problem}; guests start without forwards",
+                         "virt-forward install (run with the Python virt-forward is installed in)"))
     elif f.daemon_started is None:
         v.append(Verdict(WARN, "hook", "installed, but no libvirtd/virtqemud is running"))
     elif f.hook_mtime is not None and f.hook_mtime > f.daemon_started:
         v.append(Verdict(FAIL, "hook", "installed after libvirt started: libvirt has not seen it",
                          "systemctl restart libvirtd (or virtqemud)"))
     else:
-        v.append(Verdict(OK, "hook", f"{f.hook_path} installed and libvirt started after it"))
+        v.append(Verdict(OK, "hook", f"{f.hook_path} installed, runs, and libvirt started after it"))
+    for problem in f.unit_problems:
+        v.append(Verdict(FAIL, "units", problem, "virt-forward install"))
     return v
 
 
@@ -235,16 +242,20 @@ def gather(ctx: engine.Context, libvirt_dir: Path = Path("/etc/libvirt")) -> Fac
     conf = _read(Path("/etc/firewalld/firewalld.conf"))
     strict = None if conf is None else bool(re.search(r"^\s*StrictForwardPorts\s*=\s*yes", conf, re.M | re.I))
     hook = libvirt_dir / "hooks" / "qemu.d" / "virt-forward"
+    from .install import installed_hook_problem, unit_problems
     try:
         st = os.stat(hook)
         installed, mtime = bool(st.st_mode & 0o111), st.st_mtime
     except OSError:
         installed, mtime = False, None
+    hook_problem = installed_hook_problem(hook, ctx.config_dir) if installed else None
+    root = libvirt_dir.parent.parent  # /etc/libvirt -> /
     return Facts(sysctl=_sysctls(), local_addresses=_local_addresses(), listening=_listening(),
                  networks=_libvirt_networks(libvirt_dir), plans=tuple(plans), config_errors=tuple(errors),
                  firewall_problems=fw, applied=applied, docker_drop=docker, firewalld_strict=strict,
                  hook_path=str(hook), hook_installed=installed, hook_mtime=mtime,
-                 daemon_started=_daemon_started(), nft_installed=which("nft") is not None)
+                 daemon_started=_daemon_started(), nft_installed=which("nft") is not None,
+                 hook_problem=hook_problem, unit_problems=tuple(unit_problems(root)))
 
 
 def doctor(ctx: engine.Context, libvirt_dir: Path = Path("/etc/libvirt")) -> int:

@@ -88,10 +88,12 @@ def resolve_backend(settings: Settings) -> str:
     raise FirewallError("neither nft nor iptables-restore is installed (apt install nftables)")
 
 
-def apply(ctx: Context, domain: str, xml: str | None = None, want: Desired | None = None) -> str:
+def apply(ctx: Context, domain: str, xml: str | None = None, want: Desired | None = None,
+          lock_timeout: float | None = None) -> str:
     """Make the kernel hold exactly this guest's current forwards.  Idempotent.
 
-    `want`: `desired(ctx, domain, xml)` when the caller computed it already (the hook has)."""
+    `want`: `desired(ctx, domain, xml)` when the caller computed it already (the hook has).
+    `lock_timeout`: how long to wait for another virt-forward process (None: as long as it takes)."""
     want = desired(ctx, domain, xml) if want is None else want
     if xml and want.uses_xml:
         # kept so that reconcile/watch can plan this guest again without asking libvirt
@@ -104,7 +106,7 @@ def apply(ctx: Context, domain: str, xml: str | None = None, want: Desired | Non
     backend = resolve_backend(want.settings)
     store = ctx.store
     if backend == "iptables":
-        with store.lock():
+        with store.lock(lock_timeout):
             old = store.read(domain)
             others = [p for p in (store.read(d) for d in store.domains() if d != domain) if p is not None]
             # iptables takes two DNAT rules for one port (the first wins): refuse like nft's map does
@@ -115,7 +117,7 @@ def apply(ctx: Context, domain: str, xml: str | None = None, want: Desired | Non
             iptables_sync(others + [want.plan], [want.plan], families, want.settings.hairpin)
             store.write(want.plan, backend)
         return _done(f"{domain}: {len(want.plan.forwards)} forward(s) live" + _summary(want.plan))
-    with store.lock():
+    with store.lock(lock_timeout):
         old = store.read(domain)
         body = nft.change(old, want.plan, hairpin=want.settings.hairpin)
         try:
@@ -132,7 +134,7 @@ def apply(ctx: Context, domain: str, xml: str | None = None, want: Desired | Non
         # a table made by an older virt-forward (other map flags): rebuild it whole, once
         log.warning("table inet virt_forward is from an older version: rebuilding it")
         from .reconcile import reconcile
-        reconcile(ctx, running=sorted(set(store.domains()) | {domain}))
+        reconcile(ctx, running=sorted(set(store.domains()) | {domain}), lock_timeout=lock_timeout)
     return _done(f"{domain}: {len(want.plan.forwards)} forward(s) live" + _summary(want.plan))
 
 
@@ -141,11 +143,11 @@ def _done(message: str) -> str:
     return message
 
 
-def remove(ctx: Context, domain: str, why: str = "") -> str:
+def remove(ctx: Context, domain: str, why: str = "", lock_timeout: float | None = None) -> str:
     """Remove what was applied for the guest (its record), whatever its file says now."""
     check_domain_name(domain)
     store = ctx.store
-    with store.lock():
+    with store.lock(lock_timeout):
         store.delete_xml(domain)
         old = store.read(domain)
         if old is None:

@@ -1,81 +1,143 @@
-"""libvirt's qemu hook: argv + domain XML on stdin -> the same engine the CLI calls.
+"""libvirt's qemu and network hooks: argv + XML on stdin -> the same engine the CLI calls.
 
-Never calls back into libvirt (it waits for us: a call back deadlocks).  Exits 0
-except when `strict = true` and the guest's config is invalid at prepare/start,
-which aborts the start with the reason on stderr.  A failing `reconnect` makes
-libvirt kill the guest, so that path never fails.
+The files `virt-forward install` writes call `qemu_main` / `network_main` after
+deciding from argv alone that the operation concerns us (QEMU_OPS, NETWORK_OPS),
+so this module is imported only for those, and it imports nothing heavy itself:
+libvirt waits for us at every guest start.
+
+A hook must never take a guest down: a failing `reconnect` makes libvirt kill the
+guest, a failing `prepare`/`start` aborts the start.  So every error, whatever it
+is, is logged and the exit status is 0, except `strict = true` with an invalid
+guest config at prepare/start (the admin asked for that).  Never calls back into
+libvirt (it holds the domain's lock while we run: a call back deadlocks), and the
+wait for our own lock has a deadline.
 """
 
 from __future__ import annotations
 
+import os
 import sys
-from typing import TextIO
+from typing import TYPE_CHECKING, BinaryIO
 
-from . import engine, log
-from .config import load_settings
-from .errors import ConfigError, ExitCode, UsageError, VirtForwardError
+from . import log
 
-APPLY = {"start", "started", "reconnect"}
-REMOVE = {"stopped", "release"}
-# libvirt reads our stdout as replacement XML for these: print nothing, ever.
-SILENT = {"migrate", "restore"}
+if TYPE_CHECKING:
+    from . import engine
+
+APPLY = frozenset({"start", "started", "reconnect"})
+REMOVE = frozenset({"stopped", "release"})
+# Every qemu operation we act on; `migrate` and `restore` are not among them on purpose:
+# libvirt reads our stdout as replacement XML for those, so nothing may be printed.
+QEMU_OPS = APPLY | REMOVE | {"prepare"}
+# After a network (re)start libvirt has re-made its firewall rules above our guards.
+NETWORK_OPS = frozenset({"started", "updated"})
+# libvirt's domain XML is kilobytes; more than this is not libvirt talking.
+MAX_STDIN = 1 << 20
+# A guest start never waits longer than this for another virt-forward process.
+LOCK_DEADLINE = 10.0
 
 
-def run_hook(ctx: engine.Context, argv: list[str], stdin: TextIO) -> int:
-    if len(argv) < 3:
-        raise UsageError("hook needs DOMAIN OPERATION SUB-OPERATION [EXTRA] (as libvirt calls it)")
-    domain, op, sub = argv[0], argv[1], argv[2]
-    if op in SILENT:
-        return ExitCode.OK
-    if op not in APPLY | REMOVE | {"prepare"}:
-        return ExitCode.OK
+def qemu_main(argv: list[str], config_dir: str | None = None, state_dir: str | None = None,
+              stdin: BinaryIO | None = None) -> int:
+    """`DOMAIN OPERATION SUB-OPERATION [EXTRA]` as libvirt passes it; the exit status for libvirt."""
+    domain = argv[0] if argv else ""
+    op = argv[1] if len(argv) > 1 else ""
     try:
-        xml = stdin.read()
-    except (OSError, ValueError):
-        xml = ""
-    # The XML is parsed only when it is needed (no `address`, or metadata): xml.etree
-    # costs milliseconds at every guest start, and argv names the domain anyway.
+        if op not in QEMU_OPS or len(argv) < 3:
+            return 0
+        return _qemu(_context(config_dir, state_dir), domain, op, argv[2], stdin)
+    except BaseException as exc:  # the hook must not take a guest down, whatever went wrong
+        log.error(f"{domain}: {op}: hook failed, guest left as it is: {_describe(exc)}")
+        return 0
 
-    strict = False  # a broken config.toml says nothing, so its default holds
+
+def network_main(argv: list[str], config_dir: str | None = None, state_dir: str | None = None,
+                 stdin: BinaryIO | None = None) -> int:
+    """`NETWORK OPERATION SUB-OPERATION [EXTRA]`: put every forward and guard back; never fails."""
+    name = argv[0] if argv else ""
+    op = argv[1] if len(argv) > 1 else ""
+    try:
+        if op not in NETWORK_OPS:
+            return 0
+        _drain(stdin)  # libvirt writes the network XML; we do not need it
+        ctx = _context(config_dir, state_dir)
+        from .reconcile import reconcile
+        domains = ctx.store.domains()
+        if domains:
+            # the records, not libvirt: libvirt waits for this hook
+            reconcile(ctx, running=domains, lock_timeout=LOCK_DEADLINE)
+    except BaseException as exc:
+        log.error(f"network {name}: {op}: hook failed: {_describe(exc)}")
+    return 0
+
+
+def _context(config_dir: str | None, state_dir: str | None) -> engine.Context:
+    from . import engine
+    return engine.default_context(config_dir, state_dir)
+
+
+def _qemu(ctx: engine.Context, domain: str, op: str, sub: str, stdin: BinaryIO | None) -> int:
+    from . import engine
+    from .config import load_settings
+    from .errors import ConfigError, VirtForwardError
+
+    strict = False
     try:
         if op in REMOVE:
-            engine.remove(ctx, domain, why=f"{op} {sub}")
-            return ExitCode.OK
-        settings = load_settings(ctx.config_dir)
+            _drain(stdin)  # removal needs no XML: whatever libvirt sends must not stop it
+            engine.remove(ctx, domain, why=f"{op} {sub}", lock_timeout=LOCK_DEADLINE)
+            return 0
+        # The XML is parsed later only if needed (no `address`, or metadata): argv names the domain.
+        xml = _read_stdin(stdin)
+        settings = load_settings(ctx.config_dir)  # broken: its error is logged, strict stays off
         strict = settings.strict
-        want = engine.desired(ctx, domain, xml, settings)  # validates; raises ConfigError
+        want = engine.desired(ctx, domain, xml, settings)  # validates: raises ConfigError
         if op == "prepare":
-            return ExitCode.OK
-        engine.apply(ctx, domain, xml, want)  # the same plan: the files are read once per call
+            return 0
+        engine.apply(ctx, domain, xml, want, lock_timeout=LOCK_DEADLINE)
     except ConfigError as exc:
         log.error(f"{domain}: {op}: {exc}" + ("; keeping what was applied before" if op == "reconnect" else ""))
         if strict and op in ("prepare", "start"):
-            return exc.exit_code
+            return int(exc.exit_code)
     except VirtForwardError as exc:
         log.error(f"{domain}: {op}: {exc}")
-    except Exception as exc:  # the hook must not take a guest down with a traceback
-        log.error(f"{domain}: {op}: unexpected {type(exc).__name__}: {exc}")
-    return ExitCode.OK
+    return 0
 
 
-def network_hook(ctx: engine.Context, argv: list[str]) -> int:
-    """libvirt's network hook: after a network (re)starts, libvirt has re-made its firewall
-    rules above our guards; put everything back.  Never asks libvirt (it waits for us),
-    so the running guests are those recorded as applied.  Never fails the network."""
-    if len(argv) < 2 or argv[1] not in ("started", "updated"):
-        return ExitCode.OK
+def _read_stdin(stdin: BinaryIO | None) -> str:
+    """The domain XML, at most MAX_STDIN bytes.  libvirt may give none (closed stdin)."""
+    if stdin is None:
+        stream = sys.stdin
+        if stream is None:  # fd 0 closed
+            return ""
+        stdin = stream.buffer
+    data = stdin.read(MAX_STDIN + 1)
+    if len(data) > MAX_STDIN:
+        from .errors import UsageError
+        raise UsageError(f"more than {MAX_STDIN} bytes of XML on stdin: not libvirt's domain XML")
+    return data.decode("utf-8", "replace")
+
+
+def _drain(stdin: BinaryIO | None) -> None:
+    """Read what libvirt writes (so its write does not fail on a closed pipe), keep nothing."""
     try:
-        sys.stdin.read()
-    except OSError:
+        stream = stdin if stdin is not None else sys.stdin.buffer if sys.stdin is not None else None
+        while stream is not None and stream.read(1 << 16):
+            pass
+    except (OSError, ValueError):
         pass
-    try:
-        from .reconcile import reconcile
-        if ctx.store.domains():
-            reconcile(ctx, running=ctx.store.domains())
-    except Exception as exc:
-        log.error(f"network {argv[0]}: {argv[1]}: {exc}")
-    return ExitCode.OK
 
 
-def main(argv: list[str], ctx: engine.Context) -> int:
-    return run_hook(ctx, argv, sys.stdin)
+def _describe(exc: BaseException) -> str:
+    from .errors import VirtForwardError
+    if isinstance(exc, VirtForwardError):
+        return str(exc)
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted"
+    where = ""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is not None:
+        where = f" at {os.path.basename(tb.tb_frame.f_code.co_filename)}:{tb.tb_lineno}"
+    return f"unexpected {type(exc).__name__}{where}: {exc}"

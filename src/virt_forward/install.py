@@ -7,13 +7,16 @@ the admin to restart libvirtd (or virtqemud/virtnetworkd) once.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import engine
+from .errors import VirtForwardError
 
 QEMU_HOOK = "etc/libvirt/hooks/qemu.d/virt-forward"
 NETWORK_HOOK = "etc/libvirt/hooks/network.d/virt-forward"
@@ -46,23 +49,129 @@ class FileSpec:
     mode: int
 
 
-def _python() -> str:
-    return os.path.realpath(sys.executable)
+class InstallError(VirtForwardError):
+    pass
+
+
+def interpreter() -> str:
+    """The interpreter the user installed into, as it was named: a venv's bin/python is a
+    symlink to the base interpreter, and resolving it would leave the venv (and the package)."""
+    exe = sys.executable
+    if not exe or not os.path.isabs(exe):
+        raise InstallError(f"cannot tell which Python runs virt-forward (sys.executable is {exe!r})")
+    return os.path.normpath(exe)
+
+
+def package_location() -> str:
+    """The directory holding the `virt_forward` package now running (site-packages, or src/)."""
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+HOOK_TEMPLATE = """\
+#!{python} -IS
+# virt-forward's libvirt {kind} hook, written by `virt-forward install` (version {version}).
+# It runs {python} with -I -S (no environment, no .pth files: nothing but our code runs as
+# root at a guest start) and takes the package from {location}.
+# If either goes away (a Python upgrade, a removed venv), run `virt-forward install` again;
+# `virt-forward doctor` checks both.  Whatever fails, this hook exits 0 and logs why.
+import sys
+if len(sys.argv) < 3 or sys.argv[2] not in {ops!r}:
+    sys.exit(0)  # not an operation we act on; print nothing (libvirt reads stdout at migrate/restore)
+sys.path.append({location!r})
+try:
+    from virt_forward.hook import {entry}
+except BaseException as exc:
+    import syslog
+    msg = ("virt-forward: hook not run (no forwards changed): cannot import virt_forward from "
+           + {location!r} + " with " + sys.executable + ": " + type(exc).__name__ + ": " + str(exc)
+           + "; run `virt-forward doctor`")
+    syslog.openlog("virt-forward", syslog.LOG_PID, syslog.LOG_DAEMON)
+    syslog.syslog(syslog.LOG_ERR, msg.encode("utf-8", "backslashreplace").decode())
+    sys.stderr.write(msg + "\\n")
+    sys.exit(0)
+sys.exit({entry}(sys.argv[1:], {dirs}))
+"""
 
 
 def hook_script(kind: str, dirs: tuple[str, ...] = ()) -> str:
     """`dirs`: --config-dir/--state-dir given at install time, baked in (libvirt passes no env)."""
-    args = [*dirs, "hook" if kind == "qemu" else "network-hook"]
-    # -I: the hook must not pick up PYTHONPATH or a stray module from the cwd.
-    return (f"#!{_python()} -I\n"
-            f"# virt-forward's libvirt {kind} hook, written by `virt-forward install`.\n"
-            "import sys\n"
-            "from virt_forward.cli import main\n"
-            f"sys.exit(main([{', '.join(map(repr, args))}, *sys.argv[1:]]))\n")
+    from . import __version__
+    from .hook import NETWORK_OPS, QEMU_OPS
+    python = interpreter()
+    if any(c.isspace() for c in python) or len(python) > 200:
+        # the kernel splits a #! line at the first blank and cuts it at 255 bytes
+        raise InstallError(f"{python}: an interpreter path with blanks or over 200 characters cannot "
+                           "start a hook script; install virt-forward into a venv at a plainer path")
+    given = dict(zip(dirs[::2], dirs[1::2]))
+    kwargs = ", ".join(f"{name}={given[flag]!r}" for flag, name in (("--config-dir", "config_dir"),
+                                                                    ("--state-dir", "state_dir"))
+                       if flag in given)
+    ops = tuple(sorted(QEMU_OPS if kind == "qemu" else NETWORK_OPS))
+    return HOOK_TEMPLATE.format(python=python, kind=kind, version=__version__, location=package_location(),
+                                ops=ops, entry="qemu_main" if kind == "qemu" else "network_main",
+                                dirs=kwargs)
+
+
+def probe_hook(path: Path, cdir: Path, timeout: float = 30.0) -> str | None:
+    """Run the hook exactly as libvirt would (bare environment, PATH=/bin:/usr/bin, stdin
+    closed) with `prepare begin -` for a domain that has no config.  It must exit 0 and say
+    nothing; returns what went wrong, None when it did."""
+    domain = "virt-forward-hook-check"
+    while (cdir / "guests" / f"{domain}.toml").exists():
+        domain += "-x"
+    try:
+        proc = subprocess.run([str(path), domain, "prepare", "begin", "-"], stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True, timeout=timeout, env={"PATH": "/bin:/usr/bin"},
+                              cwd="/")
+    except subprocess.TimeoutExpired:
+        return f"{path}: no answer after {timeout:g} s"
+    except OSError as exc:
+        return f"{path}: cannot run: {exc.strerror}"
+    said = (proc.stderr + proc.stdout).strip()
+    if proc.returncode != 0 or said:
+        return f"{path}: exit {proc.returncode}" + (f": {said}" if said else "")
+    return None
+
+
+def installed_hook_problem(path: Path, cdir: Path) -> str | None:
+    """Why an installed hook cannot work (its interpreter or package gone, or it fails when run
+    as libvirt runs it), None when it works.  `doctor` asks this."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        return f"{path}: cannot read: {exc.strerror}"
+    first = text.split("\n", 1)[0]
+    python = first[2:].split()[0] if first.startswith("#!") and first[2:].split() else ""
+    if not os.access(python, os.X_OK):
+        return (f"{path}: its interpreter {python or '(none)'} is gone or not executable "
+                "(a Python upgrade or a removed venv?)")
+    for line in text.splitlines():
+        if line.startswith("sys.path.append(") and line.endswith(")"):
+            location = line[len("sys.path.append("):-1].strip("'\"")
+            if not os.path.isfile(os.path.join(location, "virt_forward", "hook.py")):
+                return f"{path}: the virt_forward package it names is no longer in {location}"
+    return probe_hook(path, cdir)
+
+
+def unit_problems(root: Path) -> list[str]:
+    """Units whose interpreter is gone (the watcher would fail to start, again and again)."""
+    found = []
+    for name in (WATCH_UNIT, BOOT_UNIT):
+        try:
+            text = (root / UNIT_DIR / name).read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            if line.startswith("ExecStart="):
+                exe = line[len("ExecStart="):].split()[0] if line[len("ExecStart="):].split() else ""
+                if not os.access(exe, os.X_OK):
+                    found.append(f"{root / UNIT_DIR / name}: its interpreter {exe or '(none)'} is gone")
+    return found
 
 
 def units() -> dict[str, str]:
-    exe = f"{_python()} -I -m virt_forward"
+    # -I, not -S: the watcher imports libvirt-python from the same site-packages
+    exe = f"{interpreter()} -I -m virt_forward"
     after = "libvirtd.service virtqemud.service virtnetworkd.service firewalld.service nftables.service"
     return {
         WATCH_UNIT: f"""[Unit]
@@ -107,18 +216,18 @@ def _systemd(root: Path) -> bool:
 
 
 def install(root: Path, cdir: Path, dry_run: bool, dirs: tuple[str, ...] = ()) -> list[str]:
+    """Write what `planned` says, after proving that the hooks run as libvirt will run them:
+    a hook that cannot start would abort every guest start (and kill guests at `reconnect`)."""
+    specs = planned(root, cdir, dirs)
     out: list[str] = []
-    for spec in planned(root, cdir, dirs):
+    if not dry_run:
+        _check_hooks(specs[:2], cdir)
+        out.append(f"checked: the hooks run as libvirt runs them ({interpreter()} -IS, "
+                   f"package from {package_location()})")
+    for spec in specs:
         out.append(f"{'would write' if dry_run else 'wrote'} {spec.path} (mode {spec.mode:04o})")
-        if dry_run:
-            continue
-        for parent in reversed(spec.path.parents):
-            if not parent.exists():
-                parent.mkdir(mode=0o755)
-        tmp = spec.path.with_name(spec.path.name + ".tmp")
-        tmp.write_text(spec.text)
-        tmp.chmod(spec.mode)
-        os.replace(tmp, spec.path)
+        if not dry_run:
+            _write(spec)
     if _systemd(root) and not dry_run:
         for cmd in (["systemctl", "daemon-reload"], ["systemctl", "enable", BOOT_UNIT],
                     ["systemctl", "enable", "--now", WATCH_UNIT]):
@@ -130,6 +239,37 @@ def install(root: Path, cdir: Path, dry_run: bool, dirs: tuple[str, ...] = ()) -
     out.append("libvirt looks for hooks only when it starts: restart it once now "
                "(systemctl restart libvirtd, or virtqemud and virtnetworkd on modular daemons)")
     return out
+
+
+def _write(spec: FileSpec) -> None:
+    for parent in reversed(spec.path.parents):
+        if not parent.exists():
+            parent.mkdir(mode=0o755)
+    fd, tmp = tempfile.mkstemp(dir=spec.path.parent, prefix=f".{spec.path.name}.")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(spec.text)
+        os.chmod(tmp, spec.mode)
+        os.replace(tmp, spec.path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _check_hooks(hooks: list[FileSpec], cdir: Path) -> None:
+    """Run the qemu hook from a private copy before anything is put in place; the network
+    hook differs only in its entry (running it would rebuild the firewall), so it is compiled."""
+    with tempfile.TemporaryDirectory(prefix="virt-forward-install-") as tmp:
+        for spec in hooks:
+            compile(spec.text, str(spec.path), "exec")
+        qemu = Path(tmp) / "qemu-hook"
+        qemu.write_text(hooks[0].text)
+        qemu.chmod(0o700)
+        failed = probe_hook(qemu, cdir)
+    if failed is not None:
+        raise InstallError(f"nothing installed: the hook written for {hooks[0].path} fails when libvirt "
+                           f"runs it: {failed}")
 
 
 def uninstall(ctx: engine.Context, root: Path, dry_run: bool) -> list[str]:

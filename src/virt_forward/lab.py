@@ -305,8 +305,11 @@ def domain_xml(name: str, uuid: str = "6f1c5ce0-6b8a-4a3e-9b36-000000000001") ->
             "<source network='default' bridge='virbr0'/><target dev='vnet0'/></interface></devices></domain>")
 
 
-def write_hook_script(path: Path) -> None:
-    """What `install` will write: libvirt gives hooks PATH=/bin:/usr/bin, so use an absolute interpreter."""
-    path.write_text(f"#!{sys.executable}\nimport sys\nfrom virt_forward.cli import main\n"
-                    "sys.exit(main(['hook', *sys.argv[1:]]))\n")
-    path.chmod(0o755)
+def install_hooks(root: Path, config_dir: Path, state_dir: Path) -> Path:
+    """`virt-forward install --root ROOT --config-dir .. --state-dir ..`, in process: the hooks
+    every demo, test and benchmark runs are the files `install` writes (and has checked).
+    Returns the qemu hook's path; the network hook is beside it in network.d."""
+    from . import install
+    install.install(root, config_dir, dry_run=False,
+                    dirs=("--config-dir", str(config_dir), "--state-dir", str(state_dir)))
+    return root / install.QEMU_HOOK

@@ -30,7 +30,18 @@ def error(message: str) -> None:
 
 
 def _emit(priority: int, message: str) -> None:
+    message = printable(message)
     _open()
     syslog.syslog(priority, message)
     if to_stderr:
         print(f"virt-forward: {message}", file=sys.stderr)
+
+
+def printable(text: str) -> str:
+    """One line whatever a domain name holds: control characters and bytes that are not UTF-8
+    (argv gives them as surrogates) are escaped, not written raw into the journal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c == " " else
+                   (c.encode("utf-8", "backslashreplace").decode() if "\ud800" <= c <= "\udfff"
+                    else repr(c)[1:-1]) for c in text)

@@ -55,13 +55,21 @@ def running_from_libvirt() -> dict[str, str] | None:
         return None
 
 
-def reconcile(ctx: engine.Context, running: list[str] | None = None) -> Outcome:
-    """`running`: the running domains if the caller knows them; else libvirt, else the records."""
+def reconcile(ctx: engine.Context, running: list[str] | None = None, lock_timeout: float | None = None) -> Outcome:
+    """`running`: the running domains if the caller knows them; else libvirt, else the records.
+    `lock_timeout`: how long to wait for another virt-forward process (None: as long as it takes)."""
     settings = load_settings(ctx.config_dir)
     backend = engine.resolve_backend(settings)
     store = ctx.store
     problems: list[str] = []
-    with store.lock():
+    source, xmls = "caller", {}
+    if running is None:
+        # Asked before taking our lock, never under it: libvirt holds a starting domain's lock
+        # while our hook runs, and the hook waits for ours (a deadlock, seen with virsh start).
+        asked = running_from_libvirt()
+        if asked is not None:
+            running, xmls, source = sorted(asked), asked, "libvirt"
+    with store.lock(lock_timeout):
         records: dict[str, GuestPlan] = {}
         for domain in store.domains():
             try:
@@ -71,11 +79,6 @@ def reconcile(ctx: engine.Context, running: list[str] | None = None) -> Outcome:
                 continue
             if plan is not None:
                 records[domain] = plan
-        source, xmls = "caller", {}
-        if running is None:
-            asked = running_from_libvirt()
-            if asked is not None:
-                running, xmls, source = sorted(asked), asked, "libvirt"
         if running is None:
             running, source = sorted(set(records) | set(store.xml_domains())), "records (libvirt not reachable)"
 

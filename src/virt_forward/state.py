@@ -10,6 +10,7 @@ import contextlib
 import fcntl
 import json
 import os
+import time
 import urllib.parse
 from pathlib import Path
 from typing import Iterator
@@ -27,6 +28,21 @@ def state_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
     return Path(env) if env else DEFAULT_STATE_DIR
 
 
+def _flock_within(fd: int, timeout: float, path: Path) -> None:
+    deadline = time.monotonic() + timeout
+    pause = 0.002
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise StateError(f"{path}: another virt-forward process has held the lock for more than "
+                                 f"{timeout:g} s; gave up (nothing changed)") from None
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
+
+
 class StateStore:
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -39,12 +55,18 @@ class StateStore:
             raise StateError(f"{self.guests}: cannot create state dir: {exc.strerror}") from None
 
     @contextlib.contextmanager
-    def lock(self) -> Iterator[None]:
-        """Exclusive for the whole read-plan-apply-record cycle (libvirt reconnects guests in parallel)."""
+    def lock(self, timeout: float | None = None) -> Iterator[None]:
+        """Exclusive for the whole read-plan-apply-record cycle (libvirt reconnects guests in parallel).
+
+        `timeout`: give up after that many seconds with a StateError (the hook: a guest start
+        must never hang on us); None waits as long as it takes (the CLI, the watcher)."""
         self._ensure()
-        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            if timeout is None:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            else:
+                _flock_within(fd, timeout, self.root / "lock")
             yield
         finally:
             os.close(fd)  # closing releases the flock

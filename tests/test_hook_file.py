@@ -1,0 +1,180 @@
+"""The hook file `install` writes, run as libvirt runs it: it must never take a guest down.
+
+Each test runs the real file (shebang and all) with a bare environment, as libvirtd
+does.  Calls that could touch a firewall run inside a network namespace made here.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from virt_forward import install
+from virt_forward.errors import StateError
+from virt_forward.state import StateStore
+
+from conftest import write_trusted
+
+BARE = {"PATH": "/bin:/usr/bin"}
+
+
+@pytest.fixture
+def installed(cdir: Path, tmp_path: Path) -> tuple[Path, Path, Path]:
+    """(qemu hook, config dir, state dir) written by install into a temp root."""
+    root, state = tmp_path / "root", tmp_path / "state"
+    install.install(root, cdir, dry_run=False, dirs=("--config-dir", str(cdir), "--state-dir", str(state)))
+    return root / install.QEMU_HOOK, cdir, state
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    name = f"vfhook{secrets.token_hex(3)}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def run(hook: Path, *argv: str | bytes, stdin: bytes | None = b"", ns: str | None = None,
+        timeout: float = 60) -> subprocess.CompletedProcess[bytes]:
+    cmd: list[str | bytes] = (["ip", "netns", "exec", ns] if ns else []) + [str(hook), *argv]
+    return subprocess.run(cmd, input=stdin, stdin=subprocess.DEVNULL if stdin is None else None,
+                          capture_output=True, env=BARE, timeout=timeout)
+
+
+def test_the_hook_names_the_interpreter_it_was_installed_with_unresolved(installed: tuple[Path, Path, Path]) -> None:
+    hook, _, _ = installed
+    first, *rest = hook.read_text().splitlines()
+    # a venv's bin/python is a symlink to the base interpreter: resolving it would leave the venv
+    assert first == f"#!{os.path.normpath(sys.executable)} -IS"
+    assert f"sys.path.append({install.package_location()!r})" in rest
+    assert os.stat(hook).st_mode & 0o777 == 0o755
+
+
+@pytest.mark.parametrize("op", ["migrate", "restore", "attach", "nonsense", ""])
+def test_operations_not_ours_print_nothing_and_import_nothing(installed: tuple[Path, Path, Path], tmp_path: Path,
+                                                              op: str) -> None:
+    hook, _, _ = installed
+    # the same file with a package location that does not exist: it must not even try to import
+    broken = tmp_path / "broken-hook"
+    broken.write_text(hook.read_text().replace(repr(install.package_location()), repr("/nonexistent")))
+    broken.chmod(0o755)
+    for path in (hook, broken):
+        r = run(path, "web", op, "begin", "-", stdin=b"<domain/>")
+        assert (r.returncode, r.stdout, r.stderr) == (0, b"", b""), (path, r)
+
+
+def test_an_import_failure_is_logged_and_the_guest_starts(installed: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    hook, _, _ = installed
+    broken = tmp_path / "broken-hook"
+    broken.write_text(hook.read_text().replace(repr(install.package_location()), repr("/nonexistent")))
+    broken.chmod(0o755)
+    for op in ("prepare", "start", "reconnect", "stopped"):
+        r = run(broken, "web", op, "begin", "-", stdin=b"<domain/>")
+        assert r.returncode == 0 and r.stdout == b"", r
+        assert b"cannot import virt_forward from /nonexistent" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("name", [b"-h", b"--help", b"-x", b"web\xff\xfe", b"--", b"web\x1b[31m"])
+def test_any_domain_name_is_just_a_name(installed: tuple[Path, Path, Path], name: bytes) -> None:
+    hook, _, _ = installed
+    for op in ("prepare", "start", "stopped"):
+        r = run(hook, name, op, "begin", "-", stdin=b"<domain/>")
+        assert r.returncode == 0 and r.stdout == b"", r  # no argparse help on stdout
+        assert b"\x1b" not in r.stderr and b"\xff" not in r.stderr  # escaped in the log line
+
+
+def test_strict_blocks_only_prepare_and_start(installed: tuple[Path, Path, Path]) -> None:
+    hook, cdir, _ = installed
+    write_trusted(cdir / "config.toml", "strict = true\n")
+    write_trusted(cdir / "guests" / "web.toml", 'address = "192.168.122.10"\nports = ["80", "x"]\n')
+    codes = {op: run(hook, "web", op, "begin", "-", stdin=b"<domain/>").returncode
+             for op in ("prepare", "start", "started", "reconnect", "stopped", "release")}
+    assert codes == {"prepare": 3, "start": 3, "started": 0, "reconnect": 0, "stopped": 0, "release": 0}
+    r = run(hook, "web", "start", "begin", "-")
+    assert b"web.toml:2: ports: 'x'" in r.stderr and r.stdout == b""
+
+
+def test_not_strict_an_invalid_file_does_not_block(installed: tuple[Path, Path, Path]) -> None:
+    hook, cdir, _ = installed
+    write_trusted(cdir / "guests" / "web.toml", 'ports = [1]\naddress = "nope"\n')
+    r = run(hook, "web", "prepare", "begin", "-")
+    assert r.returncode == 0 and b"web.toml" in r.stderr
+
+
+def test_stdin_is_capped_and_may_be_closed(installed: tuple[Path, Path, Path], netns: str) -> None:
+    hook, cdir, _ = installed
+    write_trusted(cdir / "guests" / "web.toml", 'address = "192.168.122.10"\nports = ["80"]\n')
+    big = b"<domain>" + b" " * (2 << 20) + b"</domain>"
+    r = run(hook, "web", "start", "begin", "-", stdin=big, ns=netns)
+    assert r.returncode == 0 and b"more than 1048576 bytes" in r.stderr, r
+    r = run(hook, "web", "stopped", "end", "-", stdin=big, ns=netns)  # removal never needs the XML
+    assert r.returncode == 0 and r.stdout == b"", r
+    r = run(hook, "nobody", "start", "begin", "-", stdin=None, ns=netns)
+    assert (r.returncode, r.stdout, r.stderr) == (0, b"", b""), r
+
+
+def test_a_held_lock_does_not_hang_a_guest_start(installed: tuple[Path, Path, Path], netns: str) -> None:
+    hook, cdir, state = installed
+    write_trusted(cdir / "guests" / "web.toml", 'address = "192.168.122.10"\nports = ["80"]\n')
+    with StateStore(state).lock():
+        t0 = time.monotonic()
+        r = run(hook, "web", "start", "begin", "-", stdin=b"<domain/>", ns=netns)
+        took = time.monotonic() - t0
+    assert r.returncode == 0 and b"held the lock for more than 10 s" in r.stderr, r
+    assert 9.5 < took < 20, took
+    assert StateStore(state).read("web") is None  # nothing half done
+
+
+def test_the_lock_deadline_in_process(tmp_path: Path) -> None:
+    store = StateStore(tmp_path / "state")
+    with store.lock():
+        t0 = time.monotonic()
+        with pytest.raises(StateError, match="held the lock for more than 0.2 s"):
+            with store.lock(timeout=0.2):
+                pass
+        assert time.monotonic() - t0 < 2
+    with store.lock(timeout=0.2):  # free again
+        pass
+
+
+def test_install_refuses_a_hook_that_cannot_run(cdir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # what happened: the hook ran an interpreter without our package
+    monkeypatch.setattr(install, "package_location", lambda: str(tmp_path / "no-package-here"))
+    root = tmp_path / "root"
+    with pytest.raises(install.InstallError, match="nothing installed.*cannot import virt_forward"):
+        install.install(root, cdir, dry_run=False)
+    assert not (root / install.QEMU_HOOK).exists() and not (root / install.NETWORK_HOOK).exists()
+
+
+def test_doctor_finds_a_hook_whose_interpreter_or_package_is_gone(installed: tuple[Path, Path, Path],
+                                                                  tmp_path: Path) -> None:
+    hook, cdir, _ = installed
+    assert install.installed_hook_problem(hook, cdir) is None
+    text = hook.read_text()
+    gone_python = tmp_path / "a"
+    gone_python.write_text(text.replace(f"#!{os.path.normpath(sys.executable)}", "#!/opt/gone/bin/python", 1))
+    assert "interpreter /opt/gone/bin/python is gone" in (install.installed_hook_problem(gone_python, cdir) or "")
+    gone_pkg = tmp_path / "b"
+    gone_pkg.write_text(text.replace(repr(install.package_location()), repr(str(tmp_path))))
+    gone_pkg.chmod(0o755)
+    assert "no longer in" in (install.installed_hook_problem(gone_pkg, cdir) or "")
+
+
+def test_install_writes_units_with_the_same_interpreter(installed: tuple[Path, Path, Path]) -> None:
+    hook, _, _ = installed
+    root = hook.parents[4]
+    unit = (root / install.UNIT_DIR / install.WATCH_UNIT).read_text()
+    assert f"ExecStart={os.path.normpath(sys.executable)} -I -m virt_forward watch" in unit
+    assert install.unit_problems(root) == []
+    (root / install.UNIT_DIR / install.WATCH_UNIT).write_text(unit.replace(sys.executable, "/opt/gone/python"))
+    assert install.unit_problems(root) == [f"{root / install.UNIT_DIR / install.WATCH_UNIT}: its interpreter "
+                                           "/opt/gone/python is gone"]
