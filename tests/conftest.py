@@ -8,12 +8,41 @@ explicitly; tmp_path's own modes are not relied upon.
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Callable
 
 import pytest
 
 WriteFile = Callable[..., Path]
+
+
+def _interpreters_outside_the_venv() -> list[str]:
+    """The base interpreter of this venv, Debian's python3 and the python3 on PATH."""
+    found = [getattr(sys, "_base_executable", ""), os.path.realpath(sys.executable), "/usr/bin/python3",
+             shutil.which("python3") or ""]
+    ours = os.path.normpath(sys.executable)
+    seen: list[str] = []
+    for exe in found:
+        if exe and exe != ours and os.access(exe, os.X_OK) and exe not in seen:
+            seen.append(exe)
+    return seen
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """The suite must test what users run: a package installed into a base interpreter hides
+    a hook that cannot find it (it did: CI was green while no guest could start)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    for exe in _interpreters_outside_the_venv():
+        probe = subprocess.run([exe, "-c", "import virt_forward; print(virt_forward.__file__)"], cwd="/",
+                               env=env, capture_output=True, text=True, timeout=60)
+        if probe.returncode == 0:
+            pytest.exit(f"virt_forward is importable by {exe} (from {probe.stdout.strip()}), an interpreter the "
+                        f"test suite did not install it into; remove it from there (`{exe} -m pip uninstall "
+                        "virt-forward`): the tests must run only what .venv and `virt-forward install` provide",
+                        returncode=3)
 
 
 def _need_root() -> None:

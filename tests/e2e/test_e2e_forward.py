@@ -45,6 +45,44 @@ RECORD_HOOK = '#!/bin/sh\necho "$*" >> /var/log/libvirt/hook-calls.log\ncat > /d
 RECORD_NET_HOOK = '#!/bin/sh\necho "network $*" >> /var/log/libvirt/hook-calls.log\ncat > /dev/null\n'
 
 
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class UserInstall:
+    """virt-forward as the README installs it: a fresh venv, `pip install`, `virt-forward install`."""
+    venv: Path
+    base: str  # the interpreter the venv was made from; it does not have the package
+
+    @property
+    def cli(self) -> str:
+        return str(self.venv / "bin" / "virt-forward")
+
+
+@pytest.fixture(scope="session")
+def user_install() -> Iterator[UserInstall]:
+    """A venv made from a base interpreter without our package (its bin/python a symlink to
+    that interpreter), the package pip-installed into it, not editable: what users run."""
+    if os.geteuid() != 0:
+        pytest.skip("the libvirt lab needs root")
+    base = os.path.realpath(getattr(sys, "_base_executable", "") or sys.executable)
+    probe = subprocess.run([base, "-I", "-c", "import virt_forward"], capture_output=True, cwd="/")
+    assert probe.returncode != 0, f"{base} imports virt_forward: it must not have the package"
+    tmp = Path(tempfile.mkdtemp(prefix="vf-e2e-venv-"))
+    try:
+        venv = tmp / "virt-forward"
+        subprocess.run([base, "-m", "venv", str(venv)], check=True)
+        assert (venv / "bin" / "python").is_symlink()
+        # the README's install command: pip install '.[libvirt]'
+        pip = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "--disable-pip-version-check",
+                              f"{REPO}[libvirt]"],
+                             capture_output=True, text=True)
+        assert pip.returncode == 0, pip.stderr
+        yield UserInstall(venv, base)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 @dataclass
 class E2E:
     lab: LibvirtLab
@@ -52,12 +90,19 @@ class E2E:
     cfg: Path
     state: Path
     backend: str  # libvirt's firewall backend: "iptables" | "nftables"
+    user: UserInstall
+    fsroot: Path
 
     def vf(self, *args: str) -> str:
-        r = self.lab.run([sys.executable, "-m", "virt_forward", "--config-dir", str(self.cfg),
-                          "--state-dir", str(self.state), *args], check=False)
+        r = self.lab.run([self.user.cli, "--config-dir", str(self.cfg), "--state-dir", str(self.state), *args],
+                         check=False)
         assert r.returncode == 0, r.stderr
         return r.stdout
+
+    def domids(self) -> dict[str, str]:
+        """Running guests and their libvirt ids: an id changes only if the guest was killed."""
+        out = self.lab.virsh("list", "--state-running")
+        return {cols[1]: cols[0] for cols in (ln.split() for ln in out.splitlines()[2:]) if len(cols) >= 2}
 
     def dnat4(self) -> list[str]:
         r = self.lab.run(["nft", "-j", "list", "map", "inet", "virt_forward", "dnat4"], check=False)
@@ -159,7 +204,7 @@ def _write(path: Path, text: str) -> None:
 
 
 @pytest.fixture(scope="module", params=["iptables", "nftables"])
-def e2e(request: pytest.FixtureRequest) -> Iterator[E2E]:
+def e2e(request: pytest.FixtureRequest, user_install: UserInstall) -> Iterator[E2E]:
     backend: str = request.param
     if os.geteuid() != 0:
         pytest.skip("the libvirt lab needs root")
@@ -175,8 +220,9 @@ def e2e(request: pytest.FixtureRequest) -> Iterator[E2E]:
         _write(cfg / "guests" / "vfguest1.toml",
                'address = ["192.168.122.10", "fd00:122::a"]\nports = ["8080:80", "2222:22", "5353/udp"]\n')
         _write(cfg / "guests" / "vfguest2.toml", 'address = "192.168.122.11"\nports = ["8081:80"]\n')
-        subprocess.run([sys.executable, "-m", "virt_forward", "--config-dir", str(cfg), "--state-dir", str(state),
-                        "install", "--root", str(fsroot)], check=True, capture_output=True)
+        done = subprocess.run([user_install.cli, "--config-dir", str(cfg), "--state-dir", str(state),
+                               "install", "--root", str(fsroot)], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
         hook = (fsroot / "etc/libvirt/hooks/qemu.d/virt-forward").read_text()
         lab = LibvirtLab(os.environ.get("VF_E2E_CACHE", str(DEFAULT_CACHE_DIR)), guests=2,
                          hooks={"virt-forward": hook, "zz-record": RECORD_HOOK}, firewall_backend=backend,
@@ -194,15 +240,34 @@ def e2e(request: pytest.FixtureRequest) -> Iterator[E2E]:
             lab.install_hook("virt-forward", (fsroot / "etc/libvirt/hooks/network.d/virt-forward").read_text(),
                              kind="network")
             lab.install_hook("zz-record", RECORD_NET_HOOK, kind="network")
-            env = E2E(lab, lab.add_client(route_to_guests=True), cfg, state, backend)
-            calls = len(env.hook_calls())
+            env = E2E(lab, lab.add_client(route_to_guests=True), cfg, state, backend, user_install, fsroot)
+            calls, ids = len(env.hook_calls()), env.domids()
             lab.restart_libvirtd()  # libvirt finds hooks only at start; this also runs `reconnect`
             env.wait_hook_calls({"vfguest1 reconnect begin -", "vfguest2 reconnect begin -"}, calls)
+            # a failing reconnect hook makes libvirt kill the guest: none may have died
+            assert env.domids() == ids == {"vfguest1": ids["vfguest1"], "vfguest2": ids["vfguest2"]}, env.domids()
             yield env
         finally:
             lab.close()
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_the_hook_libvirt_runs_is_the_users_install(e2e: E2E) -> None:
+    """The hook in libvirt's qemu.d is the file `virt-forward install` wrote from a fresh venv whose
+    base interpreter lacks the package; libvirt ran it at prepare/start/reconnect without failing."""
+    hook = (e2e.fsroot / "etc/libvirt/hooks/qemu.d/virt-forward").read_text()
+    first = hook.splitlines()[0]
+    python = Path(first[2:].split()[0])
+    # the venv's own name for the interpreter (a symlink into the base), not the base itself
+    assert first.endswith(" -IS") and python.parent == e2e.user.venv / "bin" and python.is_symlink(), first
+    assert str(e2e.user.venv) in hook and str(REPO / "src") not in hook  # the venv's copy, not the checkout
+    log = e2e.lab.libvirtd_log()
+    assert "Hook script execution failed" not in log, log[-2000:]
+    calls = e2e.hook_calls()
+    for op in ("prepare begin -", "start begin -", "started begin -", "reconnect begin -"):
+        assert f"vfguest1 {op}" in calls, calls
+    assert "vfguest1: applied" in e2e.vf("status")
 
 
 def test_forward_works_through_libvirts_reject(e2e: E2E) -> None:
@@ -251,9 +316,11 @@ def test_destroy_closes_and_start_reopens_with_exactly_one_set(e2e: E2E) -> None
 def test_libvirtd_restart_reconnect_keeps_one_set(e2e: E2E) -> None:
     before = e2e.dnat4()
     calls = len(e2e.hook_calls())
+    ids = e2e.domids()
     took = e2e.lab.restart_libvirtd()
     print(f"libvirtd restart: {took:.2f} s")
     e2e.wait_hook_calls({"vfguest1 reconnect begin -", "vfguest2 reconnect begin -"}, calls)
+    assert e2e.domids() == ids, (ids, e2e.domids())  # nothing killed
     e2e.wait_http(8080, "guest=vfguest1 port=80")
     assert e2e.dnat4() == before
     e2e.assert_one_guard_on_top()
@@ -324,9 +391,8 @@ def _recovered(e2e: E2E, fault: str, limit: float = 10.0) -> float:
 def test_watcher_against_real_libvirt(e2e: E2E) -> None:
     """`virt-forward watch` (libvirt-python events + nft monitor) in the lab, then the resets
     nobody tells a hook about.  Recovery is measured from the fault to the first good answer."""
-    pytest.importorskip("libvirt", reason="libvirt-python is the [libvirt] extra (scripts/setup.sh installs it)")
     env = {**os.environ, "VIRT_FORWARD_CONFIG_DIR": str(e2e.cfg), "VIRT_FORWARD_STATE_DIR": str(e2e.state)}
-    watcher = e2e.lab.popen([sys.executable, "-m", "virt_forward", "watch", "--interval", "30"], env=env,
+    watcher = e2e.lab.popen([e2e.user.cli, "watch", "--interval", "30"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         time.sleep(2)
