@@ -18,13 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from . import consts
 from .errors import ConfigError, PortSpecError, UsageError
 from .ports import IPAddress, PortSpec, parse_port_spec
 
 Backend = Literal["auto", "nftables", "iptables"]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-DEFAULT_CONFIG_DIR = Path("/etc/virt-forward")
 MAX_FILE_BYTES = 1 << 20
 _SETTINGS_KEYS = {"backend", "public", "hairpin", "strict", "metadata"}
 _GUEST_KEYS = {"address", "public", "ports", "allow"}
@@ -63,10 +63,7 @@ class GuestConfig:
 
 
 def config_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
-    if explicit is not None:
-        return Path(explicit)
-    env = os.environ.get("VIRT_FORWARD_CONFIG_DIR")
-    return Path(env) if env else DEFAULT_CONFIG_DIR
+    return Path(explicit) if explicit is not None else Path(consts.config_dir())
 
 
 def check_domain_name(name: str) -> str:

@@ -11,9 +11,10 @@ import json
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
-from . import guards, log, nft
+from . import fastpath, guards, log, nft
+from .consts import SKELETON_MARK_PREFIX
 from .config import (GuestConfig, Settings, check_domain_name, guest_from_metadata, load_guest, load_settings,
                      settings_or_default)
 from .errors import FirewallError
@@ -46,12 +47,15 @@ class Desired:
     plan: GuestPlan | None
     pending: str | None = None  # why there is no plan yet although the guest is ours
     uses_xml: bool = False  # the plan came from the domain XML (metadata, or an address by MAC)
+    # fingerprints of the files the plan came from, taken before they were read (fastpath.py)
+    inputs: dict[str, fastpath.Fingerprint] | None = None
 
 
 def desired(ctx: Context, domain: str, xml: str | None = None, settings: Settings | None = None) -> Desired:
     """The guest's plan now: from its file, else (if trusted) the domain XML's metadata;
     plan None when neither exists.  Raises ConfigError."""
     check_domain_name(domain)
+    taken = fastpath.inputs(str(ctx.config_dir), domain)  # before reading: an edit after this is seen
     settings = load_settings(ctx.config_dir) if settings is None else settings
     guest = load_guest(ctx.config_dir, domain)
     need_xml = guest is None and settings.metadata or guest is not None and not guest.addresses
@@ -65,7 +69,7 @@ def desired(ctx: Context, domain: str, xml: str | None = None, settings: Setting
     if guest is None:
         return Desired(settings, None, None)
     if not need_xml:
-        return Desired(settings, guest, plan_guest(guest, settings))
+        return Desired(settings, guest, plan_guest(guest, settings), inputs=taken)
     if not guest.addresses:
         from . import discovery
         found = discovery.discover(dom.nics, ctx.libvirt_root) if dom is not None else ()
@@ -117,19 +121,29 @@ def apply(ctx: Context, domain: str, xml: str | None = None, want: Desired | Non
             iptables_sync(others + [want.plan], [want.plan], families, want.settings.hairpin)
             store.write(want.plan, backend)
         return _done(f"{domain}: {len(want.plan.forwards)} forward(s) live" + _summary(want.plan))
+    plan, hairpin = want.plan, want.settings.hairpin
     with store.lock(lock_timeout):
         old = store.read(domain)
-        body = nft.change(old, want.plan, hairpin=want.settings.hairpin)
+
+        def body(live: NftLive) -> str:
+            return nft.change(old, plan, hairpin=hairpin, with_skeleton=live.mark != nft.skeleton_mark(hairpin),
+                              stale_marks=live.marks)
         try:
             apply_with_nft_guards(body, want=True)
         except FirewallError:
-            if not _old_schema(want.settings.hairpin):
+            if not _old_schema(hairpin):
                 raise
             outdated = True
         else:
             outdated = False
-            store.write(want.plan, backend)
-            ensure_guards(want.plan.families())
+            store.write(plan, backend)
+            ensure_guards(plan.families())
+            message = f"{domain}: {len(plan.forwards)} forward(s) live" + _summary(plan)
+            if want.inputs is not None and not fastpath.racy(want.inputs):
+                store.write_fast(domain, fastpath.compile_fast(
+                    taken=want.inputs, record=store.record_text(plan, backend), add=nft.batch(nft.add_guest(plan)),
+                    remove=nft.batch(nft.remove_guest(plan)), mark=nft.skeleton_mark(hairpin),
+                    families=sorted(plan.families()), forwards=len(plan.forwards), message=message))
     if outdated:
         # a table made by an older virt-forward (other map flags): rebuild it whole, once
         log.warning("table inet virt_forward is from an older version: rebuilding it")
@@ -156,14 +170,15 @@ def remove(ctx: Context, domain: str, why: str = "", lock_timeout: float | None 
         if resolve_backend(settings) == "iptables":
             others = [p for p in (store.read(d) for d in store.domains() if d != domain) if p is not None]
             iptables_sync(others, [], old.families(), settings.hairpin)
+        elif not store.any_other(domain):  # the last guest: the table and every guard go
+            apply_with_nft_guards(lambda _live: nft.change(old, None, hairpin=settings.hairpin, last=True),
+                                  want=False)
+            remove_guards()
         else:
-            last = not store.any_other(domain)
-            body = nft.change(old, None, hairpin=settings.hairpin, last=last)
-            if last:
-                apply_with_nft_guards(body, want=False)
-                remove_guards()
-            else:
-                nft_apply(body)
+            try:  # the skeleton costs most of a batch: only when the table lost it
+                nft_apply(nft.change(old, None, hairpin=settings.hairpin, with_skeleton=False))
+            except FirewallError:
+                nft_apply(nft.change(old, None, hairpin=settings.hairpin))
         store.delete(domain)
     return _done(f"{domain}: removed {len(old.forwards)} forward(s)" + (f" ({why})" if why else ""))
 
@@ -228,34 +243,59 @@ def _summary(plan: GuestPlan) -> str:
 
 # ---------------------------------------------------------------- guards
 
-def nft_guard_chains() -> list[guards.NftChain]:
-    """The foreign nftables chains that need a guard, as they are now (cheap: small tables)."""
+@dataclass(frozen=True)
+class NftLive:
+    """What one change needs to know of the live ruleset (cheap to read: no set elements)."""
+
+    guarded: tuple[guards.NftChain, ...]  # the foreign chains that get a guard, as they are now
+    marks: tuple[str, ...]  # skeleton marks in our table (nft.skeleton_mark)
+
+    @property
+    def mark(self) -> str | None:
+        return self.marks[0] if len(self.marks) == 1 else None
+
+
+def read_nft() -> NftLive:
     listed = run(["nft", "-j", "list", "chains"], check=False)
     if listed.returncode != 0:
-        return []
+        return NftLive((), ())
+    listing = json.loads(listed.stdout)
+    marks = tuple(sorted(c["chain"]["name"] for c in listing.get("nftables", [])
+                         if "chain" in c and c["chain"].get("family") == nft.FAMILY
+                         and c["chain"].get("table") == nft.TABLE
+                         and str(c["chain"].get("name", "")).startswith(SKELETON_MARK_PREFIX)))
     chains = []
-    for target in guards.present_targets(json.loads(listed.stdout)):
+    for target in guards.present_targets(listing):
         got = run(["nft", "-a", "-j", "list", "chain", target.family, target.table, target.chain], check=False)
         if got.returncode == 0:
             chain = guards.parse_nft_chain(target, json.loads(got.stdout))
             if chain is not None:
                 chains.append(chain)
-    return chains
+    return NftLive(tuple(chains), marks)
 
 
-def apply_with_nft_guards(body: str, want: bool) -> None:
+def nft_guard_chains() -> list[guards.NftChain]:
+    """The foreign nftables chains that need a guard, as they are now (cheap: small tables)."""
+    return list(read_nft().guarded)
+
+
+def apply_with_nft_guards(body: str | Callable[[NftLive], str], want: bool) -> None:
     """Our change and the guards in other nftables tables: one transaction.
 
+    `body`: our part, or a function making it from what is live (is the skeleton there?).
     The guards are deleted by handle; if their owner rewrote the chain between
     our read and our write the batch fails as a whole, so read again once.
     """
     for attempt in (1, 2):
-        chains = nft_guard_chains()
+        live = read_nft()
+        chains = list(live.guarded)
+        # a second attempt repeats the skeleton whatever the mark says (the table may be damaged)
+        ours = body if isinstance(body, str) else body(live if attempt == 1 else replace(live, marks=()))
         try:
-            nft_apply(body + nft.batch(guards.nft_commands(chains, want)))
+            nft_apply(ours + nft.batch(guards.nft_commands(chains, want)))
             break
         except FirewallError:
-            if attempt == 2 or not chains:
+            if attempt == 2 or not (chains or live.marks):
                 raise
     placed = [c.target.ref for c in chains if want and not c.guard_in_place()]
     if placed:

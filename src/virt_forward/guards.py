@@ -16,11 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .nft import MARK_FORWARDED
+from .consts import GUARD_COMMENT, GUARD_SPEC, MARK_FORWARDED, NFT_GUARD_COMMENT, NFT_GUARD_TARGETS
 
-GUARD_COMMENT = "virt-forward:guard"
-GUARD_SPEC = (f"-m conntrack --ctstate DNAT -m connmark --mark {MARK_FORWARDED:#x}/{MARK_FORWARDED:#x}"
-              f" -m comment --comment {GUARD_COMMENT} -j ACCEPT")
+__all__ = ["GUARD_COMMENT", "GUARD_SPEC", "NFT_GUARD_COMMENT", "NFT_GUARD_RULE", "NFT_TARGETS", "ForwardChain",
+           "NftChain", "NftTarget", "nft_commands", "parse_filter", "parse_nft_chain", "present_targets", "render"]
 
 
 @dataclass(frozen=True)
@@ -100,15 +99,8 @@ class NftTarget:
 # rather than guest_input: libvirt inserts every network's rules at the top of
 # guest_input when a network (re)starts, while `forward` is only written when
 # the table is made.  firewalld: filter_FORWARD ends with a reject.
-NFT_TARGETS = (
-    NftTarget("ip", "libvirt_network", "forward"),
-    NftTarget("ip6", "libvirt_network", "forward"),
-    NftTarget("inet", "firewalld", "filter_FORWARD"),
-)
+NFT_TARGETS = tuple(NftTarget(*t) for t in NFT_GUARD_TARGETS)
 
-# The comment carries the mark, so a guard of an older version is recognised as ours
-# (prefix) but not as current (exact comment), and gets replaced.
-NFT_GUARD_COMMENT = f"{GUARD_COMMENT} {MARK_FORWARDED:#x}"
 NFT_GUARD_RULE = (f"ct mark & {MARK_FORWARDED:#010x} == {MARK_FORWARDED:#010x} ct status dnat counter accept"
                   f' comment "{NFT_GUARD_COMMENT}"')
 

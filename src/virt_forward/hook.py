@@ -17,11 +17,15 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import TYPE_CHECKING, BinaryIO
 
 from . import log
 
+# Not `from typing import TYPE_CHECKING`: typing (and the re it imports) costs as much as
+# a whole fast-path hook call.  mypy treats any TYPE_CHECKING name as true.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import BinaryIO
+
     from . import engine
 
 APPLY = frozenset({"start", "started", "reconnect"})
@@ -45,7 +49,16 @@ def qemu_main(argv: list[str], config_dir: str | None = None, state_dir: str | N
     try:
         if op not in QEMU_OPS or len(argv) < 3:
             return 0
-        return _qemu(_context(config_dir, state_dir), domain, op, argv[2], stdin)
+        if op in REMOVE:
+            _drain(stdin)  # removal needs no XML: whatever libvirt sends must not stop it
+            xml = ""
+        else:
+            xml = _read_stdin(stdin)
+        from . import consts, fastpath
+        done = fastpath.qemu(consts.config_dir(config_dir), consts.state_dir(state_dir), domain, op, argv[2])
+        if done is not None:
+            return done
+        return _qemu(_context(config_dir, state_dir), domain, op, argv[2], xml)
     except BaseException as exc:  # the hook must not take a guest down, whatever went wrong
         log.error(f"{domain}: {op}: hook failed, guest left as it is: {_describe(exc)}")
         return 0
@@ -76,7 +89,7 @@ def _context(config_dir: str | None, state_dir: str | None) -> engine.Context:
     return engine.default_context(config_dir, state_dir)
 
 
-def _qemu(ctx: engine.Context, domain: str, op: str, sub: str, stdin: BinaryIO | None) -> int:
+def _qemu(ctx: engine.Context, domain: str, op: str, sub: str, xml: str) -> int:
     from . import engine
     from .config import load_settings
     from .errors import ConfigError, VirtForwardError
@@ -84,11 +97,9 @@ def _qemu(ctx: engine.Context, domain: str, op: str, sub: str, stdin: BinaryIO |
     strict = False
     try:
         if op in REMOVE:
-            _drain(stdin)  # removal needs no XML: whatever libvirt sends must not stop it
             engine.remove(ctx, domain, why=f"{op} {sub}", lock_timeout=LOCK_DEADLINE)
             return 0
-        # The XML is parsed later only if needed (no `address`, or metadata): argv names the domain.
-        xml = _read_stdin(stdin)
+        # The XML is parsed only if needed (no `address`, or metadata): argv names the domain.
         settings = load_settings(ctx.config_dir)  # broken: its error is logged, strict stays off
         strict = settings.strict
         want = engine.desired(ctx, domain, xml, settings)  # validates: raises ConfigError

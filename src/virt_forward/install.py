@@ -74,7 +74,7 @@ HOOK_TEMPLATE = """\
 # root at a guest start) and takes the package from {location}.
 # If either goes away (a Python upgrade, a removed venv), run `virt-forward install` again;
 # `virt-forward doctor` checks both.  Whatever fails, this hook exits 0 and logs why.
-import sys
+import os, sys
 if len(sys.argv) < 3 or sys.argv[2] not in {ops!r}:
     sys.exit(0)  # not an operation we act on; print nothing (libvirt reads stdout at migrate/restore)
 sys.path.append({location!r})
@@ -89,7 +89,10 @@ except BaseException as exc:
     syslog.syslog(syslog.LOG_ERR, msg.encode("utf-8", "backslashreplace").decode())
     sys.stderr.write(msg + "\\n")
     sys.exit(0)
-sys.exit({entry}(sys.argv[1:], {dirs}))
+status = {entry}(sys.argv[1:], {dirs})
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(status)  # nothing left to finalize: skip the interpreter's teardown (libvirt is waiting)
 """
 
 

@@ -20,17 +20,11 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Any, Iterable
 
+from .consts import FAMILY, MARK_FORWARDED, MARK_HAIRPIN, SKELETON_MARK_PREFIX, TABLE, T
 from .plan import Family, Forward, GuestPlan
 
-TABLE = "virt_forward"
-FAMILY = "inet"
-T = f"{FAMILY} {TABLE}"
-
-# Conntrack mark bits.  FORWARDED: our DNAT made this connection (the guards'
-# only test).  HAIRPIN: the client sits on the guest's own network, so the
-# reply must come back through us (masquerade).
-MARK_FORWARDED = 0x10000000
-MARK_HAIRPIN = 0x20000000
+__all__ = ["FAMILY", "MARK_FORWARDED", "MARK_HAIRPIN", "SKELETON_MARK_PREFIX", "TABLE", "T", "NAMES", "skeleton", "skeleton_mark", "change",
+           "full", "batch", "add_guest", "remove_guest", "delete_table", "parse_live", "parse_counters"]
 
 
 @dataclass(frozen=True)
@@ -51,8 +45,24 @@ NAMES: dict[Family, _FamilyNames] = {
 CHAINS = ("nat_prerouting", "nat_output", "nat_postrouting", "mark_forward", "lookup")
 
 
-def skeleton(hairpin: bool) -> list[str]:
-    """Table, maps and base chains; constant size, safe to repeat in every batch."""
+def skeleton(hairpin: bool, stale_marks: Iterable[str] = ()) -> list[str]:
+    """Table, maps and base chains; constant size, safe to repeat in every batch.
+
+    It ends with its mark, an empty chain named after it (skeleton_mark): a table
+    holding the mark needs no skeleton in the next batch.  `stale_marks`: marks of
+    other skeletons found in the table, deleted with this one's arrival."""
+    cmds = _skeleton(hairpin)
+    cmds += [f"delete chain {T} {m}" for m in stale_marks if m != skeleton_mark(hairpin)]
+    return cmds + [f"add chain {T} {skeleton_mark(hairpin)}"]
+
+
+def skeleton_mark(hairpin: bool) -> str:
+    """The name of the empty chain that says which skeleton a table holds (a checksum of it)."""
+    import zlib
+    return f"{SKELETON_MARK_PREFIX}{zlib.crc32(batch(_skeleton(hairpin)).encode()):08x}"
+
+
+def _skeleton(hairpin: bool) -> list[str]:
     cmds = [f"add table {T}"]
     for n in NAMES.values():
         key = f"{n.addr_type} . inet_proto . inet_service"
@@ -212,15 +222,17 @@ def batch(cmds: Iterable[str]) -> str:
     return "".join(c + "\n" for c in cmds)
 
 
-def change(old: GuestPlan | None, new: GuestPlan | None, *, hairpin: bool, last: bool = False) -> str:
+def change(old: GuestPlan | None, new: GuestPlan | None, *, hairpin: bool, last: bool = False,
+           with_skeleton: bool = True, stale_marks: Iterable[str] = ()) -> str:
     """One transaction taking one guest from `old` (as recorded) to `new`.
 
     Its size depends on this guest's forwards only, never on other guests'.
     `last`: no guest is left after this one, so the whole table goes.
+    `with_skeleton`: False when the table holds this skeleton's mark already.
     """
     if new is None and last:
         return batch(delete_table())
-    cmds = skeleton(hairpin)
+    cmds = skeleton(hairpin, stale_marks) if with_skeleton else []
     if old is not None:
         cmds += remove_guest(old, keep=new)
     if new is not None:

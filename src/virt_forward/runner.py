@@ -1,42 +1,144 @@
-"""The one module that executes commands.  Everything else is pure."""
+"""The one module that executes commands.  Everything else is pure.
+
+It starts them with posix_spawn rather than the subprocess module: the hook
+runs at every guest start, and importing subprocess (threading, selectors,
+signal) costs more than the nft call it would make.  Input goes through a
+memfd and stderr into another, so one pipe is read and nothing can deadlock;
+every call has a deadline.
+"""
 
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-from dataclasses import dataclass
+import select
 
-from .errors import FirewallError
+from .consts import SEARCH_PATH
 
-# libvirt runs hooks with PATH=/bin:/usr/bin, but nft and iptables live in sbin.
-SEARCH_PATH = "/usr/sbin:/sbin:/usr/bin:/bin:/usr/local/sbin:/usr/local/bin"
+__all__ = ["SEARCH_PATH", "Result", "which", "spawn", "spawn_all", "run", "nft_apply", "first_error"]
 
 
-@dataclass(frozen=True)
 class Result:
-    argv: tuple[str, ...]
-    returncode: int
-    stdout: str
-    stderr: str
+    """What a command did (a value: nothing here changes it)."""
+
+    __slots__ = ("argv", "returncode", "stdout", "stderr")
+
+    def __init__(self, argv: tuple[str, ...], returncode: int, stdout: str, stderr: str) -> None:
+        self.argv = argv
+        self.returncode = returncode
+        self.stdout = stdout
+        self.stderr = stderr
+
+    def __repr__(self) -> str:
+        return f"Result(argv={self.argv!r}, returncode={self.returncode}, stderr={self.stderr[:200]!r})"
 
 
 def which(name: str) -> str | None:
-    return shutil.which(name, path=SEARCH_PATH + ":" + os.environ.get("PATH", ""))
+    if "/" in name:
+        return name if os.access(name, os.X_OK) else None
+    for d in (SEARCH_PATH + ":" + os.environ.get("PATH", "")).split(":"):
+        path = os.path.join(d, name)
+        if d and os.access(path, os.X_OK) and not os.path.isdir(path):
+            return path
+    return None
+
+
+def spawn(argv: list[str], stdin: bytes | None = None, timeout: float = 30) -> tuple[int, bytes, bytes] | None:
+    """Run argv[0] (found in SEARCH_PATH) with a clean environment; (status, stdout, stderr),
+    status -1 when it had no answer within `timeout` (it is killed), None when not installed."""
+    return spawn_all([argv], stdin, timeout)[0]
+
+
+def spawn_all(argvs: list[list[str]], stdin: bytes | None = None,
+              timeout: float = 30) -> list[tuple[int, bytes, bytes] | None]:
+    """`spawn` for several commands at once (reads that do not depend on each other): they
+    run side by side, so the wait is the longest one's, not the sum."""
+    import time
+    deadline = time.monotonic() + timeout
+    started = [_start(argv, stdin) for argv in argvs]
+    return [None if s is None else _finish(*s, timeout=max(0.0, deadline - time.monotonic())) for s in started]
+
+
+def _start(argv: list[str], stdin: bytes | None) -> tuple[int, int, int] | None:
+    """(pid, stdout pipe, stderr memfd) of the started command, None when not installed."""
+    exe = which(argv[0])
+    if exe is None:
+        return None
+    fds: list[int] = []  # ours, closed whatever happens (the child has its copies)
+    keep: list[int] = []
+    try:
+        if stdin is None:
+            src = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            fds.append(src)
+        else:
+            src = os.memfd_create("virt-forward-in", os.MFD_CLOEXEC)
+            fds.append(src)
+            _write_all(src, stdin)
+            os.lseek(src, 0, os.SEEK_SET)
+        err = os.memfd_create("virt-forward-err", os.MFD_CLOEXEC)
+        fds.append(err)
+        out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        fds += [out_r, out_w]
+        env = {**os.environ, "PATH": SEARCH_PATH, "LC_ALL": "C"}
+        pid = os.posix_spawn(exe, [exe, *argv[1:]], env,
+                             file_actions=[(os.POSIX_SPAWN_DUP2, src, 0), (os.POSIX_SPAWN_DUP2, out_w, 1),
+                                           (os.POSIX_SPAWN_DUP2, err, 2)])
+        keep = [out_r, err]
+        return pid, out_r, err
+    finally:
+        for fd in fds:
+            if fd not in keep:
+                os.close(fd)
+
+
+def _finish(pid: int, out_r: int, err: int, timeout: float) -> tuple[int, bytes, bytes]:
+    try:
+        out, finished = _read_until(out_r, timeout)
+        if not finished:
+            os.kill(pid, 9)
+        _, wait_status = os.waitpid(pid, 0)
+        status = os.waitstatus_to_exitcode(wait_status) if finished else -1
+        os.lseek(err, 0, os.SEEK_SET)
+        errors = b"".join(iter(lambda: os.read(err, 1 << 16), b""))
+        return status, out, errors
+    finally:
+        os.close(out_r)
+        os.close(err)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _read_until(fd: int, timeout: float) -> tuple[bytes, bool]:
+    """Everything written to the pipe until EOF; (data, False) if the deadline came first."""
+    import time
+    deadline = time.monotonic() + timeout
+    poll = select.poll()
+    poll.register(fd, select.POLLIN)
+    chunks: list[bytes] = []
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not poll.poll(left * 1000):
+            return b"".join(chunks), False
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            return b"".join(chunks), True
+        chunks.append(chunk)
 
 
 def run(argv: list[str], *, stdin: str | None = None, check: bool = True, timeout: float = 30) -> Result:
-    exe = which(argv[0])
-    if exe is None:
+    from .errors import FirewallError
+    got = spawn(argv, None if stdin is None else stdin.encode(), timeout)
+    if got is None:
         raise FirewallError(f"{argv[0]}: not found in {SEARCH_PATH}")
-    try:
-        proc = subprocess.run([exe, *argv[1:]], input=stdin, capture_output=True, text=True,
-                              timeout=timeout, env={**os.environ, "PATH": SEARCH_PATH, "LC_ALL": "C"})
-    except subprocess.TimeoutExpired:
-        raise FirewallError(f"{' '.join(argv)}: no answer after {timeout:g} s") from None
-    result = Result(tuple(argv), proc.returncode, proc.stdout, proc.stderr)
-    if check and proc.returncode != 0:
-        raise FirewallError(f"{' '.join(argv)} failed: {first_error(proc.stderr)}")
+    status, out, err = got
+    if status == -1:
+        raise FirewallError(f"{' '.join(argv)}: no answer after {timeout:g} s")
+    result = Result(tuple(argv), status, out.decode("utf-8", "replace"), err.decode("utf-8", "replace"))
+    if check and status != 0:
+        raise FirewallError(f"{' '.join(argv)} failed: {first_error(result.stderr)}")
     return result
 
 
@@ -50,12 +152,13 @@ def first_error(stderr: str) -> str:
 
 def nft_apply(batch: str) -> None:
     """One transaction: all of the batch or none of it."""
+    from .errors import FirewallError
     result = run(["nft", "-f", "-"], stdin=batch, check=False)
     if result.returncode != 0:
-        raise FirewallError(f"nft rejected the change (nothing applied): {_nft_reason(result.stderr)}")
+        raise FirewallError(f"nft rejected the change (nothing applied): {nft_reason(result.stderr)}")
 
 
-def _nft_reason(stderr: str) -> str:
+def nft_reason(stderr: str) -> str:
     msg = first_error(stderr)
     if "Device or resource busy" in msg or "File exists" in msg:
         return msg + " (a public address:port/protocol is already forwarded to another guest?)"

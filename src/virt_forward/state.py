@@ -15,17 +15,12 @@ import urllib.parse
 from pathlib import Path
 from typing import Iterator
 
+from . import consts
 from .errors import StateError
 from .plan import GuestPlan
 
-DEFAULT_STATE_DIR = Path("/run/virt-forward")
-
-
 def state_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
-    if explicit is not None:
-        return Path(explicit)
-    env = os.environ.get("VIRT_FORWARD_STATE_DIR")
-    return Path(env) if env else DEFAULT_STATE_DIR
+    return Path(explicit) if explicit is not None else Path(consts.state_dir())
 
 
 def _flock_within(fd: int, timeout: float, path: Path) -> None:
@@ -84,21 +79,36 @@ class StateStore:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise StateError(f"{path}: unreadable state record ({exc})") from None
 
+    @staticmethod
+    def record_text(plan: GuestPlan, backend: str) -> str:
+        """Exactly what `write` puts in the file (the fast path compares and writes this text)."""
+        return json.dumps({"backend": backend, "plan": plan.to_record()}, indent=1)
+
     def write(self, plan: GuestPlan, backend: str) -> None:
         self._ensure()
-        path = self._path(plan.domain)
+        self._write_file(self._path(plan.domain), self.record_text(plan, backend).encode())
+        self._sync_dir()
+
+    def _write_file(self, path: Path, data: bytes) -> None:
         tmp = path.with_name(path.name + ".tmp")
-        data = json.dumps({"backend": backend, "plan": plan.to_record()}, indent=1)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         try:
-            os.write(fd, data.encode())
+            os.write(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, path)
-        self._sync_dir()
+
+    def write_fast(self, domain: str, data: bytes) -> None:
+        """The hook's fast file for this guest (fastpath.py), written after its record."""
+        from .fastpath import fast_file
+        path = Path(fast_file(str(self.root), urllib.parse.quote(domain, safe="")))
+        path.parent.mkdir(mode=0o700, exist_ok=True)
+        self._write_file(path, data)
 
     def delete(self, domain: str) -> None:
+        """The record.  The fast file stays: it says how to apply the guest's unchanged files
+        next time, and is checked against them (and against the record) before any use."""
         with contextlib.suppress(FileNotFoundError):
             self._path(domain).unlink()
             self._sync_dir()

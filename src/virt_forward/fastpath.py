@@ -1,0 +1,387 @@
+"""The hook's fast path: replay what the full path computed, when nothing it used has changed.
+
+libvirt waits for the hook at every guest start.  The full path (engine) reads
+TOML, validates, plans and renders, and importing what it needs (tomllib,
+dataclasses, ipaddress, json, pathlib) costs about four times the interpreter's
+own start.  So each time it applies a guest it also leaves, beside the guest's
+record, a *fast file*: the fingerprints of every file its plan came from (and of
+our own code), the record text, and the rendered nft batches that add and remove
+this guest's elements (in the state dir's fast/); it outlives the guest's stop.  The next start or stop
+of that guest replays them when every fingerprint still matches; anything else -- a changed or racily fresh file,
+a missing table, a guard not on top, nft refusing -- returns None and the hook
+takes the full path, which stays the reference.  Imports: os, sys, marshal,
+fcntl, select and our dependency-free modules only.
+
+What it does not cover (full path every time): plans taken from the domain XML
+(metadata, address by MAC), the iptables backend, the last guest's stop (the
+table and guards go), names that need quoting in file names.
+"""
+
+from __future__ import annotations
+
+import marshal
+import os
+import stat
+import time
+
+from .consts import GUARD_COMMENT, GUARD_SPEC, NFT_GUARD_COMMENT, NFT_GUARD_TARGETS, TABLE
+
+FORMAT = 1
+SUFFIX = ".fast"
+# A file modified this recently may change again within the same timestamp tick without
+# its fingerprint changing ("racily clean", as git says): no fast file is written for it.
+RACY_SECONDS = 2.0
+START_OPS = frozenset({"start", "started", "reconnect"})
+STOP_OPS = frozenset({"stopped", "release"})
+_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-~")
+# Our modules whose output a fast file holds: a changed one (an upgrade) makes every fast file stale.
+_CODE = ("__init__.py", "consts.py", "config.py", "ports.py", "plan.py", "nft.py", "guards.py", "engine.py",
+         "state.py", "fastpath.py")
+
+Fingerprint = tuple[int, int, int, int, int, int, int] | None
+
+
+class Miss(Exception):
+    """The fast path does not apply; the full path will."""
+
+
+class Busy(Exception):
+    """Another virt-forward process held the lock past the hook's deadline."""
+
+
+def fingerprint(path: str) -> Fingerprint:
+    """What identifies a file's content and trust (owner, mode); of a directory only the trust
+    (its times change whenever another guest's file is edited, which changes nothing here)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    if stat.S_ISDIR(st.st_mode):
+        return (st.st_dev, st.st_ino, 0, 0, 0, st.st_mode, st.st_uid)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_mode, st.st_uid)
+
+
+def inputs(config_dir: str, domain: str) -> dict[str, Fingerprint]:
+    """Every file a guest's plan may come from; taken *before* the full path reads them."""
+    guests = os.path.join(config_dir, "guests")
+    paths = (config_dir, guests, os.path.join(config_dir, "config.toml"), os.path.join(guests, f"{domain}.toml"))
+    return {p: fingerprint(p) for p in paths}
+
+
+def code() -> dict[str, Fingerprint]:
+    here = os.path.dirname(os.path.abspath(__file__))
+    return {name: fingerprint(os.path.join(here, name)) for name in _CODE}
+
+
+def racy(taken: dict[str, Fingerprint], now: float | None = None) -> bool:
+    limit = (time.time() if now is None else now) - RACY_SECONDS
+    return any(fp is not None and max(fp[3], fp[4]) / 1e9 > limit for fp in taken.values())
+
+
+def fast_file(state_dir: str, stem: str) -> str:
+    """Beside guests/ (the records of what is applied), not in it: a cache outlives a stop."""
+    return os.path.join(state_dir, "fast", stem + SUFFIX)
+
+
+def file_name(domain: str) -> str | None:
+    """The record's file stem when quoting leaves the name as it is (StateStore quotes others)."""
+    if domain and not domain.startswith(".") and len(domain) <= 200 and _SAFE.issuperset(domain):
+        return domain
+    return None
+
+
+def compile_fast(*, taken: dict[str, Fingerprint], record: str, add: str, remove: str, mark: str,
+                 families: list[int], forwards: int, message: str) -> bytes:
+    """The fast file's content (written by the full path after it applied the guest)."""
+    return marshal.dumps({"format": FORMAT, "code": code(), "inputs": taken, "record": record, "add": add,
+                          "remove": remove, "mark": mark, "families": sorted(families), "forwards": forwards,
+                          "message": message})
+
+
+# ---------------------------------------------------------------- the hook's side
+
+def qemu(config_dir: str, state_dir: str, domain: str, op: str, sub: str) -> int | None:
+    """The hook's exit status when the fast path did the whole job, else None."""
+    try:
+        name = file_name(domain)
+        if name is None:
+            raise Miss("a name that needs quoting")
+        if op not in START_OPS | STOP_OPS | {"prepare"}:
+            raise Miss(f"operation {op}")
+        guests = os.path.join(state_dir, "guests")
+        if not _applied(state_dir, guests, name) and (op in STOP_OPS or _nothing_configured(config_dir, name)):
+            done = 0  # nothing of ours, before or after: what the full path would conclude
+        else:
+            for d in (state_dir, guests, os.path.join(state_dir, "fast")):
+                _trusted_dir(d)
+            if op in STOP_OPS:
+                done = _stop(guests, state_dir, name, domain, f"{op} {sub}")
+            else:
+                done = _start(config_dir, guests, state_dir, name, domain, op)
+        _trace("fast path")
+        return done
+    except Busy as exc:
+        from . import log
+        log.error(f"{domain}: {op}: {exc}")
+        return 0
+    except (Miss, OSError, ValueError, KeyError, TypeError, EOFError) as exc:
+        _trace(f"full path ({type(exc).__name__}: {exc})")
+        return None
+
+
+def _trace(what: str) -> None:
+    """VIRT_FORWARD_TRACE=1: say which path a hook call took (tests, and an admin wondering)."""
+    if os.environ.get("VIRT_FORWARD_TRACE"):
+        import sys
+        sys.stderr.write(f"virt-forward: trace: {what}\n")
+
+
+def _start(config_dir: str, guests: str, state_dir: str, name: str, domain: str, op: str) -> int:
+    record_path = os.path.join(guests, name + ".json")
+    fast = _load(fast_file(state_dir, name))
+    if fast.code != code() or fast.inputs != inputs(config_dir, domain):
+        raise Miss("changed since the fast file was written")
+    if op == "prepare":
+        return 0  # the files validated when the fast file was written and have not changed since
+    with _lock(state_dir):
+        record = _read(record_path)
+        if record is not None and record != fast.record:
+            raise Miss("the record differs")
+        _check_live(fast)
+        status, _, _ = _spawn(["nft", "-f", "-"], fast.add.encode())
+        if status != 0:
+            raise Miss("nft refused: the full path will say why")
+        if record is None:
+            _write_atomic(record_path, fast.record.encode())
+    from . import log
+    log.info(fast.message)
+    return 0
+
+
+def _stop(guests: str, state_dir: str, name: str, domain: str, why: str) -> int:
+    record_path = os.path.join(guests, name + ".json")
+    with _lock(state_dir):
+        record = _read(record_path)
+        if record is None:
+            raise Miss("no record (a domain XML to clean up)")
+        fast = _load(fast_file(state_dir, name))
+        if record != fast.record:
+            raise Miss("the record differs")
+        if not _another_guest(guests, name):
+            raise Miss("the last guest: the table and the guards go (full path)")
+        status, _, _ = _spawn(["nft", "-f", "-"], fast.remove.encode())
+        if status != 0:
+            raise Miss("nft refused")
+        os.unlink(record_path)  # the fast file stays, for the next start
+        _sync_dir(guests)
+    from . import log
+    log.info(f"{domain}: removed {fast.forwards} forward(s) ({why})")
+    return 0
+
+
+def _applied(state_dir: str, guests: str, name: str) -> bool:
+    """A record, or a domain XML kept for a guest waiting for its address."""
+    return (os.path.lexists(os.path.join(guests, name + ".json"))
+            or os.path.lexists(os.path.join(state_dir, "xml", name + ".xml")))
+
+
+def _nothing_configured(config_dir: str, name: str) -> bool:
+    """No guest file and metadata forwards not enabled: not a guest of ours.  config.toml is
+    not parsed: a file that does not even contain the word `metadata` (nor a backslash,
+    which could spell it in a quoted key) cannot enable them."""
+    if fingerprint(os.path.join(config_dir, "guests", name + ".toml")) is not None:
+        return False
+    try:
+        with open(os.path.join(config_dir, "config.toml"), "rb") as fh:
+            text = fh.read(1 << 20)
+    except FileNotFoundError:
+        return True
+    return b"metadata" not in text and b"\\" not in text
+
+
+def _check_live(fast: Fast) -> None:
+    """The table holds this skeleton, and every guard the full path would place is in place.
+    The reads do not depend on each other: they run side by side (each guard chain is listed
+    whether or not it exists; a missing one just fails)."""
+    from .runner import spawn_all
+    saves = [["iptables-save" if family == 4 else "ip6tables-save", "-t", "filter"] for family in fast.families]
+    got = spawn_all([["nft", "list", "chains"]] + [["nft", "-a", "list", "chain", *t] for t in NFT_GUARD_TARGETS]
+                    + saves, timeout=10.0)
+    listed, guarded, saved = got[0], got[1:1 + len(NFT_GUARD_TARGETS)], got[1 + len(NFT_GUARD_TARGETS):]
+    if listed is None or listed[0] != 0:
+        raise Miss("nft list chains failed")
+    chains = _chains(listed[1].decode("utf-8", "replace"))
+    if ("inet", TABLE, fast.mark) not in chains:
+        raise Miss("our table or its skeleton is missing")
+    for target, chain in zip(NFT_GUARD_TARGETS, guarded):
+        if target in chains and (chain is None or chain[0] != 0
+                                 or not nft_guard_on_top(chain[1].decode("utf-8", "replace"))):
+            raise Miss(f"guard not on top of {' '.join(target)}")
+    for save in saved:  # None: not installed, nothing there to guard
+        if save is not None and save[0] == 0 and not iptables_guard_ok(save[1].decode("utf-8", "replace")):
+            raise Miss("guard not on top of iptables FORWARD")
+
+
+def _chains(listing: str) -> set[tuple[str, str, str]]:
+    """(family, table, chain) from `nft list chains` text."""
+    found = set()
+    family = table = ""
+    for line in listing.splitlines():
+        words = line.split()
+        if len(words) >= 3 and words[0] == "table":
+            family, table = words[1], words[2]
+        elif len(words) >= 2 and words[0] == "chain" and table:
+            found.add((family, table, words[1]))
+    return found
+
+
+def nft_guard_on_top(listing: str) -> bool:
+    """`nft -a list chain` text: exactly one guard of ours, the current one, as the first rule."""
+    rules = [ln.strip() for ln in listing.splitlines()
+             if ln.startswith("\t\t") and not ln.strip().startswith(("type ", "policy ", "}"))]
+    ours = [i for i, r in enumerate(rules) if f'comment "{GUARD_COMMENT}' in r]
+    return ours == [0] and f'comment "{NFT_GUARD_COMMENT}"' in rules[0]
+
+
+def iptables_guard_ok(save: str) -> bool:
+    """`iptables-save -t filter` text: no guard needed (no FORWARD chain, or nothing there can
+    reject), or exactly one guard, the current one, first."""
+    in_filter, policy, rules = False, None, []
+    for line in save.splitlines():
+        if line.startswith("*"):
+            in_filter = line == "*filter"
+        elif in_filter and line.startswith(":FORWARD "):
+            policy = line.split()[1]
+        elif in_filter and line.startswith("-A FORWARD "):
+            rules.append(line[len("-A FORWARD "):])
+    ours = [i for i, r in enumerate(rules) if GUARD_COMMENT in r]
+    needed = policy is not None and (policy != "ACCEPT" or len(ours) < len(rules))
+    if not needed:
+        return True
+    return ours == [0] and rules[0].replace('"', "") == GUARD_SPEC
+
+
+# ---------------------------------------------------------------- plumbing
+
+def _trusted_dir(path: str) -> None:
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        raise Miss(f"{path}: not a directory only we may write")
+
+
+class Fast:
+    """A fast file, checked: each field of the type the full path wrote."""
+
+    __slots__ = ("code", "inputs", "record", "add", "remove", "mark", "families", "forwards", "message")
+
+    def __init__(self, data: object) -> None:
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise Miss("another format")
+        for key, kind in (("record", str), ("add", str), ("remove", str), ("mark", str), ("message", str),
+                          ("families", list), ("forwards", int), ("code", dict), ("inputs", dict)):
+            if not isinstance(data.get(key), kind):
+                raise Miss(f"bad {key}")
+        self.code: object = data["code"]
+        self.inputs: object = data["inputs"]
+        self.record: str = data["record"]
+        self.add: str = data["add"]
+        self.remove: str = data["remove"]
+        self.mark: str = data["mark"]
+        self.families: list[int] = [f for f in data["families"] if f in (4, 6)]
+        self.forwards: int = data["forwards"]
+        self.message: str = data["message"]
+
+
+def _load(path: str) -> Fast:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022 or st.st_size > 1 << 22:
+            raise Miss(f"{path}: not a file only we may write")
+        data = _read_fd(fd)
+    finally:
+        os.close(fd)
+    return Fast(marshal.loads(data))
+
+
+def _read(path: str) -> str | None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    try:
+        return _read_fd(fd).decode("utf-8")
+    finally:
+        os.close(fd)
+
+
+def _read_fd(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 1 << 16):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    _sync_dir(os.path.dirname(path))
+
+
+def _sync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _another_guest(guests: str, name: str) -> bool:
+    own = name + ".json"
+    with os.scandir(guests) as it:
+        return any(e.name.endswith(".json") and e.name != own for e in it)
+
+
+class _lock:
+    """The state lock (state.StateStore.lock), with the hook's deadline."""
+
+    def __init__(self, state_dir: str, timeout: float = 10.0) -> None:
+        self.path, self.timeout, self.fd = os.path.join(state_dir, "lock"), timeout, -1
+
+    def __enter__(self) -> None:
+        import fcntl
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        deadline, pause = time.monotonic() + self.timeout, 0.002
+        while True:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(self.fd)
+                    raise Busy(f"{self.path}: another virt-forward process has held the lock for more than "
+                               f"{self.timeout:g} s; gave up (nothing changed)") from None
+                time.sleep(pause)
+                pause = min(pause * 2, 0.05)
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.fd)
+
+
+def _spawn(argv: list[str], stdin: bytes | None = None) -> tuple[int, bytes, bytes]:
+    """(status, stdout, stderr); Miss when the command is not installed."""
+    got = _spawn_if_installed(argv, stdin)
+    if got is None:
+        raise Miss(f"{argv[0]} is not installed")
+    return got
+
+
+def _spawn_if_installed(argv: list[str], stdin: bytes | None = None) -> tuple[int, bytes, bytes] | None:
+    from .runner import spawn
+    return spawn(argv, stdin, timeout=10.0)

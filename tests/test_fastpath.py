@@ -1,0 +1,241 @@
+"""The hook's fast path replays the full path's output: same kernel state, same records, or it steps aside.
+
+Namespace tests drive the installed hook with VIRT_FORWARD_TRACE=1, which makes it say
+which path it took, and compare what the kernel holds after the fast path with what the
+full path left.  The pure tests check the text checks against guards.py on real listings.
+"""
+
+from __future__ import annotations
+
+import marshal
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from netns_util import World, lab_world
+from virt_forward import fastpath, guards
+from virt_forward.lab import CLIENT4, PUBLIC4, domain_xml
+
+DATA = Path(__file__).parent / "data"
+G1, G2 = "192.168.122.10", "192.168.122.11"
+
+
+# ---------------------------------------------------------------- pure
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (DATA / "guards").glob("*.save")))
+def test_iptables_text_check_agrees_with_guards(name: str) -> None:
+    save = (DATA / "guards" / name).read_text()
+    chain = guards.parse_filter(save)
+    slow_says_ok = not chain.needs_guard() or chain.guard_in_place()
+    assert fastpath.iptables_guard_ok(save) == slow_says_ok
+
+
+NFT_CHAIN = """table ip libvirt_network {{
+\tchain forward {{ # handle 1
+\t\ttype filter hook forward priority filter; policy accept;
+{rules}\t}}
+}}
+"""
+GUARD = '\t\tct mark & 0x10000000 == 0x10000000 ct status dnat counter packets 3 bytes 180 accept comment "{c}" # handle {h}\n'
+JUMP = "\t\tcounter packets 0 bytes 0 jump guest_{n} # handle {h}\n"
+
+
+@pytest.mark.parametrize("rules, ok", [
+    (GUARD.format(c="virt-forward:guard 0x10000000", h=9) + JUMP.format(n="cross", h=5), True),
+    (JUMP.format(n="cross", h=5) + GUARD.format(c="virt-forward:guard 0x10000000", h=9), False),  # not on top
+    (GUARD.format(c="virt-forward:guard 0x20000000", h=9) + JUMP.format(n="cross", h=5), False),  # older version
+    (GUARD.format(c="virt-forward:guard 0x10000000", h=9) * 2, False),  # two
+    (JUMP.format(n="cross", h=5), False),  # none
+    ("", False),
+])
+def test_nft_text_check(rules: str, ok: bool) -> None:
+    assert fastpath.nft_guard_on_top(NFT_CHAIN.format(rules=rules)) is ok
+
+
+def test_racy_files_get_no_fast_file() -> None:
+    now = time.time()
+    fresh = (1, 2, 3, int((now - 0.5) * 1e9), int((now - 0.5) * 1e9), 0o100644, 0)
+    old = (1, 2, 3, int((now - 60) * 1e9), int((now - 60) * 1e9), 0o100644, 0)
+    assert fastpath.racy({"a": old, "b": fresh}, now) and not fastpath.racy({"a": old, "b": None}, now)
+
+
+@pytest.mark.parametrize("name, stem", [("web", "web"), ("web-1.example_x~", "web-1.example_x~"), (".web", None),
+                                        ("web 1", None), ("wéb", None), ("a/b", None), ("", None), ("x" * 201, None)])
+def test_only_names_that_need_no_quoting(name: str, stem: str | None) -> None:
+    assert fastpath.file_name(name) == stem
+
+
+@pytest.mark.parametrize("data", [b"", b"\x00garbage", marshal.dumps([1, 2]), marshal.dumps({"format": 99}),
+                                  marshal.dumps({"format": fastpath.FORMAT, "record": 1})])
+def test_a_bad_fast_file_is_a_miss(tmp_path: Path, data: bytes) -> None:
+    path = tmp_path / "web.fast"
+    path.write_bytes(data)
+    path.chmod(0o600)
+    with pytest.raises((fastpath.Miss, ValueError, EOFError, TypeError)):
+        fastpath._load(str(path))
+
+
+# ---------------------------------------------------------------- in namespaces
+
+@pytest.fixture(params=["iptables", "nftables"])
+def world(request: pytest.FixtureRequest) -> Iterator[World]:
+    with lab_world(backend=request.param) as w:
+        yield w
+
+
+def hook(w: World, domain: str, op: str) -> tuple[str, str]:
+    """(path taken, stderr) of one hook call as libvirt makes it."""
+    sub = "end" if op in ("stopped", "release") else "begin"
+    r = w.lab.sh(w.lab.host, str(w.hook_path), domain, op, sub, "-", stdin=domain_xml(domain),
+                 env={**w.env(), "VIRT_FORWARD_TRACE": "1"}, check=False)
+    assert r.returncode == 0 and r.stdout == "", r
+    path = "fast" if "trace: fast path" in r.stderr else "full"
+    return path, r.stderr
+
+
+def snapshot(w: World) -> tuple[str, str, dict[str, str]]:
+    """The kernel's rules (no counters, no handles) and the records."""
+    ruleset = w.nft("-s", "list", "ruleset").stdout
+    save = w.lab.sh(w.lab.host, "iptables-save").stdout + w.lab.sh(w.lab.host, "ip6tables-save").stdout
+    save = "\n".join(ln for ln in save.splitlines() if not ln.startswith("#"))
+    records = {p.name: p.read_text() for p in sorted((w.state / "guests").glob("*.json"))}
+    return ruleset, save, records
+
+
+def settle() -> None:
+    """Files written within the last 2 s get no fast file (fastpath.RACY_SECONDS)."""
+    time.sleep(fastpath.RACY_SECONDS + 0.1)
+
+
+def test_fast_start_and_stop_leave_what_the_full_path_leaves(world: World) -> None:
+    w = world
+    w.write("config.toml", f'public = ["{PUBLIC4}"]\n')
+    w.guest_file("guest1", f'address = "{G1}"\nports = ["80", "2222:22", "8000-8002:9000-9002/udp"]\n')
+    w.guest_file("guest2", f'address = "{G2}"\nports = ["443"]\n')
+    settle()
+    assert hook(w, "guest2", "start")[0] == "full"
+    assert hook(w, "guest1", "start")[0] == "full"  # the full path writes the fast file
+    assert (w.state / "fast" / "guest1.fast").exists()
+    by_full = snapshot(w)
+    assert w.probe("tcp", PUBLIC4, 80) == f"guest1:80 from {CLIENT4}"
+
+    path, err = hook(w, "guest1", "stopped")
+    assert path == "fast" and "guest1: removed 5 forward(s) (stopped end)" in err, err
+    assert w.probe("tcp", PUBLIC4, 80).startswith("ERR")
+    assert not (w.state / "guests" / "guest1.json").exists() and (w.state / "fast" / "guest1.fast").exists()
+    assert w.probe("tcp", PUBLIC4, 443) == f"guest2:443 from {CLIENT4}"
+
+    for op in ("prepare", "start", "started", "reconnect"):
+        path, err = hook(w, "guest1", op)
+        assert path == "fast", (op, err)
+    assert snapshot(w) == by_full  # exactly what the full path made, records included
+    assert w.probe("tcp", PUBLIC4, 80) == f"guest1:80 from {CLIENT4}"
+    assert w.probe("udp", PUBLIC4, 8001) == f"guest1:9001 from {CLIENT4}"
+
+    # the last guest's stop removes the table and the guards: always the full path
+    assert hook(w, "guest1", "stopped")[0] == "fast"
+    assert hook(w, "guest2", "stopped")[0] == "full"
+    assert w.elements() == {} and w.no_guards()
+
+
+def test_the_fast_path_steps_aside_when_anything_changed(world: World) -> None:
+    w = world
+    w.write("config.toml", f'public = ["{PUBLIC4}"]\n')
+    w.guest_file("guest1", f'address = "{G1}"\nports = ["80"]\n')
+    w.guest_file("guest2", f'address = "{G2}"\nports = ["443"]\n')
+    settle()
+    hook(w, "guest2", "start")
+    hook(w, "guest1", "start")
+    hook(w, "guest1", "stopped")
+
+    # an edited guest file: the fast file no longer matches, the full path applies the new ports
+    w.guest_file("guest1", f'address = "{G1}"\nports = ["80", "8080:80"]\n')
+    path, err = hook(w, "guest1", "start")
+    assert path == "full" and "changed since" in err, err
+    assert w.probe("tcp", PUBLIC4, 8080) == f"guest1:80 from {CLIENT4}"
+    settle()
+    hook(w, "guest1", "stopped")  # its record differs from the old fast file: full path
+    assert w.probe("tcp", PUBLIC4, 8080).startswith("ERR")
+    hook(w, "guest1", "start")  # not racy any more: writes a fast file for the new plan
+    hook(w, "guest1", "stopped")
+    assert hook(w, "guest1", "start")[0] == "fast"
+    assert w.probe("tcp", PUBLIC4, 8080) == f"guest1:80 from {CLIENT4}"
+    hook(w, "guest1", "stopped")
+
+    # a config.toml edit (another public address) is an input too
+    w.write("config.toml", f'public = ["{PUBLIC4}"]\nhairpin = true\n')
+    assert hook(w, "guest1", "start")[0] == "full"
+    hook(w, "guest1", "stopped")
+    settle()
+    hook(w, "guest1", "start")  # a fast file for the settled files
+    assert hook(w, "guest1", "stopped")[0] == "fast"
+
+    # libvirt put its rules back above our guard: the full path re-places it
+    if w.backend == "iptables":
+        for chain in ("LIBVIRT_FWO", "LIBVIRT_FWI", "LIBVIRT_FWX"):
+            w.lab.sh(w.lab.host, "iptables", "-w", "-I", "FORWARD", "1", "-j", chain)
+    else:
+        w.lab.sh(w.lab.host, "nft", "insert", "rule", "ip", "libvirt_network", "forward", "counter",
+                 "jump", "guest_input")
+    path, err = hook(w, "guest1", "start")
+    assert path == "full" and "guard not on top" in err, err
+    first = w.forward_chain("iptables")[1] if w.backend == "iptables" else w.foreign()[0]
+    assert "virt-forward:guard" in first, w.foreign()
+    assert w.probe("tcp", PUBLIC4, 80) == f"guest1:80 from {CLIENT4}"
+    hook(w, "guest1", "stopped")
+
+    # someone flushed the whole ruleset: no skeleton, the full path rebuilds
+    w.nft("flush", "ruleset")
+    w.lab.load_libvirt_rules()
+    path, err = hook(w, "guest1", "start")
+    assert path == "full" and "skeleton is missing" in err, err
+    assert w.probe("tcp", PUBLIC4, 80) == f"guest1:80 from {CLIENT4}"
+
+
+def test_a_guest_without_forwards_costs_nothing(world: World) -> None:
+    w = world
+    w.write("config.toml", f'public = ["{PUBLIC4}"]\n')
+    for op in ("prepare", "start", "started", "reconnect", "stopped", "release"):
+        assert hook(w, "plain-vm", op)[0] == "fast"
+    # metadata forwards enabled: unconfigured guests may be ours, the full path decides
+    w.write("config.toml", "metadata = true\n")
+    assert hook(w, "plain-vm", "start")[0] == "full"
+    w.write("config.toml", '"\\u006detadata" = true\n')  # TOML may spell a key with escapes
+    assert hook(w, "plain-vm", "start")[0] == "full"
+
+
+def test_a_forged_fast_file_is_not_trusted(world: World) -> None:
+    w = world
+    w.write("config.toml", f'public = ["{PUBLIC4}"]\n')
+    w.guest_file("guest1", f'address = "{G1}"\nports = ["80"]\n')
+    w.guest_file("guest2", f'address = "{G2}"\nports = ["443"]\n')
+    settle()
+    hook(w, "guest2", "start")
+    hook(w, "guest1", "start")
+    hook(w, "guest1", "stopped")
+    fast = w.state / "fast" / "guest1.fast"
+    fast.chmod(0o666)  # writable by others: someone else could have written it
+    path, err = hook(w, "guest1", "start")
+    assert path == "full" and "only we may write" in err, err
+    (w.state / "guests").chmod(0o777)
+    try:
+        assert hook(w, "guest1", "stopped")[0] == "full"
+    finally:
+        (w.state / "guests").chmod(0o700)
+
+
+def test_the_installed_hook_is_lean(tmp_path: Path) -> None:
+    """What the fast path imports: nothing of the planner, no typing/re/json/dataclasses/subprocess."""
+    code = ("import sys; sys.path.append(sys.argv[1]); from virt_forward import hook, fastpath, runner;"
+            "heavy = {'typing', 're', 'json', 'dataclasses', 'subprocess', 'tomllib', 'ipaddress', 'pathlib',"
+            " 'virt_forward.engine', 'virt_forward.config', 'virt_forward.plan', 'virt_forward.nft'};"
+            "print(sorted(heavy & set(sys.modules)))")
+    src = str(Path(fastpath.__file__).parents[1])
+    r = subprocess.run([os.path.realpath(sys.executable), "-I", "-S", "-c", code, src],
+                       capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == "[]", r.stdout
