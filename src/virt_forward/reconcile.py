@@ -70,17 +70,29 @@ def reconcile(ctx: engine.Context, running: list[str] | None = None, lock_timeou
         if asked is not None:
             running, xmls, source = sorted(asked), asked, "libvirt"
     with store.lock(lock_timeout):
-        records: dict[str, GuestPlan] = {}
+        # Record texts; a record is parsed only when it is needed (a guest kept as it was):
+        # an unchanged one is recognised by its text, 1,000 of them cost 0.2 s to parse.
+        texts: dict[str, str] = {}
         for domain in store.domains():
             try:
-                plan = store.read(domain)
+                text = store.read_text(domain)
             except StateError as exc:
                 problems.append(str(exc))
                 continue
-            if plan is not None:
-                records[domain] = plan
+            if text is not None:
+                texts[domain] = text
+
+        def recorded(domain: str) -> GuestPlan | None:
+            if domain not in texts:
+                return None
+            try:
+                return store.parse(domain, texts[domain])
+            except StateError as exc:
+                problems.append(str(exc))
+                return None
+
         if running is None:
-            running, source = sorted(set(records) | set(store.xml_domains())), "records (libvirt not reachable)"
+            running, source = sorted(set(texts) | set(store.xml_domains())), "records (libvirt not reachable)"
 
         plans: list[GuestPlan] = []
         for domain in sorted(set(running)):
@@ -90,29 +102,31 @@ def reconcile(ctx: engine.Context, running: list[str] | None = None, lock_timeou
                     plans.append(want.plan)
                 elif want.pending is not None:
                     problems.append(f"{domain}: {want.pending}")
-                    if domain in records:  # known from an earlier start: keep it
-                        plans.append(records[domain])
+                    known = recorded(domain)
+                    if known is not None:  # known from an earlier start: keep it
+                        plans.append(known)
             except VirtForwardError as exc:
                 # nothing lost, nothing opened: what was live for it stays as it was
-                kept = records.get(domain)
+                kept = recorded(domain)
                 problems.append(f"{exc}" + ("; keeping what was applied" if kept else ""))
                 if kept is not None:
                     plans.append(kept)
-        plans = _without_conflicts(plans, problems)
+        # a port stays with the guest that holds it now: recorded guests are served first
+        plans = _without_conflicts(sorted(plans, key=lambda p: (p.domain not in texts, p.domain)), problems)
 
         if backend == "iptables":
             engine.iptables_sync(plans, plans, {4, 6}, settings.hairpin)
         else:
             engine.apply_with_nft_guards(nft.full(plans, hairpin=settings.hairpin), want=bool(plans))
         wanted = {p.domain for p in plans}
-        for domain in records:
+        for domain in texts:
             if domain not in wanted:
                 store.delete(domain)
         for domain in store.xml_domains():
             if domain not in running:
                 store.delete_xml(domain)
         for plan in plans:
-            if records.get(plan.domain) != plan:
+            if texts.get(plan.domain) != store.record_text(plan, backend):
                 store.write(plan, backend)
         if backend == "iptables":
             pass  # the guard went with the same iptables-restore batch
@@ -128,7 +142,7 @@ def reconcile(ctx: engine.Context, running: list[str] | None = None, lock_timeou
 
 
 def _without_conflicts(plans: list[GuestPlan], problems: list[str]) -> list[GuestPlan]:
-    """The kernel takes no two forwards on one key: the guest named first keeps it."""
+    """The kernel takes no two forwards on one key: the guest that comes first keeps it."""
     kept: list[GuestPlan] = []
     exact: dict[object, str] = {}  # (family, public, proto, port) -> guest
     any_addr: dict[object, str] = {}  # (family, proto, port) of forwards on every address

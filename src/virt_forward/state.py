@@ -70,19 +70,29 @@ class StateStore:
         return self.guests / (urllib.parse.quote(domain, safe="") + ".json")
 
     def read(self, domain: str) -> GuestPlan | None:
+        text = self.read_text(domain)
+        return None if text is None else self.parse(domain, text)
+
+    def read_text(self, domain: str) -> str | None:
+        """The record as written (reconcile compares texts and parses only what it needs)."""
         path = self._path(domain)
         try:
-            data = json.loads(path.read_text())
-            return GuestPlan.from_record(data["plan"])
+            return path.read_text()
         except FileNotFoundError:
             return None
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (OSError, ValueError) as exc:
             raise StateError(f"{path}: unreadable state record ({exc})") from None
+
+    def parse(self, domain: str, text: str) -> GuestPlan:
+        try:
+            return GuestPlan.from_record(json.loads(text)["plan"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise StateError(f"{self._path(domain)}: unreadable state record ({exc})") from None
 
     @staticmethod
     def record_text(plan: GuestPlan, backend: str) -> str:
         """Exactly what `write` puts in the file (the fast path compares and writes this text)."""
-        return json.dumps({"backend": backend, "plan": plan.to_record()}, indent=1)
+        return json.dumps({"backend": backend, "plan": plan.to_record()}, separators=(",", ":")) + "\n"
 
     def write(self, plan: GuestPlan, backend: str) -> None:
         self._ensure()
