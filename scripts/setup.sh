@@ -5,8 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-# libvirt-dev, pkg-config, gcc, python3-dev: to build libvirt-python (reconcile/watch ask libvirt)
-for pkg in nftables iptables iproute2 python3 python3-venv python3-dev libvirt-dev pkg-config gcc; do
+# libvirt-dev, pkg-config, gcc, python3-dev: to build libvirt-python (reconcile/watch ask libvirt);
+# conntrack: to forget the flows of a removed or re-pointed forward
+for pkg in nftables iptables iproute2 conntrack python3 python3-venv python3-dev libvirt-dev pkg-config gcc; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -8,11 +8,15 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from netns_util import World, make_world
 from virt_forward import discovery, domainxml
@@ -52,30 +56,255 @@ def test_unknown_metadata_element_is_refused_by_name() -> None:
         guest_from_metadata("guest1", dom.metadata)
 
 
-def _libvirt_root(tmp: Path, network: str | None = None, leases: list[dict[str, object]] | None = None) -> Path:
+NOW = 1_700_000_000.0
+OTHER_MAC = "52:54:00:aa:bb:02"
+ip = ipaddress.ip_address
+
+
+def _network(name: str = "default", bridge: str | None = "virbr0", ips: str = "", hosts: str = "") -> str:
+    """A network definition; `ips` defaults to 192.168.122.1/24 by netmask plus fd00:122::1/64,
+    `hosts` go into the IPv4 <dhcp>."""
+    ips = ips or (f"<ip address='192.168.122.1' netmask='255.255.255.0'><dhcp>{hosts}</dhcp></ip>"
+                  "<ip family='ipv6' address='fd00:122::1' prefix='64'/>")
+    br = f"<bridge name='{bridge}'/>" if bridge else ""
+    return f"<network><name>{name}</name>{br}{ips}</network>"
+
+
+OTHER = _network("other", "virbr1", "<ip address='192.168.100.1' prefix='24'><dhcp>"
+                 f"<host mac='{MAC}' ip='192.168.100.10'/><host mac='{MAC}' ip='192.168.122.11'/></dhcp></ip>")
+
+
+def _write(root: Path, rel: str, data: str | bytes) -> Path:
+    path = root / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data.encode() if isinstance(data, str) else data)
+    return path
+
+
+def _lease(addr: str, expiry: object, mac: str = MAC) -> dict[str, object]:
+    return {"ip-address": addr, "mac-address": mac, "expiry-time": expiry, "hostname": "guest1"}
+
+
+def _libvirt_root(tmp: Path, network: str | None = None, leases: list[dict[str, object]] | None = None,
+                  bridge: str = "virbr0") -> Path:
     if network is not None:
-        (tmp / "etc/libvirt/qemu/networks").mkdir(parents=True, exist_ok=True)
-        (tmp / "etc/libvirt/qemu/networks/default.xml").write_text(network)
+        _write(tmp, "etc/libvirt/qemu/networks/default.xml", network)
     if leases is not None:
-        (tmp / "var/lib/libvirt/dnsmasq").mkdir(parents=True, exist_ok=True)
-        (tmp / "var/lib/libvirt/dnsmasq/virbr0.status").write_text(json.dumps(leases))
+        _write(tmp, f"var/lib/libvirt/dnsmasq/{bridge}.status", json.dumps(leases))
     return tmp
 
 
+NIC = (domainxml.Nic(MAC, "default", "virbr0"),)
+
+
+def _find(root: Path, nics: tuple[domainxml.Nic, ...] = NIC) -> tuple[object, ...]:
+    return discovery.discover(nics, root, now=NOW)
+
+
+def _within(seconds: float, fn: Callable[[], object]) -> object:
+    """fn() run in a thread: a call that blocks (a FIFO opened for reading) fails the test
+    instead of hanging the suite."""
+    result: list[object] = []
+    t = threading.Thread(target=lambda: result.append(fn()), daemon=True)
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive(), f"still blocked after {seconds} s"
+    return result[0]
+
+
 def test_static_host_first_then_unexpired_leases(tmp_path: Path) -> None:
-    nic = (domainxml.Nic(MAC, "default", "virbr0"),)
-    assert discovery.discover(nic, tmp_path) == ()
-    now = time.time()
-    root = _libvirt_root(tmp_path, leases=[
-        {"ip-address": "192.168.122.99", "mac-address": MAC, "expiry-time": now - 10},   # expired
-        {"ip-address": "192.168.122.150", "mac-address": MAC, "expiry-time": now + 3600},
-        {"ip-address": "fd00:122::99", "mac-address": MAC, "expiry-time": now + 3600},
-        {"ip-address": "192.168.122.151", "mac-address": "52:54:00:00:00:09", "expiry-time": now + 3600},
+    # was: leases without any network XML; now a lease needs its network's subnets
+    assert discovery.discover(NIC, tmp_path) == ()
+    root = _libvirt_root(tmp_path, network=_network(), leases=[
+        _lease("192.168.122.99", NOW - 10),  # expired
+        _lease("192.168.122.150", NOW + 3600),
+        _lease("fd00:122::99", NOW + 3600),
+        _lease("192.168.122.151", NOW + 3600, mac="52:54:00:00:00:09"),
     ])
-    assert discovery.discover(nic, root) == (ipaddress.ip_address("192.168.122.150"),
-                                             ipaddress.ip_address("fd00:122::99"))
-    _libvirt_root(tmp_path, network=NETWORK)
-    assert discovery.discover(nic, root)[0] == ipaddress.ip_address("192.168.122.10")  # static wins
+    assert _find(root) == (ip("192.168.122.150"), ip("fd00:122::99"))
+    _libvirt_root(tmp_path, network=NETWORK)  # adds <host mac=MAC ip=192.168.122.10>, drops the IPv6 subnet
+    assert _find(root) == (ip("192.168.122.10"),)  # static wins; the v6 lease is now outside every subnet
+
+
+def test_a_spoofed_mac_on_another_networks_lease_file_is_ignored(tmp_path: Path) -> None:
+    _write(tmp_path, "etc/libvirt/qemu/networks/default.xml", _network())
+    _write(tmp_path, "etc/libvirt/qemu/networks/other.xml", OTHER.replace("<host", "<hostx"))
+    # a guest on "other" asked DHCP with guest1's MAC: its lease is newer, and even inside default's subnet
+    _libvirt_root(tmp_path, bridge="virbr1", leases=[_lease("192.168.122.66", NOW + 9000),
+                                                     _lease("192.168.100.66", NOW + 9000)])
+    assert _find(tmp_path) == ()
+    _libvirt_root(tmp_path, leases=[_lease("192.168.122.150", NOW + 60)])
+    assert _find(tmp_path) == (ip("192.168.122.150"),)
+    # the same MAC on "other" finds the lease of "other", inside its subnet
+    assert _find(tmp_path, (domainxml.Nic(MAC, "other", "virbr1"),)) == (ip("192.168.100.66"),)
+    # a lease file named after no bridge of ours is never read
+    _write(tmp_path, "var/lib/libvirt/dnsmasq/default.status", json.dumps([_lease("192.168.122.77", NOW + 9e5)]))
+    assert _find(tmp_path) == (ip("192.168.122.150"),)
+
+
+def test_a_static_host_of_another_network_is_ignored(tmp_path: Path) -> None:
+    _write(tmp_path, "etc/libvirt/qemu/networks/default.xml", _network())
+    _write(tmp_path, "etc/libvirt/qemu/networks/other.xml", OTHER)
+    assert _find(tmp_path) == ()
+    assert _find(tmp_path, (domainxml.Nic(MAC, "other", "virbr1"),)) == (ip("192.168.100.10"),)
+
+
+def test_addresses_outside_the_subnet_are_ignored(tmp_path: Path) -> None:
+    hosts = f"<host mac='{MAC}' ip='10.9.9.9'/><host mac='{MAC}' ip='192.168.122.1'/>"
+    outside = ["10.0.0.5", "192.168.123.5", "192.168.122.1", "192.168.122.0", "192.168.122.255",
+               "fd00:123::5", "fd00:122::1", "fe80::5", "fd00:122::5%virbr0", "0.0.0.0"]
+    root = _libvirt_root(tmp_path, network=_network(hosts=hosts),
+                         leases=[_lease(a, NOW + 9000 + i) for i, a in enumerate(outside)])
+    assert _find(root) == ()  # the host's own address, network and broadcast addresses included
+    _libvirt_root(tmp_path, leases=[_lease(a, NOW + 9000) for a in outside] + [_lease("192.168.122.200", NOW + 5)])
+    assert _find(root) == (ip("192.168.122.200"),)
+
+
+def test_the_newest_lease_wins(tmp_path: Path) -> None:
+    older, newer = _lease("192.168.122.150", NOW + 60), _lease("192.168.122.151", NOW + 3600)
+    root = _libvirt_root(tmp_path, network=_network(), leases=[older, newer])
+    assert _find(root) == (ip("192.168.122.151"),)
+    _libvirt_root(tmp_path, leases=[newer, older])
+    assert _find(root) == (ip("192.168.122.151"),)
+    # expiry-time 0 is an infinite lease (libvirt: `expirytime > 0 && expirytime < now` is expired)
+    _libvirt_root(tmp_path, leases=[newer, _lease("192.168.122.152", 0), older])
+    assert _find(root) == (ip("192.168.122.152"),)
+
+
+def test_expired_and_malformed_leases_are_ignored(tmp_path: Path) -> None:
+    root = _libvirt_root(tmp_path, network=_network(), leases=[
+        _lease("192.168.122.150", NOW - 1), _lease("192.168.122.151", NOW),
+        {"ip-address": "192.168.122.152", "mac-address": MAC},  # no expiry-time: not a leaseshelper lease
+        _lease("192.168.122.153", True), _lease("192.168.122.154", "9999999999"), _lease("192.168.122.155", None),
+        {"ip-address": 3232266906, "mac-address": MAC, "expiry-time": NOW + 60},  # an int is no address here
+        {"ip-address": "192.168.122.157", "mac-address": [MAC], "expiry-time": NOW + 60},
+        [MAC, "192.168.122.158"], "junk", None,
+    ])
+    assert _find(root) == ()
+    _write(tmp_path, "var/lib/libvirt/dnsmasq/virbr0.status", "[" * 200_000)  # too deep for json
+    assert _find(root) == ()
+
+
+def test_live_network_state_first_then_the_definition(tmp_path: Path) -> None:
+    _write(tmp_path, "etc/libvirt/qemu/networks/default.xml", _network(hosts=f"<host mac='{MAC}' ip='192.168.122.10'/>"))
+    assert _find(tmp_path) == (ip("192.168.122.10"),)
+    live = _network(hosts=f"<host mac='{MAC}' ip='192.168.122.20'/>")
+    _write(tmp_path, "var/lib/libvirt/network/default.xml",
+           f"<networkstatus><class_id bitmap='0-2'/><floor sum='0'/>{live}</networkstatus>")
+    assert _find(tmp_path) == (ip("192.168.122.20"),)
+    _write(tmp_path, "var/lib/libvirt/network/default.xml", "<networkstatus><trunc")  # unreadable: the definition
+    assert _find(tmp_path) == (ip("192.168.122.10"),)
+
+
+def test_the_bridge_comes_from_the_network_then_the_nic(tmp_path: Path) -> None:
+    _libvirt_root(tmp_path, network=_network(), leases=[_lease("192.168.122.150", NOW + 60)])
+    assert _find(tmp_path, (domainxml.Nic(MAC, "default", "virbr9"),)) == (ip("192.168.122.150"),)
+    _libvirt_root(tmp_path, network=_network(bridge=None))
+    assert _find(tmp_path, (domainxml.Nic(MAC, "default", "virbr0"),)) == (ip("192.168.122.150"),)
+    assert _find(tmp_path, (domainxml.Nic(MAC, "default", None),)) == ()
+    # <interface type='bridge'><source bridge='virbr0'/>: the network whose bridge that is
+    _libvirt_root(tmp_path, network=_network())
+    assert _find(tmp_path, (domainxml.Nic(MAC, None, "virbr0"),)) == (ip("192.168.122.150"),)
+    assert _find(tmp_path, (domainxml.Nic(MAC, None, "br0"),)) == ()
+    assert _find(tmp_path, (domainxml.Nic(MAC, None, None),)) == ()
+
+
+def test_names_from_the_domain_xml_never_leave_their_directory(tmp_path: Path) -> None:
+    _write(tmp_path, "etc/libvirt/qemu/evil.xml", _network(hosts=f"<host mac='{MAC}' ip='192.168.122.10'/>"))
+    _write(tmp_path, "var/lib/libvirt/evil.status", json.dumps([_lease("192.168.122.150", NOW + 60)]))
+    for nic in (domainxml.Nic(MAC, "../evil", "virbr0"), domainxml.Nic(MAC, None, "../evil"),
+                domainxml.Nic(MAC, "..", ".."), domainxml.Nic(MAC, "a\0b", "a\0b")):
+        assert _find(tmp_path, (nic,)) == ()
+    assert discovery.network_subnets("../evil", tmp_path) == ()
+
+
+def test_a_fifo_never_blocks(tmp_path: Path) -> None:
+    _write(tmp_path, "etc/libvirt/qemu/networks/default.xml", _network(hosts=f"<host mac='{MAC}' ip='192.168.122.10'/>"))
+    (tmp_path / "var/lib/libvirt/dnsmasq").mkdir(parents=True)
+    (tmp_path / "var/lib/libvirt/network").mkdir(parents=True)
+    os.mkfifo(tmp_path / "var/lib/libvirt/dnsmasq/virbr0.status")
+    os.mkfifo(tmp_path / "var/lib/libvirt/network/default.xml")
+    os.mkfifo(tmp_path / "var/lib/libvirt/network/other.xml")  # scanned for a bridge-only NIC
+    assert _within(10, lambda: _find(tmp_path)) == (ip("192.168.122.10"),)
+    assert _within(10, lambda: _find(tmp_path, (domainxml.Nic(MAC, None, "virbr0"),))) == (ip("192.168.122.10"),)
+    assert _within(10, lambda: discovery.network_subnets("default", tmp_path)) != ()
+
+
+def test_symlinks_directories_and_huge_files_are_skipped(tmp_path: Path) -> None:
+    root = _libvirt_root(tmp_path, network=_network())
+    good = json.dumps([_lease("192.168.122.150", NOW + 60)])
+    status = tmp_path / "var/lib/libvirt/dnsmasq/virbr0.status"
+    _write(tmp_path, "elsewhere.json", good)
+    status.parent.mkdir(parents=True)
+    status.symlink_to(tmp_path / "elsewhere.json")
+    assert _find(root) == ()
+    status.unlink()
+    status.mkdir()
+    assert _find(root) == ()
+    status.rmdir()
+    # valid JSON, padded: exactly at the cap it is read, one byte more and it is not
+    _write(tmp_path, "var/lib/libvirt/dnsmasq/virbr0.status", good.ljust(discovery.MAX_BYTES))
+    assert _find(root) == (ip("192.168.122.150"),)
+    _write(tmp_path, "var/lib/libvirt/dnsmasq/virbr0.status", good.ljust(discovery.MAX_BYTES + 1))
+    assert _find(root) == ()
+    # a symlinked network definition is skipped like a lease file
+    defn = tmp_path / "etc/libvirt/qemu/networks/default.xml"
+    defn.rename(tmp_path / "default.xml")
+    defn.symlink_to(tmp_path / "default.xml")
+    assert discovery.network_subnets("default", root) == ()
+
+
+def test_network_subnets(tmp_path: Path) -> None:
+    def subnets(ips: str, live: bool = False) -> tuple[object, ...]:
+        text = _network("n", ips=ips)
+        if live:
+            _write(tmp_path, "var/lib/libvirt/network/n.xml", f"<networkstatus>{text}</networkstatus>")
+        else:
+            _write(tmp_path, "etc/libvirt/qemu/networks/n.xml", text)
+        return discovery.network_subnets("n", tmp_path)
+
+    net = ipaddress.ip_network
+    assert discovery.network_subnets("n", tmp_path) == ()
+    assert subnets("<ip address='192.168.122.1' prefix='24'/>") == (net("192.168.122.0/24"),)
+    assert subnets("<ip address='10.1.2.3' netmask='255.255.0.0'/>") == (net("10.1.0.0/16"),)
+    assert subnets("<ip family='ipv6' address='fd00:1:2::1' prefix='48'/>") == (net("fd00:1:2::/48"),)
+    assert subnets("<ip address='192.168.7.1' netmask='255.255.255.0'/>"
+                   "<ip family='ipv6' address='2001:db8::1' prefix='64'/><route address='10.0.0.0' prefix='8' "
+                   "gateway='192.168.7.2'/>") == (net("192.168.7.0/24"), net("2001:db8::/64"))
+    # neither prefix nor netmask: libvirt's defaults (the address's class, /64)
+    assert subnets("<ip address='172.16.5.1'/><ip address='fd00::1'/>") == (net("172.16.0.0/16"), net("fd00::/64"))
+    # nonsense and a /0 (it would contain everything) give nothing
+    assert subnets("<ip address='192.168.1.1' prefix='abc'/><ip address='x'/><ip address='10.0.0.1' "
+                   "netmask='255.0.255.0'/><ip address='0.0.0.0'/><ip family='ipv6' address='::' prefix='0'/>"
+                   "<ip address='240.0.0.1'/>") == ()
+    assert subnets("<ip address='192.168.50.1' prefix='24'/>", live=True) == (net("192.168.50.0/24"),)
+
+
+# arbitrary content where libvirt's files are: discovery answers, never raises
+_json = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+                     lambda kids: st.lists(kids, max_size=5) | st.dictionaries(
+                         st.sampled_from(["ip-address", "mac-address", "expiry-time", "x"]) | st.text(max_size=5),
+                         kids, max_size=5), max_leaves=20)
+_attr = st.sampled_from(["", "0", "24", "64", "129", "-1", "1e3", "255.255.255.0", "192.168.122.1", "fd00::1",
+                         MAC, "300.1.1.1", "::ffff:1.2.3.4", "fe80::1%x"]) | st.text(max_size=12)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(lease=st.binary(max_size=300) | _json.map(lambda v: json.dumps(v).encode()),
+       network=st.text(max_size=300) | st.tuples(_attr, _attr, _attr, _attr, _attr).map(
+           lambda a: f"<network><bridge name='virbr0'/><ip address='{a[0]}' prefix='{a[1]}' netmask='{a[2]}'>"
+                     f"<dhcp><host mac='{a[3]}' ip='{a[4]}'/></dhcp></ip></network>"),
+       live=st.booleans())
+def test_any_file_content_never_raises(lease: bytes, network: str, live: bool) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        _write(root, "var/lib/libvirt/network/default.xml" if live else "etc/libvirt/qemu/networks/default.xml",
+               network.encode("utf-8", "surrogatepass"))
+        _write(root, "var/lib/libvirt/dnsmasq/virbr0.status", lease)
+        for nic in NIC + (domainxml.Nic(MAC, None, "virbr0"),):
+            found = discovery.discover((nic,), root, now=NOW)
+            assert isinstance(found, tuple) and len({a.version for a in found}) == len(found)
+        assert isinstance(discovery.network_subnets("default", root), tuple)
 
 
 # ---------------------------------------------------------------- in namespaces
@@ -108,7 +337,7 @@ def test_address_from_the_networks_static_dhcp_host(world: World, tmp_path: Path
 @pytest.mark.netns
 def test_watcher_applies_when_the_lease_appears(world: World, tmp_path: Path) -> None:
     w = world
-    root = _libvirt_root(tmp_path)
+    root = _libvirt_root(tmp_path, network=_network())  # no static host: the lease decides
     w.guest_file("guest1", 'ports = ["8080:80"]\n')
     env = _env(w, root)
     r = w.lab.sh(w.lab.host, str(w.hook_path), "guest1", "start", "begin", "-", stdin=DOMAIN, env=env)

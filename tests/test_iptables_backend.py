@@ -111,6 +111,6 @@ def test_a_second_guest_cannot_take_a_claimed_port(world: World) -> None:
     start(w, "guest1")
     w.guest_file("guest2", f'address = "{G2}"\nports = ["80"]\npublic = "{PUBLIC4}"\n')
     r = w.hook("guest2", "start")
-    assert r.returncode == 0 and "also forwarded by guest 'guest1'" in r.stderr, r.stderr
+    assert r.returncode == 0 and "is forwarded to guest 'guest1', which applied it first" in r.stderr, r.stderr
     assert w.probe("tcp", PUBLIC4, 80) == f"guest1:80 from {CLIENT4}"
     assert not any(G2 in ln for ln in ours(w))

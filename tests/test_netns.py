@@ -349,7 +349,7 @@ def test_a_second_guest_cannot_take_a_claimed_port(world: World) -> None:
     start(w, "guest1")
     w.guest_file("guest2", f'address = "{G2_4}"\nports = ["80"]\npublic = "{PUBLIC4}"\n')  # guest1's port
     r = w.hook("guest2", "start")
-    assert r.returncode == 0 and "already forwarded" in r.stderr, r.stderr
+    assert r.returncode == 0 and "is forwarded to guest 'guest1', which applied it first" in r.stderr, r.stderr
     assert w.probe("tcp", PUBLIC4, 80) == f"guest1:80 from {CLIENT4}"
     assert w.hook("guest2", "stopped", "end").returncode == 0
     assert w.probe("tcp", PUBLIC4, 80) == f"guest1:80 from {CLIENT4}"  # guest1's forward untouched

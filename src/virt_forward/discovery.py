@@ -1,14 +1,23 @@
 """A guest's address without asking libvirt (the hook must not): from its MACs,
-the networks' static DHCP hosts, then dnsmasq's lease status files.
+the static DHCP hosts of each NIC's own network, then that network's lease file.
 
-Never waits: an address not known yet is simply not found, and the watcher
-applies the forwards once a lease appears.
+Nothing here trusts more than it must (issue 11): a guest can put any MAC in its
+DHCP requests, so a lease only counts when it comes from the lease file of the
+NIC's own network and its address lies inside that network's subnets.  Every file
+is read so that a FIFO, a device, a symlink or a huge file is skipped, never
+waited on: the hook runs at every guest start.
+
+Never waits for a lease either: an address not known yet is simply not found,
+and the watcher applies the forwards once a lease appears.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import json
+import math
+import os
+import stat
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -16,57 +25,215 @@ from pathlib import Path
 from .domainxml import Nic
 from .ports import IPAddress
 
-NETWORK_DIRS = ("etc/libvirt/qemu/networks", "var/lib/libvirt/network")
+Subnet = ipaddress.IPv4Network | ipaddress.IPv6Network
+_Interface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
+
+# The live state first: it is what the running dnsmasq serves (`net-update --live`
+# lands only there); the persistent definition may hold edits not applied yet, and
+# is the fallback when there is no readable live state (libvirtd down, a test root).
+NETWORK_DIRS = ("var/lib/libvirt/network", "etc/libvirt/qemu/networks")
+# libvirt_leaseshelper writes <LEASE_DIR>/<bridge>.status (leaseshelper.c, and
+# networkDnsmasqLeaseFileNameCustom in bridge_driver.c): one JSON list per bridge.
 LEASE_DIR = "var/lib/libvirt/dnsmasq"
+# A real file holds ~200 bytes a lease; beyond this it is not libvirt's and is skipped.
+MAX_BYTES = 4 << 20
 
 
-def static_hosts(root: Path) -> dict[str, list[IPAddress]]:
-    """mac -> addresses from <ip><dhcp><host mac= ip=/> of every network definition."""
-    found: dict[str, list[IPAddress]] = {}
+def read_small(path: Path, limit: int = MAX_BYTES) -> bytes | None:
+    """The bytes of a regular file of at most `limit` bytes, else None; never blocks."""
+    try:
+        # lstat first: never even open a device node (opening one can have effects)
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return None
+        # O_NONBLOCK: a FIFO swapped in since would block open() until a writer came;
+        # O_NOFOLLOW: a symlink swapped in since is refused (ELOOP)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC)
+    except (OSError, ValueError):  # ValueError: a NUL in the path
+        return None
+    try:
+        st = os.fstat(fd)  # what was opened, not what the name pointed at before
+        if not stat.S_ISREG(st.st_mode) or st.st_size > limit:
+            return None
+        chunks, total = [], 0
+        while chunk := os.read(fd, limit + 1 - total):
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > limit:  # grew while being read
+                return None
+        return b"".join(chunks)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _safe_name(name: str | None) -> str | None:
+    """A network or bridge name usable as one path component, else None (it comes
+    from the domain XML: never let it walk out of the directory)."""
+    if not name or "/" in name or "\0" in name or name in (".", ".."):
+        return None
+    return name
+
+
+def _parse_network(data: bytes | None) -> ET.Element | None:
+    """The <network> element of a definition or of a live status file (<networkstatus>)."""
+    if data is None:
+        return None
+    try:
+        root = ET.fromstring(data)
+    except (ET.ParseError, ValueError, LookupError):  # LookupError: an unknown encoding
+        return None
+    return root if root.tag == "network" else root.find("network")
+
+
+def _network_xml(network: str | None, root: Path) -> ET.Element | None:
+    name = _safe_name(network)
+    if name is None:
+        return None
     for rel in NETWORK_DIRS:
-        for path in sorted((root / rel).glob("*.xml")):
-            try:
-                tree = ET.parse(path).getroot()
-            except (ET.ParseError, OSError):
-                continue
-            for host in tree.iter("host"):
-                mac, ip = (host.get("mac") or "").lower(), host.get("ip")
-                if mac and ip:
-                    try:
-                        addr = ipaddress.ip_address(ip)
-                    except ValueError:
-                        continue
-                    if addr not in found.setdefault(mac, []):
-                        found[mac].append(addr)
-    return found
+        net = _parse_network(read_small(root / rel / f"{name}.xml"))
+        if net is not None:
+            return net
+    return None
 
 
-def leases(root: Path, now: float | None = None) -> dict[str, list[IPAddress]]:
-    """mac -> addresses from dnsmasq's *.status files (libvirt's leasehelper), unexpired only."""
-    now = time.time() if now is None else now
-    found: dict[str, list[IPAddress]] = {}
-    for path in sorted((root / LEASE_DIR).glob("*.status")):
+def _network_of_bridge(bridge: str | None, root: Path) -> ET.Element | None:
+    """For a NIC plugged into a libvirt network's bridge directly (<interface type='bridge'>)."""
+    if _safe_name(bridge) is None:
+        return None
+    for rel in NETWORK_DIRS:
         try:
-            entries = json.loads(path.read_text() or "[]")
-        except (OSError, ValueError):
+            paths = sorted((root / rel).glob("*.xml"))
+        except OSError:
             continue
-        for entry in entries if isinstance(entries, list) else []:
-            try:
-                mac = str(entry["mac-address"]).lower()
-                addr = ipaddress.ip_address(entry["ip-address"])
-                expiry = float(entry.get("expiry-time", now + 1))
-            except (KeyError, TypeError, ValueError):
+        for path in paths:
+            net = _parse_network(read_small(path))
+            if net is not None and _bridge(net) == bridge:
+                return net
+    return None
+
+
+def _bridge(net: ET.Element) -> str | None:
+    el = net.find("bridge")
+    return el.get("name") if el is not None else None
+
+
+def _classful(addr: IPAddress) -> int | None:
+    """libvirt's default prefix for an <ip> with neither prefix nor netmask
+    (virSocketAddrGetIPPrefix): the class of an IPv4 address, /64 for IPv6."""
+    if addr.version == 6:
+        return 64
+    first = int(addr) >> 24
+    return 8 if first < 128 else 16 if first < 192 else 24 if first < 224 else None
+
+
+def _interfaces(net: ET.Element) -> tuple[_Interface, ...]:
+    """The network's <ip> elements as host address + subnet."""
+    found: list[_Interface] = []
+    for ip in net.iterfind("ip"):
+        try:
+            addr = ipaddress.ip_address(ip.get("address") or "")
+            prefix, mask = (ip.get("prefix") or "0").strip(), ip.get("netmask")
+            if addr.is_unspecified or not prefix.isdigit():
+                continue  # libvirt refuses such a definition: so do we
+            # libvirt's order: a positive prefix, then a netmask, then the default
+            length: int | str | None = int(prefix) or (mask if mask and addr.version == 4 else _classful(addr))
+            if length is None:
                 continue
-            if expiry > now and addr not in found.setdefault(mac, []):
-                found[mac].append(addr)
+            iface = ipaddress.ip_interface(f"{addr}/{length}")
+        except ValueError:
+            continue
+        # a /0 would hold every address and so check nothing
+        if iface.network.prefixlen > 0 and iface not in found:
+            found.append(iface)
+    return tuple(found)
+
+
+def network_subnets(network: str, root: Path = Path("/")) -> tuple[Subnet, ...]:
+    """The subnets of the libvirt network `network`, from its live state or its
+    definition under `root`; () when unknown.  Pure: reads files, never libvirt."""
+    net = _network_xml(network, root)
+    return tuple(dict.fromkeys(i.network for i in _interfaces(net))) if net is not None else ()
+
+
+def _inside(addr: IPAddress, ifaces: tuple[_Interface, ...]) -> bool:
+    """In one of the subnets, and a guest's: not the host's own address on the
+    network, not the subnet's network or broadcast address."""
+    for iface in ifaces:
+        net = iface.network
+        if addr.version == net.version and addr in net and addr != iface.ip:
+            if net.num_addresses <= 2 or addr not in (net.network_address, net.broadcast_address):
+                return True
+    return False
+
+
+def _address(value: object) -> IPAddress | None:
+    # only a plain string: ip_address() would take an int too, and a scoped IPv6
+    # address ("fe80::1%eth0") names no host we could forward to
+    if not isinstance(value, str) or "%" in value:
+        return None
+    try:
+        return ipaddress.ip_address(value)
+    except ValueError:
+        return None
+
+
+def static_hosts(net: ET.Element, ifaces: tuple[_Interface, ...]) -> dict[str, list[IPAddress]]:
+    """mac -> addresses of the network's <ip><dhcp><host mac= ip=/>, inside its subnets."""
+    found: dict[str, list[IPAddress]] = {}
+    for host in net.iterfind("ip/dhcp/host"):
+        mac, addr = (host.get("mac") or "").lower(), _address(host.get("ip"))
+        if mac and addr is not None and _inside(addr, ifaces) and addr not in found.setdefault(mac, []):
+            found[mac].append(addr)
     return found
 
 
-def discover(nics: tuple[Nic, ...], root: Path = Path("/")) -> tuple[IPAddress, ...]:
-    """At most one address per family: static hosts first (stable), then leases."""
+def leases(bridge: str, ifaces: tuple[_Interface, ...], root: Path,
+           now: float | None = None) -> dict[str, dict[int, IPAddress]]:
+    """mac -> {IP version: address} from the bridge's lease file: unexpired leases
+    inside the subnets only, the newest (largest expiry-time) of each family."""
+    now = time.time() if now is None else now
+    name = _safe_name(bridge)
+    data = read_small(root / LEASE_DIR / f"{name}.status") if name else None
+    try:
+        entries = json.loads(data) if data and data.strip() else []
+    except (ValueError, RecursionError):  # RecursionError: "[[[[..." nested too deep
+        return {}
+    best: dict[str, dict[int, tuple[float, IPAddress]]] = {}
+    for entry in entries if isinstance(entries, list) else []:
+        if not isinstance(entry, dict):
+            continue
+        mac, addr, expiry = entry.get("mac-address"), _address(entry.get("ip-address")), entry.get("expiry-time")
+        # libvirt writes every lease with a numeric expiry-time; 0 is an infinite lease
+        if (not isinstance(mac, str) or addr is None or isinstance(expiry, bool)
+                or not isinstance(expiry, int | float) or not _inside(addr, ifaces)):
+            continue
+        rank = math.inf if expiry == 0 else float(expiry)
+        if math.isnan(rank) or rank <= now:
+            continue
+        mine = best.setdefault(mac.lower(), {})
+        if addr.version not in mine or rank > mine[addr.version][0]:
+            mine[addr.version] = (rank, addr)
+    return {mac: {v: a for v, (_, a) in fam.items()} for mac, fam in best.items()}
+
+
+def discover(nics: tuple[Nic, ...], root: Path = Path("/"), now: float | None = None) -> tuple[IPAddress, ...]:
+    """At most one address per family: static hosts first (stable), then leases;
+    each NIC looked up only in its own network."""
+    static: list[IPAddress] = []
+    leased: list[IPAddress] = []
+    for nic in nics:
+        net = _network_xml(nic.network, root) if nic.network else _network_of_bridge(nic.bridge, root)
+        if net is None:
+            continue  # without the network's subnets nothing can be checked: nothing is taken
+        ifaces, mac = _interfaces(net), nic.mac.lower()
+        static += static_hosts(net, ifaces).get(mac, [])
+        # the network's own bridge names the file (libvirt's def->bridge); the NIC's
+        # live <source bridge=> only when the network XML lacks one
+        bridge = _bridge(net) or nic.bridge
+        if bridge:
+            leased += leases(bridge, ifaces, root, now).get(mac, {}).values()
     chosen: dict[int, IPAddress] = {}
-    for table in (static_hosts(root), leases(root)):
-        for nic in nics:
-            for addr in table.get(nic.mac, []):
-                chosen.setdefault(addr.version, addr)
+    for addr in static + leased:
+        chosen.setdefault(addr.version, addr)
     return tuple(chosen[v] for v in sorted(chosen))

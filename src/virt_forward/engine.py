@@ -13,12 +13,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from . import fastpath, guards, log, nft
+from . import claims, fastpath, guards, log, nft, state
 from .consts import SKELETON_MARK_PREFIX
 from .config import (GuestConfig, Settings, check_domain_name, guest_from_metadata, load_guest, load_settings,
                      settings_or_default)
 from .errors import FirewallError
-from .plan import Family, GuestPlan, find_conflicts, plan_guest
+from .plan import Family, GuestPlan, plan_guest
 from .runner import nft_apply, run, which
 from .state import StateStore
 
@@ -109,47 +109,113 @@ def apply(ctx: Context, domain: str, xml: str | None = None, want: Desired | Non
         return remove(ctx, domain, why="no config file")
     backend = resolve_backend(want.settings)
     store = ctx.store
-    if backend == "iptables":
-        with store.lock(lock_timeout):
-            old = store.read(domain)
-            others = [p for p in (store.read(d) for d in store.domains() if d != domain) if p is not None]
-            # iptables takes two DNAT rules for one port (the first wins): refuse like nft's map does
-            clash = find_conflicts([(p, p.domain) for p in others] + [(want.plan, domain)])
-            if clash:
-                raise FirewallError(f"{domain}: not applied: {clash[-1].reason}")
-            families = want.plan.families() | (old.families() if old else set())
-            iptables_sync(others + [want.plan], [want.plan], families, want.settings.hairpin)
-            store.write(want.plan, backend)
-        return _done(f"{domain}: {len(want.plan.forwards)} forward(s) live" + _summary(want.plan))
     plan, hairpin = want.plan, want.settings.hairpin
+    holder = state.stem(domain)
     with store.lock(lock_timeout):
         old = store.read(domain)
-
-        def body(live: NftLive) -> str:
-            return nft.change(old, plan, hairpin=hairpin, with_skeleton=live.mark != nft.skeleton_mark(hairpin),
-                              stale_marks=live.marks)
+        old_backend = store.read_backend(domain) if old is not None else None
+        if old is not None and old_backend != backend:
+            # applied with the other backend (config changed, or nft installed since): take that off first
+            _remove_locked(ctx, domain, old, old_backend or backend, want.settings.hairpin)
+            old = None
+        wanted, had = claims_of(plan), claims_of(old)
+        clash = claims.conflicts(str(store.root), holder, wanted)
+        if clash:
+            (k, public), other = clash[0]
+            raise FirewallError(f"{domain}: not applied: {_claim_text(k, public)} is forwarded to guest "
+                                f"{_holder_name(store, other)!r}, which applied it first")
+        claims.update(str(store.root), holder, add=wanted, drop=[])  # before the kernel: a crash errs on refusing
         try:
-            apply_with_nft_guards(body, want=True)
-        except FirewallError:
-            if not _old_schema(hairpin):
-                raise
-            outdated = True
-        else:
-            outdated = False
+            if backend == "iptables":
+                others = [p for p in (store.read(d) for d in store.domains() if d != domain) if p is not None]
+                families = plan.families() | (old.families() if old else set())
+                iptables_sync(others + [plan], [plan], families, hairpin)
+                outdated = False
+            else:
+                outdated = _apply_nft(old, plan, hairpin)
+        except BaseException:
+            claims.update(str(store.root), holder, add=had, drop=[c for c in wanted if c not in had])
+            raise
+        claims.update(str(store.root), holder, add=[], drop=[c for c in had if c not in wanted])
+        if not outdated:
             store.write(plan, backend)
+            forget_flows(old, plan)
+        if backend == "nftables" and not outdated:
             ensure_guards(plan.families())
             message = f"{domain}: {len(plan.forwards)} forward(s) live" + _summary(plan)
             if want.inputs is not None and not fastpath.racy(want.inputs):
                 store.write_fast(domain, fastpath.compile_fast(
                     taken=want.inputs, record=store.record_text(plan, backend), add=nft.batch(nft.add_guest(plan)),
                     remove=nft.batch(nft.remove_guest(plan)), mark=nft.skeleton_mark(hairpin),
-                    families=sorted(plan.families()), forwards=len(plan.forwards), message=message))
+                    families=sorted(plan.families()), forwards=len(plan.forwards), message=message,
+                    holder=holder, claims=wanted, flows=flow_filters(plan)))
     if outdated:
         # a table made by an older virt-forward (other map flags): rebuild it whole, once
         log.warning("table inet virt_forward is from an older version: rebuilding it")
         from .reconcile import reconcile
         reconcile(ctx, running=sorted(set(store.domains()) | {domain}), lock_timeout=lock_timeout)
     return _done(f"{domain}: {len(want.plan.forwards)} forward(s) live" + _summary(want.plan))
+
+
+def _apply_nft(old: GuestPlan | None, plan: GuestPlan, hairpin: bool) -> bool:
+    """Our change and the guards in one transaction; True when the table is of an older schema."""
+    def body(live: NftLive) -> str:
+        return nft.change(old, plan, hairpin=hairpin, with_skeleton=live.mark != nft.skeleton_mark(hairpin),
+                          stale_marks=live.marks)
+    try:
+        apply_with_nft_guards(body, want=True)
+    except FirewallError:
+        if not _old_schema(hairpin):
+            raise
+        return True
+    return False
+
+
+def claims_of(plan: GuestPlan | None) -> list[claims.Claim]:
+    return [] if plan is None else [(claims.key(f.family, f.proto, f.public_port),
+                                     claims.ANY if f.public is None else str(f.public)) for f in plan.forwards]
+
+
+def _claim_text(k: str, public: str) -> str:
+    family, proto, port = k.split("-")
+    where = f"every IPv{family} address" if public == claims.ANY else (f"[{public}]" if family == "6" else public)
+    return f"{where}:{port}/{proto}"
+
+
+def _holder_name(store: StateStore, holder: str) -> str:
+    if holder.startswith(state.HASHED):
+        for name in store.domains():
+            if state.stem(name) == holder:
+                return name
+    import urllib.parse
+    return urllib.parse.unquote(holder)
+
+
+def flow_filters(plan: GuestPlan) -> list[list[str]]:
+    """conntrack -D arguments that delete the flows our DNAT sent to this guest (each family)."""
+    mark = f"{nft.MARK_FORWARDED:#x}/{nft.MARK_FORWARDED:#x}"
+    guests = sorted({(f.family, str(f.guest)) for f in plan.forwards})
+    return [["-f", "ipv4" if fam == 4 else "ipv6", "--mark", mark, "--reply-src", guest] for fam, guest in guests]
+
+
+def forget_flows(old: GuestPlan | None, new: GuestPlan | None) -> None:
+    """Flows through forwards that are gone or lead elsewhere now: their conntrack entries would
+    keep a steady UDP sender (WireGuard, DNS, games) reaching the old target for ever.  Matched
+    on the host side (original destination address, protocol, port) and our mark, after the
+    kernel change, so a packet cannot re-create one through the old DNAT."""
+    if old is None or which("conntrack") is None:
+        return
+    kept = {(f.key, f.guest, f.guest_port) for f in new.forwards} if new is not None else set()
+    gone = [f for f in old.forwards if (f.key, f.guest, f.guest_port) not in kept]
+    if new is None:  # the whole guest: one call per family and guest address
+        argvs = [["conntrack", "-D", *flt] for flt in flow_filters(old)]
+    else:
+        mark = f"{nft.MARK_FORWARDED:#x}/{nft.MARK_FORWARDED:#x}"
+        argvs = [["conntrack", "-D", "-f", "ipv4" if f.family == 4 else "ipv6", "-p", f.proto,
+                  "--orig-port-dst", str(f.public_port), "--mark", mark, "--reply-src", str(f.guest)]
+                 + ([] if f.public is None else ["--orig-dst", str(f.public)]) for f in gone]
+    for argv in argvs:
+        run(argv, check=False, timeout=5)  # exit 1 means "none matched": nothing to report
 
 
 def _done(message: str) -> str:
@@ -167,20 +233,27 @@ def remove(ctx: Context, domain: str, why: str = "", lock_timeout: float | None 
         if old is None:
             return f"{domain}: nothing applied" + (f" ({why})" if why else "")
         settings = settings_or_default(ctx.config_dir)  # a broken config.toml must not block removal
-        if resolve_backend(settings) == "iptables":
-            others = [p for p in (store.read(d) for d in store.domains() if d != domain) if p is not None]
-            iptables_sync(others, [], old.families(), settings.hairpin)
-        elif not store.any_other(domain):  # the last guest: the table and every guard go
-            apply_with_nft_guards(lambda _live: nft.change(old, None, hairpin=settings.hairpin, last=True),
-                                  want=False)
-            remove_guards()
-        else:
-            try:  # the skeleton costs most of a batch: only when the table lost it
-                nft_apply(nft.change(old, None, hairpin=settings.hairpin, with_skeleton=False))
-            except FirewallError:
-                nft_apply(nft.change(old, None, hairpin=settings.hairpin))
-        store.delete(domain)
+        # the backend it was applied with, not the one config.toml names now
+        _remove_locked(ctx, domain, old, store.read_backend(domain) or "nftables", settings.hairpin)
     return _done(f"{domain}: removed {len(old.forwards)} forward(s)" + (f" ({why})" if why else ""))
+
+
+def _remove_locked(ctx: Context, domain: str, old: GuestPlan, backend: str, hairpin: bool) -> None:
+    store = ctx.store
+    if backend == "iptables":
+        others = [p for p in (store.read(d) for d in store.domains() if d != domain) if p is not None]
+        iptables_sync(others, [], old.families(), hairpin)
+    elif not store.any_other(domain):  # the last guest: the table and every guard go
+        apply_with_nft_guards(lambda _live: nft.change(old, None, hairpin=hairpin, last=True), want=False)
+        remove_guards()
+    else:
+        try:  # the skeleton costs most of a batch: only when the table lost it
+            nft_apply(nft.change(old, None, hairpin=hairpin, with_skeleton=False))
+        except FirewallError:
+            nft_apply(nft.change(old, None, hairpin=hairpin))
+    store.delete(domain)
+    claims.update(str(store.root), state.stem(domain), add=[], drop=claims_of(old))
+    forget_flows(old, None)
 
 
 def connected_routes() -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:

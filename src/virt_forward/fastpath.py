@@ -24,9 +24,10 @@ import os
 import stat
 import time
 
+from . import claims
 from .consts import GUARD_COMMENT, GUARD_SPEC, NFT_GUARD_COMMENT, NFT_GUARD_TARGETS, TABLE
 
-FORMAT = 1
+FORMAT = 2
 SUFFIX = ".fast"
 # A file modified this recently may change again within the same timestamp tick without
 # its fingerprint changing ("racily clean", as git says): no fast file is written for it.
@@ -36,7 +37,7 @@ STOP_OPS = frozenset({"stopped", "release"})
 _SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-~")
 # Our modules whose output a fast file holds: a changed one (an upgrade) makes every fast file stale.
 _CODE = ("__init__.py", "consts.py", "config.py", "ports.py", "plan.py", "nft.py", "guards.py", "engine.py",
-         "state.py", "fastpath.py")
+         "state.py", "claims.py", "fastpath.py")
 
 Fingerprint = tuple[int, int, int, int, int, int, int] | None
 
@@ -91,11 +92,13 @@ def file_name(domain: str) -> str | None:
 
 
 def compile_fast(*, taken: dict[str, Fingerprint], record: str, add: str, remove: str, mark: str,
-                 families: list[int], forwards: int, message: str) -> bytes:
+                 families: list[int], forwards: int, message: str, holder: str, claims: list[tuple[str, str]],
+                 flows: list[list[str]]) -> bytes:
     """The fast file's content (written by the full path after it applied the guest)."""
     return marshal.dumps({"format": FORMAT, "code": code(), "inputs": taken, "record": record, "add": add,
                           "remove": remove, "mark": mark, "families": sorted(families), "forwards": forwards,
-                          "message": message})
+                          "message": message, "holder": holder, "claims": [list(c) for c in claims],
+                          "flows": flows})
 
 
 # ---------------------------------------------------------------- the hook's side
@@ -112,7 +115,7 @@ def qemu(config_dir: str, state_dir: str, domain: str, op: str, sub: str) -> int
         if not _applied(state_dir, guests, name) and (op in STOP_OPS or _nothing_configured(config_dir, name)):
             done = 0  # nothing of ours, before or after: what the full path would conclude
         else:
-            for d in (state_dir, guests, os.path.join(state_dir, "fast")):
+            for d in (state_dir, guests, os.path.join(state_dir, "fast"), os.path.join(state_dir, "claims")):
                 _trusted_dir(d)
             if op in STOP_OPS:
                 done = _stop(guests, state_dir, name, domain, f"{op} {sub}")
@@ -147,9 +150,14 @@ def _start(config_dir: str, guests: str, state_dir: str, name: str, domain: str,
         record = _read(record_path)
         if record is not None and record != fast.record:
             raise Miss("the record differs")
+        if fast.holder != name or claims.conflicts(state_dir, name, fast.claims):
+            raise Miss("a port is held by another guest: the full path refuses and says by whom")
         _check_live(fast)
+        claims.update(state_dir, name, add=fast.claims, drop=[])
         status, _, _ = _spawn(["nft", "-f", "-"], fast.add.encode())
         if status != 0:
+            if record is None:
+                claims.update(state_dir, name, add=[], drop=fast.claims)
             raise Miss("nft refused: the full path will say why")
         if record is None:
             _write_atomic(record_path, fast.record.encode())
@@ -174,6 +182,9 @@ def _stop(guests: str, state_dir: str, name: str, domain: str, why: str) -> int:
             raise Miss("nft refused")
         os.unlink(record_path)  # the fast file stays, for the next start
         _sync_dir(guests)
+        claims.update(state_dir, name, add=[], drop=fast.claims)
+        from .runner import spawn_all
+        spawn_all([["conntrack", "-D", *flt] for flt in fast.flows], timeout=5.0)  # engine.forget_flows
     from . import log
     log.info(f"{domain}: removed {fast.forwards} forward(s) ({why})")
     return 0
@@ -272,15 +283,21 @@ def _trusted_dir(path: str) -> None:
 class Fast:
     """A fast file, checked: each field of the type the full path wrote."""
 
-    __slots__ = ("code", "inputs", "record", "add", "remove", "mark", "families", "forwards", "message")
+    __slots__ = ("code", "inputs", "record", "add", "remove", "mark", "families", "forwards", "message", "holder",
+                 "claims", "flows")
 
     def __init__(self, data: object) -> None:
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise Miss("another format")
         for key, kind in (("record", str), ("add", str), ("remove", str), ("mark", str), ("message", str),
-                          ("families", list), ("forwards", int), ("code", dict), ("inputs", dict)):
+                          ("families", list), ("forwards", int), ("code", dict), ("inputs", dict), ("holder", str),
+                          ("claims", list), ("flows", list)):
             if not isinstance(data.get(key), kind):
                 raise Miss(f"bad {key}")
+        if not all(isinstance(c, list) and len(c) == 2 and all(isinstance(x, str) for x in c) for c in data["claims"]):
+            raise Miss("bad claims")
+        if not all(isinstance(f, list) and all(isinstance(x, str) for x in f) for f in data["flows"]):
+            raise Miss("bad flows")
         self.code: object = data["code"]
         self.inputs: object = data["inputs"]
         self.record: str = data["record"]
@@ -290,6 +307,9 @@ class Fast:
         self.families: list[int] = [f for f in data["families"] if f in (4, 6)]
         self.forwards: int = data["forwards"]
         self.message: str = data["message"]
+        self.holder: str = data["holder"]
+        self.claims: list[tuple[str, str]] = [(c[0], c[1]) for c in data["claims"]]
+        self.flows: list[list[str]] = data["flows"]
 
 
 def _load(path: str) -> Fast:

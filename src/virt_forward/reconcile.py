@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from . import engine, log, nft
+from . import claims, engine, log, nft, state
 from .config import load_settings
 from .errors import StateError, VirtForwardError
 from .plan import GuestPlan
@@ -119,14 +119,17 @@ def reconcile(ctx: engine.Context, running: list[str] | None = None, lock_timeou
         else:
             engine.apply_with_nft_guards(nft.full(plans, hairpin=settings.hairpin), want=bool(plans))
         wanted = {p.domain for p in plans}
+        claims.rebuild(str(store.root), {state.stem(p.domain): engine.claims_of(p) for p in plans})
         for domain in texts:
             if domain not in wanted:
+                engine.forget_flows(recorded(domain), None)
                 store.delete(domain)
         for domain in store.xml_domains():
             if domain not in running:
                 store.delete_xml(domain)
         for plan in plans:
             if texts.get(plan.domain) != store.record_text(plan, backend):
+                engine.forget_flows(recorded(plan.domain), plan)
                 store.write(plan, backend)
         if backend == "iptables":
             pass  # the guard went with the same iptables-restore batch
@@ -142,25 +145,17 @@ def reconcile(ctx: engine.Context, running: list[str] | None = None, lock_timeou
 
 
 def _without_conflicts(plans: list[GuestPlan], problems: list[str]) -> list[GuestPlan]:
-    """The kernel takes no two forwards on one key: the guest that comes first keeps it."""
+    """The ownership rule (claims.py) among all guests at once: who comes first keeps a port,
+    a guest that would overlap is left out whole, with a problem naming the holder."""
+    ledger = claims.Ledger()
     kept: list[GuestPlan] = []
-    exact: dict[object, str] = {}  # (family, public, proto, port) -> guest
-    any_addr: dict[object, str] = {}  # (family, proto, port) of forwards on every address
-    port_used: dict[object, str] = {}  # (family, proto, port) of any forward
     for plan in plans:
-        other = None
-        for f in plan.forwards:
-            port = (f.family, f.proto, f.public_port)
-            other = port_used.get(port) if f.public is None else (exact.get(f.key) or any_addr.get(port))
-            if other is not None:
-                break
+        wanted = engine.claims_of(plan)
+        other = ledger.clash(plan.domain, wanted)
         if other is not None:
-            problems.append(f"{plan.domain}: not applied: a forward of it is also forwarded by guest {other!r}")
+            problems.append(f"{plan.domain}: not applied: a forward of it is also forwarded by guest {other!r}, "
+                            "which holds it")
             continue
+        ledger.take(plan.domain, wanted)
         kept.append(plan)
-        for f in plan.forwards:
-            port = (f.family, f.proto, f.public_port)
-            exact[f.key] = port_used[port] = plan.domain
-            if f.public is None:
-                any_addr[port] = plan.domain
     return kept
