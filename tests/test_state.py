@@ -1,0 +1,176 @@
+"""The state dir is trusted like the config dir: a forged or misplaced file never reaches nft."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from netns_util import World, lab_world
+from virt_forward.errors import StateError
+from virt_forward.lab import PUBLIC4
+from virt_forward.state import StateStore, stem, validate_record
+
+DNAT = "--to-destination 192.168.122.10:80"  # our iptables backend's rule for guest1's 80
+GOOD = {"backend": "nftables", "plan": {"domain": "web", "allow": None,
+                                        "forwards": [[4, "tcp", 8080, "198.51.100.1", "192.168.122.10", 80]]}}
+
+
+def write_record(store: StateStore, domain: str, data: object) -> None:
+    store.lock().__enter__()  # makes the dirs; the lock is released when the fd is collected
+    (store.guests / f"{stem(domain)}.json").write_text(json.dumps(data))
+
+
+def test_the_state_dir_is_made_0700_whatever_the_umask(tmp_path: Path) -> None:
+    old = os.umask(0)
+    try:
+        store = StateStore(tmp_path / "run" / "virt-forward")
+        with store.lock():
+            pass
+    finally:
+        os.umask(old)
+    for d in (store.root, store.guests, store.root / "fast", store.root / "claims", store.root / "xml"):
+        assert os.stat(d).st_mode & 0o777 == 0o700, d
+
+
+@pytest.mark.parametrize("spoil", ["symlink", "group-writable", "other owner"])
+def test_a_state_dir_others_could_write_is_refused(tmp_path: Path, spoil: str) -> None:
+    real = tmp_path / "real"
+    real.mkdir(mode=0o700)
+    root = tmp_path / "state"
+    if spoil == "symlink":
+        root.symlink_to(real)
+    else:
+        root.mkdir(mode=0o700)
+        if spoil == "group-writable":
+            root.chmod(0o770)
+        else:
+            os.chown(root, 4242, 0)
+    with pytest.raises(StateError, match="refused as state dir"):
+        with StateStore(root).lock():
+            pass
+
+
+def test_a_planted_symlink_is_never_written_through(tmp_path: Path) -> None:
+    from virt_forward.plan import GuestPlan
+    store = StateStore(tmp_path / "state")
+    with store.lock():
+        pass
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    for name in ("web.json.tmp", ".web.json.tmp", "web.json"):
+        (store.guests / name).symlink_to(victim)
+    plan = GuestPlan.from_record(GOOD["plan"])  # type: ignore[arg-type]
+    with pytest.raises(StateError):  # the record itself is a symlink: not read, not followed
+        store.read("web")
+    store.write(plan, "nftables")  # replaces the symlink named web.json with a file
+    assert victim.read_text() == "precious\n"
+    assert not (store.guests / "web.json").is_symlink() and store.read("web") == plan
+
+
+@pytest.mark.parametrize("change, why", [
+    (lambda d: d["plan"]["forwards"][0].__setitem__(1, "tcp; table ip pwned { }"), "family/protocol"),
+    (lambda d: d["plan"]["forwards"][0].__setitem__(2, 70000), "port"),
+    (lambda d: d["plan"]["forwards"][0].__setitem__(2, "8080"), "port"),
+    (lambda d: d["plan"]["forwards"][0].__setitem__(4, "192.168.122.10 } ; flush ruleset"), "address"),
+    (lambda d: d["plan"]["forwards"][0].__setitem__(4, "fd00::1"), "another family"),
+    (lambda d: d["plan"].__setitem__("domain", "other"), "names domain 'other'"),
+    (lambda d: d.__setitem__("backend", "pf"), "backend"),
+    (lambda d: d["plan"].__setitem__("allow", ["10.0.0.0/8; drop"]), "allow"),
+])
+def test_a_forged_record_is_a_state_error_naming_the_file(tmp_path: Path, change: object, why: str) -> None:
+    store = StateStore(tmp_path / "state")
+    data = json.loads(json.dumps(GOOD))
+    change(data)  # type: ignore[operator]
+    write_record(store, "web", data)
+    with pytest.raises(StateError, match=why) as err:
+        store.read("web")
+    assert str(store.guests / "web.json") in str(err.value)
+
+
+def test_every_name_gets_a_record(tmp_path: Path) -> None:
+    from virt_forward.plan import GuestPlan
+    store = StateStore(tmp_path / "state")
+    names = ["é" * 100, ".hidden", "a b/c"[:3], "x" * 200, "%h-looks-hashed", "web"]
+    for name in names:
+        plan = GuestPlan.from_record({**GOOD["plan"], "domain": name})  # type: ignore[dict-item]
+        store.write(plan, "nftables")
+        assert store.read(name) == plan
+        store.write_xml(name, "<domain/>")
+        assert store.read_xml(name) == "<domain/>"
+    assert sorted(store.domains()) == sorted(names) == sorted(store.xml_domains())
+    assert all(len(p.name.encode()) <= 255 for p in store.guests.iterdir())
+    for name in names:
+        store.delete(name)
+    assert store.domains() == []
+
+
+records = st.recursive(st.none() | st.booleans() | st.integers(-2, 70000) | st.text(max_size=40)
+                       | st.floats(allow_nan=True), lambda inner: st.lists(inner, max_size=6)
+                       | st.dictionaries(st.sampled_from(["backend", "plan", "domain", "forwards", "allow", "x"]),
+                                         inner, max_size=5), max_leaves=30)
+
+
+@settings(max_examples=300, deadline=None)
+@given(records)
+def test_any_record_is_valid_or_a_state_error(data: object) -> None:
+    try:
+        validate_record(data, "web", "guests/web.json")
+    except StateError:
+        return
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=300))
+def test_any_bytes_as_a_record_are_a_state_error_or_a_plan(tmp_path_factory: pytest.TempPathFactory,
+                                                           raw: bytes) -> None:
+    store = StateStore(tmp_path_factory.mktemp("state") / "s")
+    with store.lock():
+        pass
+    (store.guests / "web.json").write_bytes(raw)
+    try:
+        store.read("web")
+    except StateError:
+        pass
+
+
+# ---------------------------------------------------------------- the recorded backend
+
+@pytest.fixture
+def world() -> Iterator[World]:
+    with lab_world() as w:
+        yield w
+
+
+@pytest.mark.netns
+def test_removal_uses_the_backend_it_was_applied_with(world: World) -> None:
+    w = world
+    w.write("config.toml", f'public = ["{PUBLIC4}"]\nbackend = "iptables"\n')
+    w.guest_file("guest1", 'address = "192.168.122.10"\nports = ["80"]\n')
+    assert w.hook("guest1", "start").returncode == 0
+    assert DNAT in w.lab.sh(w.lab.host, "iptables-save", "-t", "nat").stdout
+    w.write("config.toml", f'public = ["{PUBLIC4}"]\nbackend = "nftables"\n')  # switched while it runs
+    r = w.hook("guest1", "stopped", "end")
+    assert r.returncode == 0 and "removed 1 forward(s)" in r.stderr, r.stderr
+    nat = w.lab.sh(w.lab.host, "iptables-save", "-t", "nat").stdout
+    assert DNAT not in nat, nat
+    assert w.probe("tcp", PUBLIC4, 80).startswith("ERR")
+
+
+@pytest.mark.netns
+def test_a_backend_switch_moves_a_running_guest_cleanly(world: World) -> None:
+    w = world
+    w.write("config.toml", f'public = ["{PUBLIC4}"]\nbackend = "iptables"\n')
+    w.guest_file("guest1", 'address = "192.168.122.10"\nports = ["80"]\n')
+    assert w.hook("guest1", "start").returncode == 0
+    w.write("config.toml", f'public = ["{PUBLIC4}"]\nbackend = "nftables"\n')
+    assert w.hook("guest1", "reconnect").returncode == 0
+    nat = w.lab.sh(w.lab.host, "iptables-save", "-t", "nat").stdout
+    assert DNAT not in nat, nat
+    assert w.elements().get("dnat4"), w.elements()
+    assert w.probe("tcp", PUBLIC4, 80).startswith("guest1:80")
