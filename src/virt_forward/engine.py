@@ -19,7 +19,7 @@ from .config import (GuestConfig, Settings, check_domain_name, guest_from_metada
                      settings_or_default)
 from .errors import FirewallError
 from .plan import Family, GuestPlan, plan_guest
-from .runner import nft_apply, run, which
+from .runner import nft_apply, run, spawn_detached, which
 from .state import StateStore
 
 if TYPE_CHECKING:  # the iptables backend is imported only where it is used
@@ -93,11 +93,12 @@ def resolve_backend(settings: Settings) -> str:
 
 
 def apply(ctx: Context, domain: str, xml: str | None = None, want: Desired | None = None,
-          lock_timeout: float | None = None) -> str:
+          lock_timeout: float | None = None, hook: bool = False) -> str:
     """Make the kernel hold exactly this guest's current forwards.  Idempotent.
 
     `want`: `desired(ctx, domain, xml)` when the caller computed it already (the hook has).
-    `lock_timeout`: how long to wait for another virt-forward process (None: as long as it takes)."""
+    `lock_timeout`: how long to wait for another virt-forward process (None: as long as it takes).
+    `hook`: libvirt is waiting (flows are forgotten in the background)."""
     want = desired(ctx, domain, xml) if want is None else want
     if xml and want.uses_xml:
         # kept so that reconcile/watch can plan this guest again without asking libvirt
@@ -116,7 +117,7 @@ def apply(ctx: Context, domain: str, xml: str | None = None, want: Desired | Non
         old_backend = store.read_backend(domain) if old is not None else None
         if old is not None and old_backend != backend:
             # applied with the other backend (config changed, or nft installed since): take that off first
-            _remove_locked(ctx, domain, old, old_backend or backend, want.settings.hairpin)
+            _remove_locked(ctx, domain, old, old_backend or backend, want.settings.hairpin, wait=not hook)
             old = None
         wanted, had = claims_of(plan), claims_of(old)
         clash = claims.conflicts(str(store.root), holder, wanted)
@@ -139,7 +140,7 @@ def apply(ctx: Context, domain: str, xml: str | None = None, want: Desired | Non
         claims.update(str(store.root), holder, add=[], drop=[c for c in had if c not in wanted])
         if not outdated:
             store.write(plan, backend)
-            forget_flows(old, plan)
+            forget_flows(old, plan, wait=not hook)
         if backend == "nftables" and not outdated:
             ensure_guards(plan.families())
             message = f"{domain}: {len(plan.forwards)} forward(s) live" + _summary(plan)
@@ -198,11 +199,13 @@ def flow_filters(plan: GuestPlan) -> list[list[str]]:
     return [["-f", "ipv4" if fam == 4 else "ipv6", "--mark", mark, "--reply-src", guest] for fam, guest in guests]
 
 
-def forget_flows(old: GuestPlan | None, new: GuestPlan | None) -> None:
+def forget_flows(old: GuestPlan | None, new: GuestPlan | None, wait: bool = True) -> None:
     """Flows through forwards that are gone or lead elsewhere now: their conntrack entries would
     keep a steady UDP sender (WireGuard, DNS, games) reaching the old target for ever.  Matched
     on the host side (original destination address, protocol, port) and our mark, after the
-    kernel change, so a packet cannot re-create one through the old DNAT."""
+    kernel change, so a packet cannot re-create one through the old DNAT.
+    `wait`: False from the hook: a conntrack dump walks the host's whole flow table (~25 ms
+    here, whatever it holds) and libvirt waits for the hook; the deletion ends a few ms later."""
     if old is None or which("conntrack") is None:
         return
     kept = {(f.key, f.guest, f.guest_port) for f in new.forwards} if new is not None else set()
@@ -215,7 +218,10 @@ def forget_flows(old: GuestPlan | None, new: GuestPlan | None) -> None:
                   "--orig-port-dst", str(f.public_port), "--mark", mark, "--reply-src", str(f.guest)]
                  + ([] if f.public is None else ["--orig-dst", str(f.public)]) for f in gone]
     for argv in argvs:
-        run(argv, check=False, timeout=5)  # exit 1 means "none matched": nothing to report
+        if wait:
+            run(argv, check=False, timeout=5)  # exit 1 means "none matched": nothing to report
+        else:
+            spawn_detached(argv)
 
 
 def _done(message: str) -> str:
@@ -223,7 +229,7 @@ def _done(message: str) -> str:
     return message
 
 
-def remove(ctx: Context, domain: str, why: str = "", lock_timeout: float | None = None) -> str:
+def remove(ctx: Context, domain: str, why: str = "", lock_timeout: float | None = None, hook: bool = False) -> str:
     """Remove what was applied for the guest (its record), whatever its file says now."""
     check_domain_name(domain)
     store = ctx.store
@@ -234,11 +240,11 @@ def remove(ctx: Context, domain: str, why: str = "", lock_timeout: float | None 
             return f"{domain}: nothing applied" + (f" ({why})" if why else "")
         settings = settings_or_default(ctx.config_dir)  # a broken config.toml must not block removal
         # the backend it was applied with, not the one config.toml names now
-        _remove_locked(ctx, domain, old, store.read_backend(domain) or "nftables", settings.hairpin)
+        _remove_locked(ctx, domain, old, store.read_backend(domain) or "nftables", settings.hairpin, wait=not hook)
     return _done(f"{domain}: removed {len(old.forwards)} forward(s)" + (f" ({why})" if why else ""))
 
 
-def _remove_locked(ctx: Context, domain: str, old: GuestPlan, backend: str, hairpin: bool) -> None:
+def _remove_locked(ctx: Context, domain: str, old: GuestPlan, backend: str, hairpin: bool, wait: bool = True) -> None:
     store = ctx.store
     if backend == "iptables":
         others = [p for p in (store.read(d) for d in store.domains() if d != domain) if p is not None]
@@ -253,7 +259,7 @@ def _remove_locked(ctx: Context, domain: str, old: GuestPlan, backend: str, hair
             nft_apply(nft.change(old, None, hairpin=hairpin))
     store.delete(domain)
     claims.update(str(store.root), state.stem(domain), add=[], drop=claims_of(old))
-    forget_flows(old, None)
+    forget_flows(old, None, wait=wait)
 
 
 def connected_routes() -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:

@@ -183,8 +183,9 @@ def _stop(guests: str, state_dir: str, name: str, domain: str, why: str) -> int:
         os.unlink(record_path)  # the fast file stays, for the next start
         _sync_dir(guests)
         claims.update(state_dir, name, add=[], drop=fast.claims)
-        from .runner import spawn_all
-        spawn_all([["conntrack", "-D", *flt] for flt in fast.flows], timeout=5.0)  # engine.forget_flows
+        from .runner import spawn_detached
+        for flt in fast.flows:  # engine.forget_flows, not waited for (see there)
+            spawn_detached(["conntrack", "-D", *flt])
     from . import log
     log.info(f"{domain}: removed {fast.forwards} forward(s) ({why})")
     return 0

@@ -97,7 +97,7 @@ def _qemu(ctx: engine.Context, domain: str, op: str, sub: str, xml: str) -> int:
     strict = False
     try:
         if op in REMOVE:
-            engine.remove(ctx, domain, why=f"{op} {sub}", lock_timeout=LOCK_DEADLINE)
+            engine.remove(ctx, domain, why=f"{op} {sub}", lock_timeout=LOCK_DEADLINE, hook=True)
             return 0
         # The XML is parsed only if needed (no `address`, or metadata): argv names the domain.
         settings = load_settings(ctx.config_dir)  # broken: its error is logged, strict stays off
@@ -105,7 +105,7 @@ def _qemu(ctx: engine.Context, domain: str, op: str, sub: str, xml: str) -> int:
         want = engine.desired(ctx, domain, xml, settings)  # validates: raises ConfigError
         if op == "prepare":
             return 0
-        engine.apply(ctx, domain, xml, want, lock_timeout=LOCK_DEADLINE)
+        engine.apply(ctx, domain, xml, want, lock_timeout=LOCK_DEADLINE, hook=True)
     except ConfigError as exc:
         log.error(f"{domain}: {op}: {exc}" + ("; keeping what was applied before" if op == "reconnect" else ""))
         if strict and op in ("prepare", "start"):

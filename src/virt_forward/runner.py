@@ -14,7 +14,8 @@ import select
 
 from .consts import SEARCH_PATH
 
-__all__ = ["SEARCH_PATH", "Result", "which", "spawn", "spawn_all", "run", "nft_apply", "first_error"]
+__all__ = ["SEARCH_PATH", "Result", "which", "spawn", "spawn_all", "spawn_detached", "run", "nft_apply",
+           "first_error"]
 
 
 class Result:
@@ -103,6 +104,23 @@ def _finish(pid: int, out_r: int, err: int, timeout: float) -> tuple[int, bytes,
     finally:
         os.close(out_r)
         os.close(err)
+
+
+def spawn_detached(argv: list[str]) -> bool:
+    """Start argv and do not wait for it (the hook's conntrack clean-up: a conntrack dump walks
+    the host's whole flow table, ~25 ms, and libvirt must not wait for that).  It runs in a
+    session of its own with nothing of ours open; False when not installed."""
+    exe = which(argv[0])
+    if exe is None:
+        return False
+    null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        os.posix_spawn(exe, [exe, *argv[1:]], {**os.environ, "PATH": SEARCH_PATH, "LC_ALL": "C"},
+                       file_actions=[(os.POSIX_SPAWN_DUP2, null, 0), (os.POSIX_SPAWN_DUP2, null, 1),
+                                     (os.POSIX_SPAWN_DUP2, null, 2)], setsid=True)
+    finally:
+        os.close(null)
+    return True
 
 
 def _write_all(fd: int, data: bytes) -> None:
