@@ -255,9 +255,9 @@ def nft_guard_on_top(listing: str) -> bool:
     return ours == [0] and f'comment "{NFT_GUARD_COMMENT}"' in rules[0]
 
 
-def iptables_guard_ok(save: str) -> bool:
-    """`iptables-save -t filter` text: no guard needed (no FORWARD chain, or nothing there can
-    reject), or exactly one guard, the current one, first."""
+def forward_chain(save: str) -> tuple[str | None, list[str]]:
+    """(policy, rules after "-A FORWARD ") of the filter table's FORWARD chain in iptables-save
+    text; policy None when there is no such chain (guards.parse_filter builds on this)."""
     in_filter, policy, rules = False, None, []
     for line in save.splitlines():
         if line.startswith("*"):
@@ -266,6 +266,13 @@ def iptables_guard_ok(save: str) -> bool:
             policy = line.split()[1]
         elif in_filter and line.startswith("-A FORWARD "):
             rules.append(line[len("-A FORWARD "):])
+    return policy, rules
+
+
+def iptables_guard_ok(save: str) -> bool:
+    """`iptables-save -t filter` text: no guard needed (no FORWARD chain, or nothing there can
+    reject), or exactly one guard, the current one, first."""
+    policy, rules = forward_chain(save)
     ours = [i for i, r in enumerate(rules) if GUARD_COMMENT in r]
     needed = policy is not None and (policy != "ACCEPT" or len(ours) < len(rules))
     if not needed:

@@ -46,16 +46,8 @@ class ForwardChain:
 
 
 def parse_filter(save_output: str) -> ForwardChain:
-    in_filter = False
-    policy: str | None = None
-    rules: list[str] = []
-    for line in save_output.splitlines():
-        if line.startswith("*"):
-            in_filter = line == "*filter"
-        elif in_filter and line.startswith(":FORWARD "):
-            policy = line.split()[1]
-        elif in_filter and line.startswith("-A FORWARD "):
-            rules.append(line[len("-A FORWARD "):])
+    from .fastpath import forward_chain  # the hook's fast path reads the same text without us
+    policy, rules = forward_chain(save_output)
     if policy is None:
         return ForwardChain(exists=False)
     return ForwardChain(exists=True, policy=policy, rules=tuple(rules))
