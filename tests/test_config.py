@@ -5,17 +5,19 @@ from __future__ import annotations
 import ipaddress
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from conftest import WriteFile, write_trusted
 from virt_forward.config import (
-    MAX_FILE_BYTES, Settings, check_domain_name, config_dir, guest_names, guest_path, load_guest,
-    load_settings,
+    HARD_MAX_FORWARDS, MAX_FILE_BYTES, Settings, check_config_dir, check_domain_name, config_dir,
+    guest_from_metadata, guest_names, guest_path, guests_dir, load_guest, load_settings,
 )
 from virt_forward.errors import ConfigError, ExitCode, UsageError
 from virt_forward.plan import plan_guest
+from virt_forward.ports import PortRange
 
 GOOD = 'address = "10.1.1.2"\nports = ["80"]\n'
 
@@ -270,7 +272,8 @@ def test_group_writable_guests_dir_is_refused(cdir: Path, write_guest: WriteFile
     write_guest("g", GOOD)
     os.chmod(cdir / "guests", 0o775)
     err = load_error(cdir, "g")
-    assert str(err).startswith(f"{cdir / 'guests'}: refused: writable by group or others")
+    assert str(err) == (f"{cdir / 'guests'}: refused: the guests dir is writable by group or others (owner root, "
+                        f"mode 0775): they could rename or replace the config below it (chmod go-w {cdir / 'guests'})")
 
 
 def test_guests_dir_owned_by_someone_else_is_refused(cdir: Path, write_guest: WriteFile) -> None:
@@ -316,6 +319,275 @@ def test_fifo_does_not_hang(cdir: Path) -> None:
     assert "not a regular file" in str(result[0])
 
 
+# ---------------------------------------------------------------- trust of the directories (StrictModes)
+
+def _tree(tmp_path: Path, *, parent_mode: int = 0o755, parent_uid: int = 0) -> Path:
+    """tmp_path/top/etc/virt-forward/guests with one guest file; `top` gets the given owner and mode."""
+    top = tmp_path / "top"
+    cdir = top / "etc" / "virt-forward"
+    (cdir / "guests").mkdir(parents=True)
+    for d in (top, top / "etc", cdir, cdir / "guests"):
+        os.chown(d, 0, 0)
+        os.chmod(d, 0o755)
+    os.chown(top, parent_uid, 0)
+    os.chmod(top, parent_mode)
+    write_trusted(cdir / "guests" / "g.toml", GOOD)
+    write_trusted(cdir / "config.toml", 'public = "192.0.2.1"\n')
+    return cdir
+
+
+def _refused(cdir: Path, name: str = "g") -> str:
+    """The same one-line error from load_settings, load_guest and check_config_dir."""
+    messages = set()
+    for call in (lambda: load_settings(cdir), lambda: load_guest(cdir, name), lambda: check_config_dir(cdir)):
+        with pytest.raises(ConfigError) as info:
+            call()
+        assert "\n" not in str(info.value) and info.value.exit_code == ExitCode.CONFIG
+        messages.add(str(info.value))
+    assert len(messages) == 1, messages
+    return messages.pop()
+
+
+def test_trusted_tree_loads(cdir: Path, tmp_path: Path) -> None:
+    real = _tree(tmp_path)
+    assert check_config_dir(real) is True
+    assert load_settings(real).public == (ipaddress.ip_address("192.0.2.1"),)
+    assert load_guest(real, "g") is not None
+    assert guests_dir(real) == real / "guests"
+
+
+@pytest.mark.parametrize("mode", [0o775, 0o757, 0o777, 0o1777])
+def test_writable_config_dir_is_refused(tmp_path: Path, mode: int) -> None:
+    """No sticky exception for the config dir itself: others could add files of theirs."""
+    cdir = _tree(tmp_path)
+    os.chmod(cdir, mode)
+    assert _refused(cdir) == (
+        f"{cdir}: refused: the config dir is writable by group or others (owner root, mode {mode:04o}): "
+        f"they could rename or replace the config below it (chmod go-w {cdir})")
+
+
+def test_config_dir_of_another_owner_is_refused(tmp_path: Path) -> None:
+    cdir = _tree(tmp_path)
+    os.chown(cdir, 65534, 0)
+    assert _refused(cdir) == (f"{cdir}: refused: the config dir is owned by uid 65534 (mode 0755), not root: its "
+                              f"owner could swap the config below it (chown root {cdir})")
+
+
+@pytest.mark.parametrize("mode,uid,message", [
+    (0o777, 0, "is writable by group or others (owner root, mode 0777)"),
+    (0o775, 0, "is writable by group or others (owner root, mode 0775)"),
+    (0o755, 65534, "is owned by uid 65534 (mode 0755), not root"),
+    (0o1777, 65534, "is owned by uid 65534 (mode 1777), not root"),  # sticky, but its owner may do anything
+])
+def test_untrusted_parent_is_refused(tmp_path: Path, mode: int, uid: int, message: str) -> None:
+    cdir = _tree(tmp_path, parent_mode=mode, parent_uid=uid)
+    top = tmp_path / "top"
+    err = _refused(cdir)
+    assert err.startswith(f"{top}: refused: a directory above the config dir {cdir} {message}")
+    assert err.endswith(f"(chmod go-w {top})" if uid == 0 else f"(chown root {top})")
+
+
+@pytest.mark.parametrize("mode", [0o1777, 0o1775, 0o1757])
+def test_root_owned_sticky_parent_is_accepted(tmp_path: Path, mode: int) -> None:
+    """Like /tmp: others may add entries there, not rename or remove ours."""
+    cdir = _tree(tmp_path, parent_mode=mode)
+    assert check_config_dir(cdir) and load_guest(cdir, "g") is not None
+    assert load_settings(cdir).public == (ipaddress.ip_address("192.0.2.1"),)
+
+
+def test_a_renamed_config_toml_does_not_widen_the_forwards(tmp_path: Path) -> None:
+    """The reproduced attack: config.toml renamed in a writable dir, and `public` fell back to every address."""
+    cdir = _tree(tmp_path)
+    os.chmod(cdir, 0o777)
+    os.rename(cdir / "config.toml", cdir / "config.toml.gone")
+    with pytest.raises(ConfigError, match="refused: the config dir is writable"):
+        load_settings(cdir)
+
+
+def test_a_removed_guest_file_in_a_writable_guests_dir_is_an_error_not_no_file(tmp_path: Path) -> None:
+    """With metadata = true, "no file" would hand the guest's forwards to its domain XML."""
+    cdir = _tree(tmp_path)
+    os.chmod(cdir / "guests", 0o777)
+    (cdir / "guests" / "g.toml").unlink()
+    with pytest.raises(ConfigError, match="refused: the guests dir is writable"):
+        load_guest(cdir, "g")
+
+
+def test_symlinked_guests_dir_is_refused(cdir: Path, tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o755)
+    write_trusted(elsewhere / "g.toml", GOOD)
+    (cdir / "guests").rmdir()
+    (cdir / "guests").symlink_to(elsewhere)
+    with pytest.raises(ConfigError) as info:
+        load_guest(cdir, "g")
+    gdir = cdir / "guests"
+    assert str(info.value) == (f"{gdir}: refused: a symlink (to {str(elsewhere)!r}), not a directory: guest files must "
+                               f"be in the config dir itself (replace it by the directory: rm {gdir} && mkdir -m 0755 "
+                               f"{gdir})")
+    assert load_settings(cdir) == Settings()  # config.toml does not live in guests/
+
+
+def test_guests_that_is_a_file_is_refused(cdir: Path) -> None:
+    (cdir / "guests").rmdir()
+    write_trusted(cdir / "guests", "x")
+    with pytest.raises(ConfigError, match=r"guests: not a directory$"):
+        load_guest(cdir, "g")
+
+
+def test_symlinks_on_the_way_are_followed_and_checked(tmp_path: Path) -> None:
+    real = _tree(tmp_path)
+    link = tmp_path / "link"
+    link.symlink_to(real)  # root's, in a trusted directory: fine, and the real dirs are checked
+    assert load_guest(link, "g") is not None
+    rel = tmp_path / "rel"
+    rel.symlink_to("top/etc/../etc/virt-forward")  # relative, with '..'
+    assert load_guest(rel, "g") is not None
+    os.chmod(tmp_path / "top" / "etc", 0o777)  # a real directory above the target: refused through the link
+    with pytest.raises(ConfigError, match=r"refused: a directory above the config dir .*/link is writable"):
+        load_settings(link)
+    os.chmod(tmp_path / "top" / "etc", 0o755)
+    os.chmod(real, 0o775)
+    with pytest.raises(ConfigError) as info:
+        load_settings(link)
+    assert str(info.value).startswith(f"{real}: refused: the config dir {link} (really {real}) is writable")
+
+
+def test_a_symlink_of_another_owner_on_the_way_is_refused(tmp_path: Path) -> None:
+    """In a sticky directory (/tmp) its owner may point it elsewhere at any time."""
+    real = _tree(tmp_path)
+    sticky = tmp_path / "sticky"
+    sticky.mkdir()
+    os.chmod(sticky, 0o1777)
+    link = sticky / "cfg"
+    link.symlink_to(real)
+    assert load_guest(link, "g") is not None
+    os.lchown(link, 65534, 65534)
+    with pytest.raises(ConfigError) as info:
+        load_guest(link, "g")
+    assert str(info.value) == (f"{link}: refused: a symlink on the way to the config dir {link} is owned by uid 65534, "
+                               f"not root: its owner could point it elsewhere (chown -h root {link})")
+
+
+def test_symlink_loop_and_file_on_the_way(tmp_path: Path) -> None:
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    with pytest.raises(ConfigError, match="refused: more than 40 symlinks on the way to"):
+        load_settings(tmp_path / "a")
+    write_trusted(tmp_path / "file", "x")
+    with pytest.raises(ConfigError, match=r"file: not a directory \(on the way to the config dir"):
+        load_settings(tmp_path / "file" / "cfg")
+
+
+def test_relative_config_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _tree(tmp_path)
+    monkeypatch.chdir(tmp_path / "top")
+    assert load_guest(Path("etc/virt-forward"), "g") is not None
+    assert load_guest(Path("../top/./etc//virt-forward/"), "g") is not None
+    os.chmod(tmp_path / "top", 0o777)
+    with pytest.raises(ConfigError, match="a directory above the config dir etc/virt-forward is writable"):
+        load_guest(Path("etc/virt-forward"), "g")
+
+
+def test_missing_config_dir_means_defaults_and_no_guests(tmp_path: Path) -> None:
+    assert check_config_dir(tmp_path / "nowhere") is False
+    assert load_settings(tmp_path / "nowhere") == Settings()
+    assert load_guest(tmp_path / "nowhere", "g") is None
+    assert guests_dir(tmp_path / "nowhere") is None
+
+
+def test_a_path_with_spaces_is_quoted_in_the_fix(tmp_path: Path) -> None:
+    cdir = tmp_path / "my etc"
+    cdir.mkdir()
+    os.chmod(cdir, 0o777)
+    with pytest.raises(ConfigError, match=r"\(chmod go-w '.*/my etc'\)$"):
+        load_settings(cdir)
+
+
+# ---------------------------------------------------------------- forwards from <metadata>
+
+NET = ipaddress.ip_network("192.168.122.0/24")
+NET6 = ipaddress.ip_network("fd00:1::/64")
+META = {"address": ["192.168.122.10"], "ports": ["8080:80", "2222:22"]}
+
+
+def test_metadata_inside_the_domains_networks() -> None:
+    guest = guest_from_metadata("web", META, subnets=(NET, NET6))
+    assert guest.from_metadata and guest.path == "<metadata of domain web>"
+    assert [f.describe() for f in plan_guest(guest, Settings(metadata=True)).forwards] == [
+        "*:2222/tcp -> 192.168.122.10:22", "*:8080/tcp -> 192.168.122.10:80"]
+    v6 = guest_from_metadata("web", {"address": ["fd00:1::10"], "ports": ["8080"]}, subnets=[NET, NET6])
+    assert v6.addresses == (ipaddress.ip_address("fd00:1::10"),)
+
+
+def test_metadata_without_address_is_left_to_discovery() -> None:
+    guest = guest_from_metadata("web", {"ports": ["8080"]})
+    assert guest.addresses == () and guest.from_metadata
+
+
+@pytest.mark.parametrize("address,subnets,shown", [
+    ("10.0.0.5", (NET,), "192.168.122.0/24"),
+    ("127.0.0.1", (NET, NET6), "192.168.122.0/24, fd00:1::/64"),
+    ("192.168.122.10", (), "none known"),  # the default: the target cannot be checked, so it is refused
+    ("192.168.122.0", (NET,), "192.168.122.0/24"),  # the network's own address
+    ("192.168.122.255", (NET,), "192.168.122.0/24"),  # its broadcast address
+    ("192.168.122.1", (ipaddress.ip_interface("192.168.122.1/24"),), "192.168.122.0/24, host 192.168.122.1"),
+    ("fd00:2::10", (NET6,), "fd00:1::/64"),
+    ("fd00:1::10", (NET,), "192.168.122.0/24"),
+])
+def test_metadata_address_outside_the_domains_networks(address: str, subnets: tuple[object, ...], shown: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        guest_from_metadata("web", {"address": [address], "ports": ["8080"]}, subnets=subnets)  # type: ignore[arg-type]
+    assert str(info.value) == (
+        f"<metadata of domain web>: address: {address!r} is not a guest address of the domain's own networks "
+        f"({shown}): forwards from <metadata> may only reach the domain's own network (leave <address> out to find "
+        "it from the guest's MAC, or put the forward in a guest file)")
+
+
+def test_metadata_point_to_point_subnets_have_no_broadcast_to_refuse() -> None:
+    net = ipaddress.ip_network("10.9.9.0/31")
+    assert guest_from_metadata("p", {"address": ["10.9.9.0"], "ports": ["8080"]}, subnets=(net,)).addresses
+
+
+@pytest.mark.parametrize("port,shown", [("22", "22"), ("2222:22", None), ("80/udp", "80"),
+                                        ("1000-1100:2000-2100", "1000-1100"), ("65535", None), ("1024", None),
+                                        ("1023", "1023"), ("192.168.122.1:443:443", "443")])
+def test_metadata_public_ports_within_metadata_ports(port: str, shown: str | None) -> None:
+    guest = guest_from_metadata("web", {"address": ["192.168.122.10"], "ports": [port]}, subnets=(NET,))
+    if shown is None:
+        assert plan_guest(guest, Settings(metadata=True)).forwards
+        return
+    with pytest.raises(ConfigError) as info:
+        plan_guest(guest, Settings(metadata=True))
+    assert str(info.value) == (
+        f"<metadata of domain web>: ports: {port!r}: public port {shown} is outside metadata_ports = \"1024-65535\" "
+        "(the default; config.toml may change it): forwards from a domain's <metadata> may only open those")
+
+
+def test_metadata_ports_from_config_toml(cdir: Path, write_config: WriteFile, write_guest: WriteFile) -> None:
+    path = write_config('metadata = true\nmetadata_ports = "8000-8999"\n')
+    settings = load_settings(cdir)
+    ok = guest_from_metadata("web", {"address": ["192.168.122.10"], "ports": ["8000-8999"]}, subnets=(NET,))
+    assert len(plan_guest(ok, settings).forwards) == 1000
+    bad = guest_from_metadata("web", {"address": ["192.168.122.10"], "ports": ["9000"]}, subnets=(NET,))
+    with pytest.raises(ConfigError, match=rf"public port 9000 is outside metadata_ports = \"8000-8999\" \({path}:2\)"):
+        plan_guest(bad, settings)
+    # a guest file is root's: metadata_ports does not apply to it
+    write_guest("g", 'address = "10.1.1.2"\nports = ["22"]\n')
+    guest = load_guest(cdir, "g")
+    assert guest is not None and not guest.from_metadata
+    assert len(plan_guest(guest, settings).forwards) == 1
+
+
+def test_metadata_is_held_to_max_forwards_per_guest() -> None:
+    guest = guest_from_metadata("web", {"address": ["192.168.122.10"], "ports": ["2000-3999"]}, subnets=(NET,))
+    with pytest.raises(ConfigError) as info:
+        plan_guest(guest, Settings(metadata=True))
+    assert str(info.value).startswith("<metadata of domain web>: ports: '2000-3999' is 2000 port(s) on every local "
+                                      "address: 2000 forward(s), 2000 for the guest in all, more than "
+                                      "max_forwards_per_guest = 1024")
+
+
 # ---------------------------------------------------------------- config.toml
 
 def test_settings_defaults_without_file(cdir: Path) -> None:
@@ -345,7 +617,21 @@ def test_settings_public_as_string(cdir: Path, write_config: WriteFile) -> None:
     ('\nstrict = 1\n', 2, "strict", "must be true or false, not 1"),
     ('public = ["192.0.2.1", "192.0.2.300"]\n', 1, "public", "'192.0.2.300' is not an IP address"),
     ('public = "::"\n', 1, "public", "cannot be used here"),
-    ('hairpin = true\nports = ["80"]\n', 2, "ports", "unknown key (known: backend, hairpin, metadata, public, strict)"),
+    ('hairpin = true\nports = ["80"]\n', 2, "ports", "unknown key (known: backend, hairpin, max_forwards, "
+     "max_forwards_per_guest, metadata, metadata_ports, public, strict)"),
+    ('max_forwards = true\n', 1, "max_forwards", "must be a whole number of forwards, not True"),
+    ('max_forwards = "10"\n', 1, "max_forwards", "must be a whole number of forwards, not '10'"),
+    ('\nmax_forwards_per_guest = 1.5\n', 2, "max_forwards_per_guest", "not 1.5"),
+    ('max_forwards_per_guest = 0\n', 1, "max_forwards_per_guest", f"0 is out of range 1-{HARD_MAX_FORWARDS}"),
+    ('max_forwards = -1\n', 1, "max_forwards", "-1 is out of range"),
+    (f'max_forwards = {HARD_MAX_FORWARDS + 1}\n', 1, "max_forwards", f"{HARD_MAX_FORWARDS + 1} is out of range"),
+    ('max_forwards = 0x' + "f" * 4000 + '\n', 1, "max_forwards", "a number of 16000 bits is out of range"),
+    ('metadata_ports = 1024\n', 1, "metadata_ports", 'must be a port range in a string, like "1024-65535", not 1024'),
+    ('metadata_ports = ["1024-65535"]\n', 1, "metadata_ports", "must be a port range in a string"),
+    ('metadata_ports = "0-1000"\n', 1, "metadata_ports", "'0-1000': port 0 is out of range 1-65535"),
+    ('metadata_ports = "9000-8000"\n', 1, "metadata_ports", "'9000-8000': port range '9000-8000' ends before it starts"),
+    ('metadata_ports = "8000:9000"\n', 1, "metadata_ports", "'8000:9000': port '8000:9000' is not a port or a range"),
+    ('metadata_ports = ""\n', 1, "metadata_ports", "'': port is empty"),
 ])
 def test_settings_errors(cdir: Path, write_config: WriteFile, text: str, line: int, key: str,
                          message: str) -> None:
@@ -355,6 +641,65 @@ def test_settings_errors(cdir: Path, write_config: WriteFile, text: str, line: i
     assert str(info.value).startswith(f"{path}:{line}: {key}: ")
     assert message in str(info.value)
 
+
+def test_settings_limits_and_metadata_ports(cdir: Path, write_config: WriteFile) -> None:
+    path = write_config('metadata = true\nmax_forwards_per_guest = 10\nmax_forwards = 20\n'
+                        'metadata_ports = " 8000-8999 "\n')
+    s = load_settings(cdir)
+    assert (s.max_forwards_per_guest, s.max_forwards, s.metadata_ports) == (10, 20, PortRange(8000, 8999))
+    assert s.line_of("max_forwards") == 3 and s.source_of("max_forwards") == f"{path}:3"
+    write_config('metadata_ports = "2222"\n')
+    assert load_settings(cdir).metadata_ports == PortRange(2222, 2222)
+
+
+def test_settings_limit_defaults() -> None:
+    s = Settings()
+    assert (s.max_forwards_per_guest, s.max_forwards, s.metadata_ports) == (1024, 65536, PortRange(1024, 65535))
+    assert s.source_of("max_forwards") == "the default; config.toml may change it"
+
+
+@pytest.mark.parametrize("text,line,message", [
+    ('max_forwards = ' + "9" * 5000 + '\n', 1, "TOML syntax error: a number of more than 4300 digits"),
+    ('backend = "auto"\nx = [' + "1_" * 4400 + '1]\n', 2, "TOML syntax error: a number of more than 4300 digits"),
+    ('public = ' + "[" * 2000 + "]" * 2000 + '\n', None, "TOML syntax error: values nested too deeply"),
+    ('public = ' + "{a=" * 1000 + "1" + "}" * 1000 + '\n', None, "TOML syntax error: values nested too deeply"),
+])
+def test_toml_that_python_itself_refuses(cdir: Path, write_config: WriteFile, text: str, line: int | None,
+                                          message: str) -> None:
+    """tomllib lets int()'s 4300-digit limit (a ValueError) and RecursionError through: found by fuzzing."""
+    path = write_config(text)
+    with pytest.raises(ConfigError) as info:
+        load_settings(cdir)
+    where = f"{path}:{line}" if line is not None else str(path)
+    assert str(info.value) == f"{where}: {message}"
+
+
+
+@pytest.mark.parametrize("text,line", [
+    ("a" + ".a" * 300_000 + " = 1\n", 1),  # took all memory: killed by the OOM killer
+    ('backend = "auto"\n[t' + ".a" * 300_000 + "]\n", 2),  # 40 s
+    ("[[ t" + " . 'a'" * 100_000 + "]]\n", 1),
+    ("x = {b = 1, a" + ".a" * 300_000 + " = 1}\n", 1),  # 50 s
+    ("# fine\n" + "a" + ".a" * 16 + " = 1\n", 2),
+])
+def test_deep_dotted_keys_are_refused_before_tomllib(cdir: Path, write_config: WriteFile, text: str,
+                                                     line: int) -> None:
+    """tomllib's time and memory grow with the square of a dotted key's parts: found by fuzzing."""
+    path = write_config(text)
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError) as info:
+        load_settings(cdir)
+    assert time.perf_counter() - t0 < 0.5
+    assert str(info.value) == (f"{path}:{line}: refused: a dotted key of more than 16 parts (none of ours has more "
+                               "than one, and the TOML parser's time and memory grow with the square of it)")
+
+
+def test_sixteen_parts_and_dotted_values_are_left_to_tomllib(cdir: Path, write_config: WriteFile) -> None:
+    write_config("[t]\n" + "a" + ".a" * 15 + " = 1\n")
+    with pytest.raises(ConfigError, match=r":1: t: unknown key"):
+        load_settings(cdir)
+    write_config('public = [' + ", ".join(f'"192.0.2.{n}"' for n in range(1, 40)) + ']\n')  # 117 dots, in strings
+    assert len(load_settings(cdir).public) == 39
 
 def test_settings_syntax_error(cdir: Path, write_config: WriteFile) -> None:
     path = write_config('backend = "auto"\nhairpin = tru\n')

@@ -366,19 +366,34 @@ def test_watcher_applies_when_the_lease_appears(world: World, tmp_path: Path) ->
 
 
 @pytest.mark.netns
-def test_forwards_from_domain_metadata_only_when_trusted(world: World) -> None:
+def test_forwards_from_domain_metadata_only_when_trusted(world: World, tmp_path: Path) -> None:
     w = world
-    assert w.hook("guest1", "start", xml=DOMAIN).returncode == 0
+    env = _env(w, _libvirt_root(tmp_path, network=_network()))  # the domain's network: 192.168.122.0/24
+
+    def hook(op: str, xml: str) -> subprocess.CompletedProcess[str]:
+        return w.lab.sh(w.lab.host, str(w.hook_path), "guest1", op, "begin", "-", stdin=xml, env=env, check=False)
+
+    meta = DOMAIN.replace("<vf:port>53/udp</vf:port>", "<vf:port>5353/udp</vf:port>")
+    assert hook("start", meta).returncode == 0
     assert w.elements() == {}  # metadata is ignored unless config.toml says metadata = true
     w.write("config.toml", f'public = "{PUBLIC4}"\nmetadata = true\n')
-    assert w.hook("guest1", "start", xml=DOMAIN).returncode == 0
+    assert hook("start", meta).returncode == 0
     assert w.probe("tcp", PUBLIC4, 8080) == f"guest1:80 from {CLIENT4}"
     # a guest file, when there is one, is the whole config: metadata is not merged into it
     w.guest_file("guest1", 'address = "192.168.122.10"\nports = ["9090:80"]\n')
-    assert w.hook("guest1", "reconnect", xml=DOMAIN).returncode == 0
+    assert hook("reconnect", meta).returncode == 0
     assert w.probe("tcp", PUBLIC4, 9090) == f"guest1:80 from {CLIENT4}"
     assert w.probe("tcp", PUBLIC4, 8080).startswith("ERR")
-    # bad metadata is named as such
     (w.cfg / "guests/guest1.toml").unlink()
-    r = w.hook("guest1", "reconnect", xml=DOMAIN.replace("8080:80", "70000"))
+    # bad metadata is named as such
+    r = hook("reconnect", meta.replace("8080:80", "70000"))
     assert r.returncode == 0 and "<metadata of domain guest1>: ports:" in r.stderr
+    # whoever edits a domain is not root: below metadata_ports (1024-65535 by default) is refused ...
+    r = hook("reconnect", DOMAIN)
+    assert r.returncode == 0 and "<metadata of domain guest1>" in r.stderr and "metadata_ports" in r.stderr, r.stderr
+    # ... and so is a target outside the domain's own networks (the host's own address included)
+    for target in ("10.9.9.9", "192.168.122.1"):
+        r = hook("reconnect", meta.replace("<vf:address>192.168.122.10<", f"<vf:address>{target}<"))
+        assert r.returncode == 0 and f"'{target}' is not a guest address of the domain's own networks" in r.stderr, \
+            r.stderr
+    assert w.probe("tcp", PUBLIC4, 9090) == f"guest1:80 from {CLIENT4}"  # the refusals kept what was applied

@@ -103,17 +103,36 @@ def test_claims_follow_the_records(world: World) -> None:
     files(w, f'public = "{PUBLIC4}"\nports = ["80", "53/udp"]', 'ports = ["443"]')
     for name in ("guest1", "guest2"):
         assert w.hook(name, "start").returncode == 0
-    held = {p.name: p.read_text() for p in (w.state / "claims").iterdir()}
+    held = index(w)
     want = {"4-tcp-80": f"{PUBLIC4} guest1\n", "4-udp-53": f"{PUBLIC4} guest1\n", "4-tcp-443": "* guest2\n",
             "6-tcp-443": "* guest2\n"}
     assert held == want, held
+    assert claims.total(str(w.state)) == 4
     # reconcile rebuilds the same index from the records
     for p in (w.state / "claims").iterdir():
         p.unlink()
     w.cli("reconcile", "--running", "guest1", "--running", "guest2")
-    assert {p.name: p.read_text() for p in (w.state / "claims").iterdir()} == want
+    assert index(w) == want and claims.total(str(w.state)) == 4
     assert w.hook("guest1", "stopped", "end").returncode == 0
-    assert {p.name for p in (w.state / "claims").iterdir()} == {"4-tcp-443", "6-tcp-443"}
+    assert set(index(w)) == {"4-tcp-443", "6-tcp-443"} and claims.total(str(w.state)) == 2
+
+
+def index(w: World) -> dict[str, str]:
+    return {p.name: p.read_text() for p in (w.state / "claims").iterdir() if not p.name.startswith(".")}
+
+
+def test_the_host_wide_cap_holds_on_every_path(world: World) -> None:
+    w = world
+    w.write("config.toml", "max_forwards = 3\n" + (w.cfg / "config.toml").read_text())
+    files(w, f'public = "{PUBLIC4}"\nports = ["80", "443"]', f'public = "{PUBLIC4}"\nports = ["8080:80", "22"]')
+    assert "forward(s) live" in w.hook("guest1", "start").stderr
+    r = w.hook("guest2", "start")
+    assert r.returncode == 0 and "not applied" in r.stderr and "max_forwards = 3" in r.stderr, r.stderr
+    assert w.probe("tcp", PUBLIC4, 8080).startswith("ERR")
+    w.cli("reconcile", "--running", "guest1", "--running", "guest2")  # the holder keeps its forwards
+    assert _answer(w, 80, 4, "tcp") == "guest1" and w.probe("tcp", PUBLIC4, 8080).startswith("ERR")
+    assert w.hook("guest1", "stopped", "end").returncode == 0
+    assert "forward(s) live" in w.hook("guest2", "start").stderr
 
 
 def test_the_rule_itself(tmp_path: Path) -> None:

@@ -69,6 +69,24 @@ def conflicts(state_dir: str, holder: str, wanted: list[Claim]) -> list[tuple[Cl
     return found
 
 
+TOTAL = ".total"  # how many claims (forwards) the index holds: the host-wide cap without a scan
+
+
+def total(state_dir: str) -> int:
+    """Claims held by all guests together (counted once if the counter is missing)."""
+    path = os.path.join(_dir(state_dir), TOTAL)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        try:
+            return int(os.read(fd, 32))
+        finally:
+            os.close(fd)
+    except (OSError, ValueError):
+        count = sum(len(holders(state_dir, k)) for k in os.listdir(_dir(state_dir)) if not k.startswith("."))
+        _replace(path, str(count).encode())
+        return count
+
+
 def update(state_dir: str, holder: str, add: list[Claim], drop: list[Claim]) -> None:
     """Add and drop this holder's claims (idempotent); files left empty are removed."""
     changes: dict[str, tuple[set[str], set[str]]] = {}
@@ -77,12 +95,14 @@ def update(state_dir: str, holder: str, add: list[Claim], drop: list[Claim]) -> 
     for k, public in drop:
         changes.setdefault(k, (set(), set()))[1].add(public)
     folder = _dir(state_dir)
+    count = total(state_dir)
     for k, (plus, minus) in sorted(changes.items()):
         current = holders(state_dir, k)
         lines = [(p, h) for p, h in current if not (h == holder and p in minus - plus)]
         lines += [(p, holder) for p in sorted(plus) if (p, holder) not in lines]
         if lines == current:
             continue
+        count += len(lines) - len(current)
         path = os.path.join(folder, k)
         if lines:
             _replace(path, "".join(f"{p} {h}\n" for p, h in lines).encode())
@@ -91,6 +111,7 @@ def update(state_dir: str, holder: str, add: list[Claim], drop: list[Claim]) -> 
                 os.unlink(path)
             except FileNotFoundError:
                 pass
+    _replace(os.path.join(folder, TOTAL), str(count).encode())
 
 
 def rebuild(state_dir: str, claims: dict[str, list[Claim]]) -> None:
@@ -105,6 +126,7 @@ def rebuild(state_dir: str, claims: dict[str, list[Claim]]) -> None:
             os.unlink(os.path.join(folder, name))
     for k, text in lines.items():
         _replace(os.path.join(folder, k), "".join(text).encode())
+    _replace(os.path.join(folder, TOTAL), str(sum(len(t) for t in lines.values())).encode())
 
 
 class Ledger:

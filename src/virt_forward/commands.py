@@ -7,9 +7,9 @@ import sys
 from typing import Any
 
 from . import engine, nft
-from .config import guest_names, load_guest, load_settings, settings_or_default
+from .config import guest_names, guests_dir, load_guest, load_settings, settings_or_default
 from .errors import ConfigError, ExitCode, VirtForwardError
-from .plan import Family, GuestPlan, find_conflicts, plan_guest
+from .plan import Family, GuestPlan, find_conflicts, host_limit_error, plan_guest
 from .runner import run, which
 
 
@@ -36,8 +36,22 @@ def collect_plans(ctx: engine.Context) -> tuple[list[GuestPlan], list[str]]:
 
 
 def check(ctx: engine.Context) -> int:
+    try:
+        # the directories first: with one that others may write nothing below it counts,
+        # and `guests` as a symlink would make every guest file repeat the same error
+        guests_dir(ctx.config_dir)
+    except ConfigError as exc:
+        print(f"error: {exc}")
+        print(f"FAILED: the config in {ctx.config_dir} is not trusted")
+        return ExitCode.CONFIG
     plans, errors = collect_plans(ctx)
     names = guest_names(ctx.config_dir)
+    # the host-wide cap: each plan is already within max_forwards_per_guest, so counting
+    # them costs little; engine and reconcile check the same function with what they apply
+    cap = host_limit_error(plans, settings_or_default(ctx.config_dir),
+                           config_path=str(ctx.config_dir / "config.toml"))
+    if cap is not None:
+        errors.append(str(cap))
     for line in errors:
         print(f"error: {line}")
     forwards = sum(len(p.forwards) for p in plans)

@@ -1,9 +1,15 @@
 """Read and validate /etc/virt-forward: config.toml and guests/<domain>.toml.
 
 Files decide which ports of the host are open, so, like sshd's StrictModes, a
-file that is not root's or that group/other may write is refused.  Every error
-names the file, the line (found in the text, since tomllib gives no positions
-for values), the key and the bad value.
+file that is not root's or that group/other may write is refused, and so is a
+config dir, `guests` dir or any directory above them that is not root's or that
+group/other may write (whoever may rename an entry may swap our files, or remove
+config.toml and widen every forward to all local addresses).  Every error names
+the file, the line (found in the text, since tomllib gives no positions for
+values), the key and the bad value.
+
+Limits (max_forwards_per_guest, max_forwards) are counted in plan.py from the
+parsed specs, before a range is expanded into forwards.
 """
 
 from __future__ import annotations
@@ -14,19 +20,32 @@ import re
 import stat
 import tomllib
 import unicodedata
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterable, Literal
 
 from . import consts
 from .errors import ConfigError, PortSpecError, UsageError
-from .ports import IPAddress, PortSpec, parse_port_spec
+from .ports import IPAddress, PortRange, PortSpec, parse_port_spec, parse_range
 
 Backend = Literal["auto", "nftables", "iptables"]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 
 MAX_FILE_BYTES = 1 << 20
-_SETTINGS_KEYS = {"backend", "public", "hairpin", "strict", "metadata"}
+# Defaults of the limits.  A guest file of 163 bytes ("1-65535" and "1-65535/udp" on 8
+# public addresses) asked for 1,048,560 forwards: 18 s and 500 MB to plan, and a map of a
+# million elements at a guest start.  No host needs that many by accident.
+MAX_FORWARDS_PER_GUEST = 1024
+MAX_FORWARDS = 65536
+# What config.toml may raise them to: beyond this the planner's memory and the time of a
+# transaction at guest start (libvirt waits for it) are no longer reasonable.
+HARD_MAX_FORWARDS = 1 << 20
+# Public ports a domain's <metadata> may open: whoever may edit a domain is not root, so the
+# privileged ports (the host's own ssh on 22 among them) stay out of their reach by default.
+METADATA_PORTS = PortRange(1024, 65535)
+_SETTINGS_KEYS = {"backend", "public", "hairpin", "strict", "metadata", "max_forwards_per_guest",
+                  "max_forwards", "metadata_ports"}
 _GUEST_KEYS = {"address", "public", "ports", "allow"}
 
 
@@ -39,6 +58,21 @@ class Settings:
     # trust forwards in the domain XML's <metadata> (whoever may edit domains decides host ports)
     metadata: bool = False
     path: str | None = None
+    max_forwards_per_guest: int = MAX_FORWARDS_PER_GUEST
+    max_forwards: int = MAX_FORWARDS  # all guest files together (plan.host_forward_count)
+    metadata_ports: PortRange = METADATA_PORTS  # public ports that <metadata> forwards may use
+    # line of each key in config.toml, so that a limit error can point at the limit
+    lines: dict[str, int] = field(default_factory=dict, compare=False, hash=False)
+
+    def line_of(self, key: str) -> int | None:
+        return self.lines.get(key)
+
+    def source_of(self, key: str) -> str:
+        """Where the value of `key` came from, for error messages."""
+        line = self.lines.get(key)
+        if self.path is not None and line is not None:
+            return f"{self.path}:{line}"
+        return "the default; config.toml may change it"
 
 
 @dataclass(frozen=True)
@@ -57,6 +91,9 @@ class GuestConfig:
     public: tuple[IPAddress, ...] | None = None  # None: config.toml's default
     allow: tuple[IPNetwork, ...] | None = None  # None: every source
     lines: dict[str, int] = field(default_factory=dict, compare=False, hash=False)
+    # from a domain's <metadata>, not from a file of root's: the planner holds its public
+    # ports to config.toml's metadata_ports
+    from_metadata: bool = False
 
     def line_of(self, key: str) -> int | None:
         return self.lines.get(key)
@@ -100,6 +137,121 @@ def _check_trusted(path: Path, st: os.stat_result) -> None:
             path=path)
 
 
+_MAX_SYMLINKS = 40  # the kernel's own limit (ELOOP)
+
+
+def _quoted(path: str) -> str:
+    import shlex  # only on the error path: the hook's imports stay lean
+    return shlex.quote(path)
+
+
+def _check_dir(path: str, st: os.stat_result, what: str, parent: bool) -> None:
+    """A directory we read config from or through: root's, and only root may change its entries.
+
+    `parent`: a directory above the config dir, where a root-owned sticky directory
+    (/tmp, mode 1777) is fine: others may add entries there but not rename or remove ours.
+    """
+    mode = stat.S_IMODE(st.st_mode)
+    if st.st_uid != 0:
+        raise ConfigError(
+            f"refused: {what} is owned by uid {st.st_uid} (mode {mode:04o}), not root: its owner could "
+            f"swap the config below it (chown root {_quoted(path)})", path=path)
+    if mode & 0o022 and not (parent and mode & stat.S_ISVTX):
+        raise ConfigError(
+            f"refused: {what} is writable by group or others (owner root, mode {mode:04o}): they could rename "
+            f"or replace the config below it (chmod go-w {_quoted(path)})", path=path)
+
+
+def check_config_dir(cdir: Path) -> bool:
+    """Like sshd's StrictModes: the config dir and every directory above it must be root's and
+    not writable by group or others; a root-owned sticky directory above it (/tmp) is fine.
+
+    True when it is trusted, False when it does not exist (nothing to read: the defaults),
+    ConfigError naming the directory, its owner and mode, and the fix otherwise.  The path
+    is followed as the kernel follows it (symlinks and '..' included), and each directory
+    is checked before an entry is looked up in it: whoever may write a directory decides
+    what that lookup finds, also when the entry is only a symlink on the way.
+    """
+    shown = str(cdir)
+    text = os.fspath(cdir)
+    try:
+        if not text.startswith("/"):
+            text = os.getcwd() + "/" + text
+        return _walk(text, shown)
+    except OSError as exc:  # the working directory removed, a symlink changed while we read it...
+        raise ConfigError(f"cannot read: {exc.strerror}", path=exc.filename or shown) from None
+
+
+def _walk(text: str, shown: str) -> bool:
+    above = f"a directory above the config dir {shown}"
+    stats = {"/": os.stat("/")}  # every directory entered: `current` and all its ancestors
+    todo = text.split("/")[::-1]  # a stack: the next component last
+    current, hops = "/", 0
+    while todo:
+        part = todo.pop()
+        if part in ("", "."):
+            continue
+        if part == "..":  # `current` holds no symlink: its parent is the directory we came through
+            current = os.path.dirname(current)
+            continue
+        _check_dir(current, stats[current], above, parent=True)
+        step = os.path.join(current, part)
+        try:
+            st = os.lstat(step)
+        except FileNotFoundError:
+            return False
+        if stat.S_ISLNK(st.st_mode):
+            hops += 1
+            if hops > _MAX_SYMLINKS:
+                raise ConfigError(f"refused: more than {_MAX_SYMLINKS} symlinks on the way to {shown}", path=step)
+            if st.st_uid != 0:  # in a sticky directory its owner may point it elsewhere at any time
+                raise ConfigError(
+                    f"refused: a symlink on the way to the config dir {shown} is owned by uid {st.st_uid}, not "
+                    f"root: its owner could point it elsewhere (chown -h root {_quoted(step)})", path=step)
+            target = os.readlink(step)
+            if target.startswith("/"):
+                current = "/"
+            todo.extend(target.split("/")[::-1])
+            continue
+        if not stat.S_ISDIR(st.st_mode):
+            raise ConfigError(f"not a directory (on the way to the config dir {shown})", path=step)
+        stats[step] = st
+        current = step
+    # the config dir itself: no sticky exception (others could add files of theirs to it)
+    real = "" if os.path.normpath(text) == current else f" {shown} (really {current})"
+    _check_dir(current, stats[current], f"the config dir{real}", parent=False)
+    return True
+
+
+def guests_dir(cdir: Path) -> Path | None:
+    """cdir/guests after checking it and everything above it; None when it does not exist.
+
+    Not a symlink (lstat): one would make a directory elsewhere, checked by nobody, the
+    source of every guest's forwards.
+    """
+    if not check_config_dir(cdir):
+        return None
+    gdir = cdir / "guests"
+    try:
+        st = os.lstat(gdir)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ConfigError(f"cannot read: {exc.strerror}", path=gdir) from None
+    if stat.S_ISLNK(st.st_mode):
+        try:
+            target = os.readlink(gdir)
+        except OSError:
+            target = "?"
+        raise ConfigError(f"refused: a symlink (to {target!r}), not a directory: guest files must be in "
+                          f"the config dir itself (replace it by the directory: rm {_quoted(str(gdir))} && "
+                          f"mkdir -m 0755 {_quoted(str(gdir))})", path=gdir)
+    if not stat.S_ISDIR(st.st_mode):
+        raise ConfigError("not a directory", path=gdir)
+    _check_dir(str(gdir), st, "the guests dir", parent=False)
+    return gdir
+
+
 def _read_toml(path: Path) -> tuple[dict[str, Any], list[str]]:
     try:
         # O_NONBLOCK: opening a FIFO left in guests/ must not hang the hook (and the guest start)
@@ -125,23 +277,58 @@ def _read_toml(path: Path) -> tuple[dict[str, Any], list[str]]:
     if text.startswith("\ufeff"):
         raise ConfigError("starts with a byte order mark (U+FEFF), which TOML does not allow: save as UTF-8 "
                           "without BOM", path=path, line=1)
+    lines = text.split("\n")
+    deep = _deep_key_line(lines)
+    if deep is not None:
+        raise ConfigError(f"refused: a dotted key of more than {_MAX_KEY_PARTS} parts (none of ours has more than one, "
+                          "and the TOML parser's time and memory grow with the square of it)", path=path, line=deep)
     try:
         data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        msg = str(exc)
-        m = re.search(r"\(at line (\d+), column \d+\)", msg)
-        line = int(m.group(1)) if m else None
-        if line is None and "(at end of document)" in msg:  # e.g. an unclosed array: the last line
-            line = max(1, text.count("\n") + (0 if text.endswith("\n") else 1))
-        reason = re.sub(r"\s*\(at (line \d+, column \d+|end of document)\)", "", msg)
-        raise ConfigError(f"TOML syntax error: {reason}", path=path, line=line) from None
+    except RecursionError:  # tomllib recurses per nesting level: "a = [[[[..." of a few hundred
+        raise ConfigError("TOML syntax error: values nested too deeply", path=path) from None
+    except ValueError as exc:
+        if isinstance(exc, tomllib.TOMLDecodeError):
+            raise _toml_error(exc, text, path) from None
+        # int() refuses more than 4300 decimal digits (CVE-2020-10735) and tomllib lets that through
+        m = re.search(r"[0-9][0-9_]{4299}", text)
+        line = text.count("\n", 0, m.start()) + 1 if m else None
+        raise ConfigError("TOML syntax error: a number of more than 4300 digits", path=path, line=line) from None
     # TOML counts lines by "\n" only; str.splitlines() would also split at
     # U+2028, \x0c, \x85 ... and shift every line number after one of them.
-    return data, text.split("\n")
+    return data, lines
+
+
+def _deep_key_line(lines: list[str]) -> int | None:
+    """The first line holding a dotted key (`a.b.c =`, `[a.b.c]`, `{a.b.c = 1}`) of more than
+    _MAX_KEY_PARTS parts.
+
+    tomllib's time and memory grow with the square of a dotted key's length: one line
+    "a.a.a...= 1" of 1 MB took all memory (killed by the OOM killer), "[a.a...]" 40 s.  A key
+    cannot span lines, and only lines with that many dots are searched, from the places
+    where a key may start, so this costs nearly nothing.
+    """
+    for number, line in enumerate(lines, 1):
+        if line.count(".") >= _MAX_KEY_PARTS and _DEEP_KEY.search(line):
+            return number
+    return None
+
+
+def _toml_error(exc: tomllib.TOMLDecodeError, text: str, path: Path) -> ConfigError:
+    """tomllib's message with its position turned into path:line."""
+    msg = str(exc)
+    m = re.search(r"\(at line (\d+), column \d+\)", msg)
+    line = int(m.group(1)) if m else None
+    if line is None and "(at end of document)" in msg:  # e.g. an unclosed array: the last line
+        line = max(1, text.count("\n") + (0 if text.endswith("\n") else 1))
+    reason = re.sub(r"\s*\(at (line \d+, column \d+|end of document)\)", "", msg)
+    return ConfigError(f"TOML syntax error: {reason}", path=path, line=line)
 
 
 _KEY = r"""(?:[A-Za-z0-9_-]+|"(?:[^"\\]|\\.)*"|'[^']*')"""
 _KEY_LINE = re.compile(rf"\s*({_KEY})\s*(?:\.\s*{_KEY}\s*)*=")
+_MAX_KEY_PARTS = 16
+# where a key may start: a line, a table header ([ or [[), an inline table ({ or ,)
+_DEEP_KEY = re.compile(rf"(?:^|[\[{{,])[ \t]*\[?[ \t]*{_KEY}(?:[ \t]*\.[ \t]*{_KEY}){{{_MAX_KEY_PARTS},}}")
 _TABLE_LINE = re.compile(rf"\s*\[\[?\s*({_KEY})")
 
 
@@ -240,7 +427,10 @@ class _Where:
 
 def _short(value: Any, limit: int = 60) -> str:
     """repr() of a bad value, cut so that the error stays a readable line."""
-    text = repr(value)
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):  # an int of more than 4300 digits (TOML's 0x... may spell one)
+        return f"a number of {value.bit_length()} bits" if isinstance(value, int) else "a value too large to show"
     return text if len(text) <= limit else text[:limit] + "..."
 
 
@@ -280,9 +470,34 @@ def _unknown_keys(data: dict[str, Any], allowed: set[str], where: _Where) -> Non
             raise where.error(key, f"unknown key (known: {', '.join(sorted(allowed))})")
 
 
+def _limit(data: dict[str, Any], key: str, default: int, where: _Where) -> int:
+    value = data.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise where.error(key, f"must be a whole number of forwards, not {_short(value)}")
+    if not 1 <= value <= HARD_MAX_FORWARDS:
+        raise where.error(key, f"{_short(value)} is out of range 1-{HARD_MAX_FORWARDS}")
+    return value
+
+
+def _port_range(data: dict[str, Any], key: str, default: PortRange, where: _Where) -> PortRange:
+    if key not in data:
+        return default
+    value = data[key]
+    if not isinstance(value, str):
+        raise where.error(key, f"must be a port range in a string, like \"1024-65535\", not {_short(value)}")
+    try:
+        return parse_range(value.strip(), "port")
+    except PortSpecError as exc:
+        raise where.error(key, f"{value!r}: {exc}") from None
+
+
 def load_settings(cdir: Path) -> Settings:
+    # the directories first: whoever may rename config.toml away would otherwise decide
+    # that the defaults apply (every local address instead of `public`)
+    if not check_config_dir(cdir):
+        return Settings()
     path = cdir / "config.toml"
-    if not path.exists():
+    if not os.path.lexists(path):  # a symlink is refused by _read_toml, not taken for no file
         return Settings()
     data, lines = _read_toml(path)
     where = _Where(path, lines)
@@ -298,7 +513,11 @@ def load_settings(cdir: Path) -> Settings:
             raise where.error(key, f"must be true or false, not {_short(value)}")
         flags[key] = value
     return Settings(backend=backend, public=public, hairpin=flags["hairpin"],
-                    strict=flags["strict"], metadata=flags["metadata"], path=str(path))
+                    strict=flags["strict"], metadata=flags["metadata"], path=str(path),
+                    max_forwards_per_guest=_limit(data, "max_forwards_per_guest", MAX_FORWARDS_PER_GUEST, where),
+                    max_forwards=_limit(data, "max_forwards", MAX_FORWARDS, where),
+                    metadata_ports=_port_range(data, "metadata_ports", METADATA_PORTS, where),
+                    lines=dict(where.keys))
 
 
 def settings_or_default(cdir: Path) -> Settings:
@@ -361,23 +580,18 @@ def parse_guest(name: str, path: Path, data: dict[str, Any], lines: list[str]) -
 def load_guest(cdir: Path, name: str) -> GuestConfig | None:
     """The guest's config, or None when it has no file (it is not ours)."""
     path = guest_path(cdir, name)
+    # the directories before "no file": whoever may remove a guest file from an untrusted
+    # directory would otherwise decide that the domain's <metadata> applies instead
+    if guests_dir(cdir) is None:
+        return None
     try:
         os.lstat(path)
     except FileNotFoundError:
         return None
     except OSError as exc:
         raise ConfigError(f"cannot read: {exc.strerror}", path=path) from None
-    _check_dir(path.parent)
     data, lines = _read_toml(path)
     return parse_guest(name, path, data, lines)
-
-
-def _check_dir(path: Path) -> None:
-    try:
-        st = os.stat(path)
-    except OSError as exc:
-        raise ConfigError(f"cannot read: {exc.strerror}", path=path) from None
-    _check_trusted(path, st)
 
 
 def guest_names(cdir: Path) -> list[str]:
@@ -387,6 +601,38 @@ def guest_names(cdir: Path) -> list[str]:
     return sorted(p.name[:-5] for p in gdir.iterdir() if p.name.endswith(".toml") and not p.name.startswith("."))
 
 
-def guest_from_metadata(name: str, data: dict[str, Any]) -> GuestConfig:
-    """A guest config from the domain XML's <metadata> (see domainxml.py)."""
-    return parse_guest(name, Path(f"<metadata of domain {name}>"), data, [])
+def guest_from_metadata(name: str, data: dict[str, Any], *,
+                        subnets: Iterable[IPNetwork | IPInterface] = ()) -> GuestConfig:
+    """A guest config from the domain XML's <metadata> (see domainxml.py).
+
+    Whoever may edit the domain wrote it, not root, so every `address` (the target of
+    the DNAT) must lie in `subnets`: those of the domain's own libvirt networks, which
+    the caller reads (this stays pure).  An interface (ipaddress.ip_interface, the
+    network's <ip address= prefix=>) also keeps the host's own address on that network
+    out: a DNAT to it would open the host's own services (its ssh) to the outside.
+    The default, none, refuses every address: without them the target cannot be
+    checked (an address found from the guest's MAC is checked by discovery instead).
+    Public ports are held to config.toml's metadata_ports by plan.plan_guest.
+    """
+    guest = parse_guest(name, Path(f"<metadata of domain {name}>"), data, [])
+    nets = tuple(subnets)
+    for addr in guest.addresses:
+        if not any(_guest_address_in(addr, net) for net in nets):
+            known = ", ".join(f"{n.network}, host {n.ip}" if isinstance(n, IPInterface) else str(n)
+                              for n in nets) if nets else "none known"
+            raise ConfigError(
+                f"{str(addr)!r} is not a guest address of the domain's own networks ({known}): forwards from "
+                "<metadata> may only reach the domain's own network (leave <address> out to find it from "
+                "the guest's MAC, or put the forward in a guest file)", path=guest.path, key="address")
+    return replace(guest, from_metadata=True)
+
+
+def _guest_address_in(addr: IPAddress, net: IPNetwork | IPInterface) -> bool:
+    """`addr` can be a guest on `net`: inside it, and not its network, broadcast or host address."""
+    network = net.network if isinstance(net, IPInterface) else net
+    if addr.version != network.version or addr not in network:
+        return False
+    if isinstance(net, IPInterface) and addr == net.ip:
+        return False
+    # /31, /32 (and IPv6's /127, /128) have no network or broadcast address to keep out
+    return network.num_addresses <= 2 or addr not in (network.network_address, network.broadcast_address)

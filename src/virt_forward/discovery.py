@@ -156,6 +156,18 @@ def network_subnets(network: str, root: Path = Path("/")) -> tuple[Subnet, ...]:
     return tuple(dict.fromkeys(i.network for i in _interfaces(net))) if net is not None else ()
 
 
+def nic_interfaces(nics: tuple[Nic, ...], root: Path = Path("/")) -> tuple[_Interface, ...]:
+    """The host's address and subnet on each NIC's own network (by name, else by its bridge):
+    where a domain's <metadata> forwards may point (config.guest_from_metadata checks)."""
+    found: list[_Interface] = []
+    for nic in nics:
+        net = _network_xml(nic.network, root) if nic.network else None
+        net = net if net is not None else _network_of_bridge(nic.bridge, root)
+        if net is not None:
+            found += [i for i in _interfaces(net) if i not in found]
+    return tuple(found)
+
+
 def _inside(addr: IPAddress, ifaces: tuple[_Interface, ...]) -> bool:
     """In one of the subnets, and a guest's: not the host's own address on the
     network, not the subnet's network or broadcast address."""

@@ -38,7 +38,7 @@ def parse(text: str) -> DomainXML | None:
         return None
     try:
         root = ET.fromstring(text)
-    except ET.ParseError:
+    except (ET.ParseError, UnicodeEncodeError):  # lone surrogates cannot even be encoded for the parser
         return None
     nics = []
     for iface in root.iterfind("devices/interface"):

@@ -18,7 +18,7 @@ from .consts import SKELETON_MARK_PREFIX
 from .config import (GuestConfig, Settings, check_domain_name, guest_from_metadata, load_guest, load_settings,
                      settings_or_default)
 from .errors import FirewallError
-from .plan import Family, GuestPlan, plan_guest
+from .plan import Family, GuestPlan, host_limit_error, plan_guest
 from .runner import nft_apply, run, spawn_detached, which
 from .state import StateStore
 
@@ -65,7 +65,9 @@ def desired(ctx: Context, domain: str, xml: str | None = None, settings: Setting
         from . import domainxml
         dom = domainxml.parse(xml)
     if guest is None and settings.metadata and dom is not None and dom.metadata is not None:
-        guest = guest_from_metadata(domain, dom.metadata)
+        from . import discovery
+        # whoever may edit the domain wrote it: it may only point into the domain's own networks
+        guest = guest_from_metadata(domain, dom.metadata, subnets=discovery.nic_interfaces(dom.nics, ctx.libvirt_root))
     if guest is None:
         return Desired(settings, None, None)
     if not need_xml:
@@ -125,6 +127,11 @@ def apply(ctx: Context, domain: str, xml: str | None = None, want: Desired | Non
             (k, public), other = clash[0]
             raise FirewallError(f"{domain}: not applied: {_claim_text(k, public)} is forwarded to guest "
                                 f"{_holder_name(store, other)!r}, which applied it first")
+        # the host-wide cap, from the index's count: no scan of the other guests at a guest start
+        held_by_others = claims.total(str(store.root)) - len(had)  # an applied guest's claims are in the index
+        over = host_limit_error([("the other guests", held_by_others), plan], want.settings)
+        if over is not None:
+            raise FirewallError(f"{domain}: not applied: {over}")
         claims.update(str(store.root), holder, add=wanted, drop=[])  # before the kernel: a crash errs on refusing
         try:
             if backend == "iptables":
@@ -149,7 +156,7 @@ def apply(ctx: Context, domain: str, xml: str | None = None, want: Desired | Non
                     taken=want.inputs, record=store.record_text(plan, backend), add=nft.batch(nft.add_guest(plan)),
                     remove=nft.batch(nft.remove_guest(plan)), mark=nft.skeleton_mark(hairpin),
                     families=sorted(plan.families()), forwards=len(plan.forwards), message=message,
-                    holder=holder, claims=wanted, flows=flow_filters(plan)))
+                    holder=holder, claims=wanted, flows=flow_filters(plan), max_forwards=want.settings.max_forwards))
     if outdated:
         # a table made by an older virt-forward (other map flags): rebuild it whole, once
         log.warning("table inet virt_forward is from an older version: rebuilding it")

@@ -27,7 +27,7 @@ import time
 from . import claims
 from .consts import GUARD_COMMENT, GUARD_SPEC, NFT_GUARD_COMMENT, NFT_GUARD_TARGETS, TABLE
 
-FORMAT = 2
+FORMAT = 3
 SUFFIX = ".fast"
 # A file modified this recently may change again within the same timestamp tick without
 # its fingerprint changing ("racily clean", as git says): no fast file is written for it.
@@ -93,12 +93,12 @@ def file_name(domain: str) -> str | None:
 
 def compile_fast(*, taken: dict[str, Fingerprint], record: str, add: str, remove: str, mark: str,
                  families: list[int], forwards: int, message: str, holder: str, claims: list[tuple[str, str]],
-                 flows: list[list[str]]) -> bytes:
+                 flows: list[list[str]], max_forwards: int) -> bytes:
     """The fast file's content (written by the full path after it applied the guest)."""
     return marshal.dumps({"format": FORMAT, "code": code(), "inputs": taken, "record": record, "add": add,
                           "remove": remove, "mark": mark, "families": sorted(families), "forwards": forwards,
                           "message": message, "holder": holder, "claims": [list(c) for c in claims],
-                          "flows": flows})
+                          "flows": flows, "max_forwards": max_forwards})
 
 
 # ---------------------------------------------------------------- the hook's side
@@ -152,6 +152,8 @@ def _start(config_dir: str, guests: str, state_dir: str, name: str, domain: str,
             raise Miss("the record differs")
         if fast.holder != name or claims.conflicts(state_dir, name, fast.claims):
             raise Miss("a port is held by another guest: the full path refuses and says by whom")
+        if record is None and claims.total(state_dir) + len(fast.claims) > fast.max_forwards:
+            raise Miss("over the host's max_forwards: the full path refuses and says so")
         _check_live(fast)
         claims.update(state_dir, name, add=fast.claims, drop=[])
         status, _, _ = _spawn(["nft", "-f", "-"], fast.add.encode())
@@ -292,14 +294,14 @@ class Fast:
     """A fast file, checked: each field of the type the full path wrote."""
 
     __slots__ = ("code", "inputs", "record", "add", "remove", "mark", "families", "forwards", "message", "holder",
-                 "claims", "flows")
+                 "claims", "flows", "max_forwards")
 
     def __init__(self, data: object) -> None:
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise Miss("another format")
         for key, kind in (("record", str), ("add", str), ("remove", str), ("mark", str), ("message", str),
                           ("families", list), ("forwards", int), ("code", dict), ("inputs", dict), ("holder", str),
-                          ("claims", list), ("flows", list)):
+                          ("claims", list), ("flows", list), ("max_forwards", int)):
             if not isinstance(data.get(key), kind):
                 raise Miss(f"bad {key}")
         if not all(isinstance(c, list) and len(c) == 2 and all(isinstance(x, str) for x in c) for c in data["claims"]):
@@ -318,6 +320,7 @@ class Fast:
         self.holder: str = data["holder"]
         self.claims: list[tuple[str, str]] = [(c[0], c[1]) for c in data["claims"]]
         self.flows: list[list[str]] = data["flows"]
+        self.max_forwards: int = data["max_forwards"]  # config.toml's, as it was (its fingerprint is checked)
 
 
 def _load(path: str) -> Fast:

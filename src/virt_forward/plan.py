@@ -3,13 +3,17 @@
 No I/O here; backends render a GuestPlan, the state module records it, and a
 removal renders the *recorded* plan, so stopping undoes exactly what starting
 did even if the file was edited in between.
+
+Limits are checked on counts taken from the parsed specs (ports of a range x
+public addresses x families), before any range is expanded: a 163-byte file
+once asked for a million forwards, and expanding them was the damage.
 """
 
 from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
-from typing import Any, Iterable, Literal, Mapping
+from typing import Any, Iterable, Literal, Mapping, Sequence
 
 from .config import GuestConfig, IPNetwork, PortEntry, Settings
 from .errors import ConfigError
@@ -85,24 +89,70 @@ def _err(guest: GuestConfig, entry: PortEntry | None, key: str, message: str) ->
     return ConfigError(message, path=guest.path, line=line, key=key)
 
 
+def _publics(entry: PortEntry, guest: GuestConfig, settings: Settings) -> tuple[tuple[IPAddress | None, ...], bool]:
+    """The public addresses of an entry (None: every local address) and whether the user named them."""
+    if entry.spec.public is not None:
+        return (entry.spec.public,), True
+    if guest.public is not None:
+        return guest.public, True
+    if settings.public:
+        return settings.public, False
+    return (None,), True
+
+
+def _entry_count(entry: PortEntry, guest: GuestConfig, settings: Settings) -> tuple[int, int]:
+    """(forwards the entry makes, of them per port), counted without making them.
+
+    A guest whose address is not known yet (found from its MAC later) is counted as dual-stack,
+    so the count never falls short of what plan_guest will make once the address is known.
+    """
+    families = {a.version for a in guest.addresses} or {4, 6}
+    publics, _ = _publics(entry, guest, settings)
+    per_port = sum(len(families & ({4, 6} if p is None else {p.version})) for p in publics)
+    return per_port * len(entry.spec.host), per_port
+
+
+def guest_forward_count(guest: GuestConfig, settings: Settings) -> int:
+    """How many forwards plan_guest makes of `guest` (for a valid guest: exactly), without making them."""
+    return sum(_entry_count(e, guest, settings)[0] for e in guest.ports)
+
+
+def _check_guest_limits(guest: GuestConfig, settings: Settings) -> None:
+    """max_forwards_per_guest and, for <metadata>, metadata_ports: from the specs alone."""
+    if guest.from_metadata:
+        allowed = settings.metadata_ports
+        for entry in guest.ports:
+            host = entry.spec.host
+            if host.start < allowed.start or host.end > allowed.end:
+                raise _err(guest, entry, "ports",
+                           f"{entry.text!r}: public port {host} is outside metadata_ports = \"{allowed}\" "
+                           f"({settings.source_of('metadata_ports')}): forwards from a domain's <metadata> "
+                           "may only open those")
+    limit, total = settings.max_forwards_per_guest, 0
+    counts = [(_entry_count(e, guest, settings), e) for e in guest.ports]
+    whole = sum(n for (n, _), _ in counts)
+    for (count, per_port), entry in counts:
+        total += count
+        if total > limit:  # the entry that crosses the limit is the one to name
+            publics, _ = _publics(entry, guest, settings)
+            on = ("every local address" + (" of both families" if per_port == 2 else "")
+                  if publics == (None,) else f"{len(publics)} public address(es)")
+            raise _err(guest, entry, "ports",
+                       f"{entry.text!r} is {len(entry.spec.host)} port(s) on {on}: {count} forward(s), "
+                       f"{whole} for the guest in all, more than max_forwards_per_guest = {limit} "
+                       f"({settings.source_of('max_forwards_per_guest')})")
+
+
 def plan_guest(guest: GuestConfig, settings: Settings) -> GuestPlan:
     if not guest.addresses:
         raise _err(guest, None, "address", "no address given and none found from the guest's MAC")
+    _check_guest_limits(guest, settings)  # before a single range is expanded
     by_family: dict[int, IPAddress] = {a.version: a for a in guest.addresses}
     forwards: dict[tuple[Family, IPAddress | None, Proto, int], tuple[Forward, PortEntry]] = {}
 
     for entry in guest.ports:
         spec = entry.spec
-        explicit = True
-        publics: tuple[IPAddress | None, ...]
-        if spec.public is not None:
-            publics = (spec.public,)
-        elif guest.public is not None:
-            publics = guest.public
-        elif settings.public:
-            publics, explicit = settings.public, False
-        else:
-            publics = (None,)
+        publics, explicit = _publics(entry, guest, settings)
 
         made: list[Forward] = []
         for public in publics:
@@ -197,3 +247,63 @@ def find_conflicts(plans: Iterable[tuple[GuestPlan, str]],
                     path=path, key="ports",
                     line=_line_of_forward((guests or {}).get(plan.domain), fwd)))
     return errors
+
+
+# ---------------------------------------------------------------- the host-wide cap
+
+HostItem = GuestConfig | GuestPlan | tuple[str, int]  # (what, forwards) when only a count is known
+
+
+def _size(item: HostItem, settings: Settings) -> tuple[int, str]:
+    if isinstance(item, GuestPlan):
+        return len(item.forwards), repr(item.domain)
+    if isinstance(item, GuestConfig):
+        return guest_forward_count(item, settings), repr(item.name)
+    return item[1], item[0]
+
+
+def host_forward_count(guests: Iterable[HostItem], settings: Settings) -> int:
+    """Forwards of all these together: a plan's own, a config's counted from its specs (not
+    expanded), or a (what, count) pair, e.g. ("the other guests", n) from the state."""
+    return sum(_size(g, settings)[0] for g in guests)
+
+
+def host_limit_error(guests: Iterable[HostItem], settings: Settings, *,
+                     config_path: str | None = None) -> ConfigError | None:
+    """A ConfigError when the guests together exceed config.toml's max_forwards, else None.
+
+    The error points at max_forwards in config.toml (or names it as the default) and at
+    the largest guests, since one of them is the likely mistake.  `config_path`: the
+    config.toml to name when there is none (settings.path is None).
+    """
+    sizes = [_size(g, settings) for g in guests]
+    total = sum(n for n, _ in sizes)
+    if total <= settings.max_forwards:
+        return None
+    sizes.sort(key=lambda s: (-s[0], s[1]))
+    largest = ", ".join(f"{name} {n}" for n, name in sizes[:3]) + (
+        f" and {len(sizes) - 3} more" if len(sizes) > 3 else "")
+    where = ("" if settings.line_of("max_forwards") is not None
+             else " (the default; config.toml may raise it)")
+    return ConfigError(f"the guests ask for {total} forwards in all ({largest}), more than "
+                       f"max_forwards = {settings.max_forwards}{where}",
+                       path=settings.path or config_path, line=settings.line_of("max_forwards"),
+                       key="max_forwards")
+
+
+def within_host_limit(plans: Sequence[GuestPlan], settings: Settings) -> tuple[list[GuestPlan], list[ConfigError]]:
+    """The plans, in the order given, as long as their sum stays within max_forwards; an error for
+    each one left out (for reconcile: put the guests that hold their ports now first)."""
+    kept: list[GuestPlan] = []
+    errors: list[ConfigError] = []
+    total = 0
+    for plan in plans:
+        if total + len(plan.forwards) > settings.max_forwards:
+            errors.append(ConfigError(
+                f"guest {plan.domain!r}: not applied: its {len(plan.forwards)} forward(s) would bring the host to "
+                f"{total + len(plan.forwards)}, more than max_forwards = {settings.max_forwards}",
+                path=settings.path, line=settings.line_of("max_forwards"), key="max_forwards"))
+            continue
+        kept.append(plan)
+        total += len(plan.forwards)
+    return kept, errors

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from . import claims, engine, log, nft, state
 from .config import load_settings
 from .errors import StateError, VirtForwardError
-from .plan import GuestPlan
+from .plan import GuestPlan, within_host_limit
 
 
 @dataclass(frozen=True)
@@ -113,6 +113,8 @@ def reconcile(ctx: engine.Context, running: list[str] | None = None, lock_timeou
                     plans.append(kept)
         # a port stays with the guest that holds it now: recorded guests are served first
         plans = _without_conflicts(sorted(plans, key=lambda p: (p.domain not in texts, p.domain)), problems)
+        plans, over = within_host_limit(plans, settings)  # the same order: who holds ports now keeps them
+        problems += [str(e) for e in over]
 
         if backend == "iptables":
             engine.iptables_sync(plans, plans, {4, 6}, settings.hairpin)
