@@ -137,10 +137,17 @@ def test_fast_start_and_stop_leave_what_the_full_path_leaves(world: World) -> No
     assert w.probe("tcp", PUBLIC4, 80) == f"guest1:80 from {CLIENT4}"
     assert w.probe("udp", PUBLIC4, 8001) == f"guest1:9001 from {CLIENT4}"
 
-    # the last guest's stop removes the table and the guards: always the full path
+    # the last guest's stop removes the table and the guards, on the fast path too
     assert hook(w, "guest1", "stopped")[0] == "fast"
-    assert hook(w, "guest2", "stopped")[0] == "full"
+    assert hook(w, "guest2", "stopped")[0] == "fast"
     assert w.elements() == {} and w.no_guards()
+    assert w.nft("list", "table", "inet", "virt_forward", check=False).returncode != 0
+    # the first guest of an idle host: the fast path makes the table and places the guards,
+    # exactly as the full path did
+    assert hook(w, "guest2", "start")[0] == "fast"
+    assert hook(w, "guest1", "start")[0] == "fast"
+    assert snapshot(w) == by_full
+    assert w.probe("tcp", PUBLIC4, 80) == f"guest1:80 from {CLIENT4}"
 
 
 def test_the_fast_path_steps_aside_when_anything_changed(world: World) -> None:
@@ -189,11 +196,23 @@ def test_the_fast_path_steps_aside_when_anything_changed(world: World) -> None:
     assert w.probe("tcp", PUBLIC4, 80) == f"guest1:80 from {CLIENT4}"
     hook(w, "guest1", "stopped")
 
-    # someone flushed the whole ruleset: no skeleton, the full path rebuilds
+    # someone flushed the whole ruleset (libvirt's rules came back): our table and guard are gone;
+    # the fast path makes them again, as the full path would
     w.nft("flush", "ruleset")
     w.lab.load_libvirt_rules()
     path, err = hook(w, "guest1", "start")
-    assert path == "full" and "skeleton is missing" in err, err
+    assert path == "fast", err
+    first = w.forward_chain("iptables")[1] if w.backend == "iptables" else w.foreign()[0]
+    assert "virt-forward:guard" in first, w.foreign()
+    assert w.probe("tcp", PUBLIC4, 80) == f"guest1:80 from {CLIENT4}"
+    # a table that is there but lacks this skeleton's mark (another version made it): full path
+    hook(w, "guest1", "stopped")
+    w.nft("flush", "ruleset")
+    w.lab.load_libvirt_rules()
+    w.nft("add", "table", "inet", "virt_forward")
+    w.nft("add", "chain", "inet", "virt_forward", "lookup")
+    path, err = hook(w, "guest1", "start")
+    assert path == "full" and "lacks this skeleton's mark" in err, err
     assert w.probe("tcp", PUBLIC4, 80) == f"guest1:80 from {CLIENT4}"
 
 

@@ -37,6 +37,8 @@ GUARD_SPEC = (f"-m conntrack --ctstate DNAT -m connmark --mark {MARK_FORWARDED:#
 # The comment carries the mark, so a guard of an older version is recognised as ours
 # (prefix) but not as current (exact comment), and gets replaced.
 NFT_GUARD_COMMENT = f"{GUARD_COMMENT} {MARK_FORWARDED:#x}"
+NFT_GUARD_RULE = (f"ct mark & {MARK_FORWARDED:#010x} == {MARK_FORWARDED:#010x} ct status dnat counter accept"
+                  f' comment "{NFT_GUARD_COMMENT}"')
 
 # Our table holds an empty chain named after the skeleton it was given (nft.skeleton):
 # while it is there, a batch need not repeat the skeleton (13 ms of every `nft -f`).

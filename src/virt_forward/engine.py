@@ -155,6 +155,7 @@ def apply(ctx: Context, domain: str, xml: str | None = None, want: Desired | Non
                 store.write_fast(domain, fastpath.compile_fast(
                     taken=want.inputs, record=store.record_text(plan, backend), add=nft.batch(nft.add_guest(plan)),
                     remove=nft.batch(nft.remove_guest(plan)), mark=nft.skeleton_mark(hairpin),
+                    skeleton=nft.batch(nft.skeleton(hairpin)),
                     families=sorted(plan.families()), forwards=len(plan.forwards), message=message,
                     holder=holder, claims=wanted, flows=flow_filters(plan), max_forwards=want.settings.max_forwards))
     if outdated:

@@ -13,8 +13,10 @@ takes the full path, which stays the reference.  Imports: os, sys, marshal,
 fcntl, select and our dependency-free modules only.
 
 What it does not cover (full path every time): plans taken from the domain XML
-(metadata, address by MAC), the iptables backend, the last guest's stop (the
-table and guards go), names that need quoting in file names.
+(metadata, address by MAC), the iptables backend, a guard of another version or
+below someone's rules (it is replaced by handle), names that need quoting in
+file names.  It does create our table and place a missing guard (the first guest
+of an idle host), and tear both down at the last guest's stop.
 """
 
 from __future__ import annotations
@@ -25,9 +27,9 @@ import stat
 import time
 
 from . import claims
-from .consts import GUARD_COMMENT, GUARD_SPEC, NFT_GUARD_COMMENT, NFT_GUARD_TARGETS, TABLE
+from .consts import GUARD_COMMENT, GUARD_SPEC, NFT_GUARD_COMMENT, NFT_GUARD_RULE, NFT_GUARD_TARGETS, TABLE
 
-FORMAT = 3
+FORMAT = 4
 SUFFIX = ".fast"
 # A file modified this recently may change again within the same timestamp tick without
 # its fingerprint changing ("racily clean", as git says): no fast file is written for it.
@@ -91,12 +93,13 @@ def file_name(domain: str) -> str | None:
     return None
 
 
-def compile_fast(*, taken: dict[str, Fingerprint], record: str, add: str, remove: str, mark: str,
+def compile_fast(*, taken: dict[str, Fingerprint], record: str, add: str, remove: str, mark: str, skeleton: str,
                  families: list[int], forwards: int, message: str, holder: str, claims: list[tuple[str, str]],
                  flows: list[list[str]], max_forwards: int) -> bytes:
     """The fast file's content (written by the full path after it applied the guest)."""
     return marshal.dumps({"format": FORMAT, "code": code(), "inputs": taken, "record": record, "add": add,
-                          "remove": remove, "mark": mark, "families": sorted(families), "forwards": forwards,
+                          "remove": remove, "mark": mark, "skeleton": skeleton, "families": sorted(families),
+                          "forwards": forwards,
                           "message": message, "holder": holder, "claims": [list(c) for c in claims],
                           "flows": flows, "max_forwards": max_forwards})
 
@@ -154,15 +157,16 @@ def _start(config_dir: str, guests: str, state_dir: str, name: str, domain: str,
             raise Miss("a port is held by another guest: the full path refuses and says by whom")
         if record is None and claims.total(state_dir) + len(fast.claims) > fast.max_forwards:
             raise Miss("over the host's max_forwards: the full path refuses and says so")
-        _check_live(fast)
+        batch, restores = _start_batch(fast)
         claims.update(state_dir, name, add=fast.claims, drop=[])
-        status, _, _ = _spawn(["nft", "-f", "-"], fast.add.encode())
+        status, _, _ = _spawn(["nft", "-f", "-"], batch.encode())
         if status != 0:
             if record is None:
                 claims.update(state_dir, name, add=[], drop=fast.claims)
             raise Miss("nft refused: the full path will say why")
         if record is None:
             _write_atomic(record_path, fast.record.encode())
+        _restore(restores)  # after the record: a failure here leaves a state the full path repairs
     from . import log
     log.info(fast.message)
     return 0
@@ -177,13 +181,18 @@ def _stop(guests: str, state_dir: str, name: str, domain: str, why: str) -> int:
         fast = _load(fast_file(state_dir, name))
         if record != fast.record:
             raise Miss("the record differs")
-        if not _another_guest(guests, name):
-            raise Miss("the last guest: the table and the guards go (full path)")
-        status, _, _ = _spawn(["nft", "-f", "-"], fast.remove.encode())
+        last = not _another_guest(guests, name)
+        batch, restores = _teardown_batch() if last else (fast.remove, [])
+        status, _, _ = _spawn(["nft", "-f", "-"], batch.encode())
         if status != 0:
             raise Miss("nft refused")
         os.unlink(record_path)  # the fast file stays, for the next start
         _sync_dir(guests)
+        try:
+            _restore(restores)
+        except Miss:  # the forwards are gone; a guard left in iptables' FORWARD accepts nothing of ours
+            from . import log
+            log.error(f"{domain}: could not take our guard out of iptables' FORWARD (reconcile or uninstall will)")
         claims.update(state_dir, name, add=[], drop=fast.claims)
         from .runner import spawn_detached
         for flt in fast.flows:  # engine.forget_flows, not waited for (see there)
@@ -213,27 +222,82 @@ def _nothing_configured(config_dir: str, name: str) -> bool:
     return b"metadata" not in text and b"\\" not in text
 
 
-def _check_live(fast: Fast) -> None:
-    """The table holds this skeleton, and every guard the full path would place is in place.
-    The reads do not depend on each other: they run side by side (each guard chain is listed
-    whether or not it exists; a missing one just fails)."""
+def _read_live(families: list[int]) -> tuple[set[tuple[str, str, str]], list[tuple[tuple[str, str, str], str]],
+                                              list[tuple[int, str]]]:
+    """(every chain, the guard targets present with their `nft -a` listing, each family's
+    iptables-save -t filter text).  The reads do not depend on each other: they run side by
+    side (each target is listed whether or not it exists; a missing one just fails)."""
     from .runner import spawn_all
-    saves = [["iptables-save" if family == 4 else "ip6tables-save", "-t", "filter"] for family in fast.families]
+    saves = [["iptables-save" if family == 4 else "ip6tables-save", "-t", "filter"] for family in families]
     got = spawn_all([["nft", "list", "chains"]] + [["nft", "-a", "list", "chain", *t] for t in NFT_GUARD_TARGETS]
                     + saves, timeout=10.0)
     listed, guarded, saved = got[0], got[1:1 + len(NFT_GUARD_TARGETS)], got[1 + len(NFT_GUARD_TARGETS):]
     if listed is None or listed[0] != 0:
         raise Miss("nft list chains failed")
     chains = _chains(listed[1].decode("utf-8", "replace"))
-    if ("inet", TABLE, fast.mark) not in chains:
-        raise Miss("our table or its skeleton is missing")
+    targets = []
     for target, chain in zip(NFT_GUARD_TARGETS, guarded):
-        if target in chains and (chain is None or chain[0] != 0
-                                 or not nft_guard_on_top(chain[1].decode("utf-8", "replace"))):
+        if target in chains:
+            if chain is None or chain[0] != 0:
+                raise Miss(f"cannot list {' '.join(target)}")
+            targets.append((target, chain[1].decode("utf-8", "replace")))
+    # None: not installed; non-zero: no filter table: nothing there to guard (as the full path)
+    texts = [(family, save[1].decode("utf-8", "replace")) for family, save in zip(families, saved)
+             if save is not None and save[0] == 0]
+    return chains, targets, texts
+
+
+def _start_batch(fast: Fast) -> tuple[str, list[tuple[int, str]]]:
+    """The nft batch for this start and the iptables-restore inputs to run after it: the
+    guest's elements; the skeleton too when our table is gone (the last guest's stop removed
+    it: into an empty table it costs ~2 ms, unlike over a live one); a guard where a chain
+    has none.  A guard of another version or not on top, a table without this skeleton's
+    mark: the full path (it deletes by handle what it replaces)."""
+    chains, targets, saves = _read_live(fast.families)
+    ours = {c for f, t, c in chains if (f, t) == ("inet", TABLE)}
+    if fast.mark in ours:
+        batch = fast.add
+    elif not ours:
+        batch = fast.skeleton + fast.add
+    else:
+        raise Miss("our table lacks this skeleton's mark")
+    for target, listing in targets:
+        state = nft_guard_state(listing)
+        if state == "absent":
+            batch += f"insert rule {' '.join(target)} {NFT_GUARD_RULE}\n"
+        elif state != "ok":
             raise Miss(f"guard not on top of {' '.join(target)}")
-    for save in saved:  # None: not installed, nothing there to guard
-        if save is not None and save[0] == 0 and not iptables_guard_ok(save[1].decode("utf-8", "replace")):
+    restores = []
+    for family, save in saves:
+        state = iptables_guard_state(save)
+        if state == "absent":
+            restores.append((family, f"*filter\n-I FORWARD 1 {GUARD_SPEC}\nCOMMIT\n"))
+        elif state != "ok":
             raise Miss("guard not on top of iptables FORWARD")
+    return batch, restores
+
+
+def _teardown_batch() -> tuple[str, list[tuple[int, str]]]:
+    """The last guest's stop: our table and every guard go (what engine.remove does then)."""
+    _, targets, saves = _read_live([4, 6])
+    batch = "add table inet virt_forward\ndelete table inet virt_forward\n"
+    for target, listing in targets:
+        batch += "".join(f"delete rule {' '.join(target)} handle {h}\n" for h in nft_guard_handles(listing))
+    restores = []
+    for family, save in saves:
+        _, rules = forward_chain(save)
+        mine = [r for r in rules if GUARD_COMMENT in r]
+        if mine:
+            restores.append((family, "*filter\n" + "".join(f"-D FORWARD {r}\n" for r in mine) + "COMMIT\n"))
+    return batch, restores
+
+
+def _restore(restores: list[tuple[int, str]]) -> None:
+    for family, text in restores:
+        status, _, _ = _spawn(["iptables-restore" if family == 4 else "ip6tables-restore", "-w", "5", "--noflush"],
+                              text.encode())
+        if status != 0:
+            raise Miss("iptables-restore refused the guard: the full path repairs it")
 
 
 def _chains(listing: str) -> set[tuple[str, str, str]]:
@@ -249,12 +313,32 @@ def _chains(listing: str) -> set[tuple[str, str, str]]:
     return found
 
 
-def nft_guard_on_top(listing: str) -> bool:
-    """`nft -a list chain` text: exactly one guard of ours, the current one, as the first rule."""
-    rules = [ln.strip() for ln in listing.splitlines()
-             if ln.startswith("\t\t") and not ln.strip().startswith(("type ", "policy ", "}"))]
+def _nft_rules(listing: str) -> list[str]:
+    return [ln.strip() for ln in listing.splitlines()
+            if ln.startswith("\t\t") and not ln.strip().startswith(("type ", "policy ", "}"))]
+
+
+def nft_guard_state(listing: str) -> str:
+    """`nft -a list chain` text: "ok" (exactly one guard of ours, the current one, first),
+    "absent" (none of ours), or "wrong" (misplaced, several, or of another version)."""
+    rules = _nft_rules(listing)
     ours = [i for i, r in enumerate(rules) if f'comment "{GUARD_COMMENT}' in r]
-    return ours == [0] and f'comment "{NFT_GUARD_COMMENT}"' in rules[0]
+    if not ours:
+        return "absent"
+    return "ok" if ours == [0] and f'comment "{NFT_GUARD_COMMENT}"' in rules[0] else "wrong"
+
+
+def nft_guard_on_top(listing: str) -> bool:
+    return nft_guard_state(listing) == "ok"
+
+
+def nft_guard_handles(listing: str) -> list[int]:
+    """Handles of every guard of ours (any version) in `nft -a list chain` text."""
+    found = []
+    for rule in _nft_rules(listing):
+        if f'comment "{GUARD_COMMENT}' in rule and "# handle " in rule:
+            found.append(int(rule.rsplit("# handle ", 1)[1].split()[0]))
+    return found
 
 
 def forward_chain(save: str) -> tuple[str | None, list[str]]:
@@ -271,15 +355,22 @@ def forward_chain(save: str) -> tuple[str | None, list[str]]:
     return policy, rules
 
 
-def iptables_guard_ok(save: str) -> bool:
-    """`iptables-save -t filter` text: no guard needed (no FORWARD chain, or nothing there can
-    reject), or exactly one guard, the current one, first."""
+def iptables_guard_state(save: str) -> str:
+    """`iptables-save -t filter` text: "ok" (no guard needed -- no FORWARD chain, or nothing
+    there can reject -- or exactly one guard, the current one, first), "absent" (needed and
+    none of ours there), or "wrong"."""
     policy, rules = forward_chain(save)
     ours = [i for i, r in enumerate(rules) if GUARD_COMMENT in r]
     needed = policy is not None and (policy != "ACCEPT" or len(ours) < len(rules))
     if not needed:
-        return True
-    return ours == [0] and rules[0].replace('"', "") == GUARD_SPEC
+        return "ok"
+    if not ours:
+        return "absent"
+    return "ok" if ours == [0] and rules[0].replace('"', "") == GUARD_SPEC else "wrong"
+
+
+def iptables_guard_ok(save: str) -> bool:
+    return iptables_guard_state(save) == "ok"
 
 
 # ---------------------------------------------------------------- plumbing
@@ -293,13 +384,14 @@ def _trusted_dir(path: str) -> None:
 class Fast:
     """A fast file, checked: each field of the type the full path wrote."""
 
-    __slots__ = ("code", "inputs", "record", "add", "remove", "mark", "families", "forwards", "message", "holder",
-                 "claims", "flows", "max_forwards")
+    __slots__ = ("code", "inputs", "record", "add", "remove", "mark", "skeleton", "families", "forwards", "message",
+                 "holder", "claims", "flows", "max_forwards")
 
     def __init__(self, data: object) -> None:
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise Miss("another format")
-        for key, kind in (("record", str), ("add", str), ("remove", str), ("mark", str), ("message", str),
+        for key, kind in (("record", str), ("add", str), ("remove", str), ("mark", str), ("skeleton", str),
+                          ("message", str),
                           ("families", list), ("forwards", int), ("code", dict), ("inputs", dict), ("holder", str),
                           ("claims", list), ("flows", list), ("max_forwards", int)):
             if not isinstance(data.get(key), kind):
@@ -314,6 +406,7 @@ class Fast:
         self.add: str = data["add"]
         self.remove: str = data["remove"]
         self.mark: str = data["mark"]
+        self.skeleton: str = data["skeleton"]  # nft.skeleton with its mark, for a start that finds no table
         self.families: list[int] = [f for f in data["families"] if f in (4, 6)]
         self.forwards: int = data["forwards"]
         self.message: str = data["message"]

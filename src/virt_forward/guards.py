@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .consts import GUARD_COMMENT, GUARD_SPEC, MARK_FORWARDED, NFT_GUARD_COMMENT, NFT_GUARD_TARGETS
+from .consts import GUARD_COMMENT, GUARD_SPEC, NFT_GUARD_COMMENT, NFT_GUARD_RULE, NFT_GUARD_TARGETS
 
 __all__ = ["GUARD_COMMENT", "GUARD_SPEC", "NFT_GUARD_COMMENT", "NFT_GUARD_RULE", "NFT_TARGETS", "ForwardChain",
            "NftChain", "NftTarget", "nft_commands", "parse_filter", "parse_nft_chain", "present_targets", "render"]
@@ -93,8 +93,6 @@ class NftTarget:
 # the table is made.  firewalld: filter_FORWARD ends with a reject.
 NFT_TARGETS = tuple(NftTarget(*t) for t in NFT_GUARD_TARGETS)
 
-NFT_GUARD_RULE = (f"ct mark & {MARK_FORWARDED:#010x} == {MARK_FORWARDED:#010x} ct status dnat counter accept"
-                  f' comment "{NFT_GUARD_COMMENT}"')
 
 
 @dataclass(frozen=True)
