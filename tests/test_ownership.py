@@ -104,8 +104,9 @@ def test_claims_follow_the_records(world: World) -> None:
     for name in ("guest1", "guest2"):
         assert w.hook(name, "start").returncode == 0
     held = index(w)
-    want = {"4-tcp-80": f"{PUBLIC4} guest1\n", "4-udp-53": f"{PUBLIC4} guest1\n", "4-tcp-443": "* guest2\n",
-            "6-tcp-443": "* guest2\n"}
+    # one file per (family, protocol, block of 256 ports): "<port> <public> <holder>" lines
+    want = {"4-tcp-0": f"80 {PUBLIC4} guest1\n", "4-udp-0": f"53 {PUBLIC4} guest1\n", "4-tcp-1": "443 * guest2\n",
+            "6-tcp-1": "443 * guest2\n"}
     assert held == want, held
     assert claims.total(str(w.state)) == 4
     # reconcile rebuilds the same index from the records
@@ -114,7 +115,7 @@ def test_claims_follow_the_records(world: World) -> None:
     w.cli("reconcile", "--running", "guest1", "--running", "guest2")
     assert index(w) == want and claims.total(str(w.state)) == 4
     assert w.hook("guest1", "stopped", "end").returncode == 0
-    assert set(index(w)) == {"4-tcp-443", "6-tcp-443"} and claims.total(str(w.state)) == 2
+    assert set(index(w)) == {"4-tcp-1", "6-tcp-1"} and claims.total(str(w.state)) == 2
 
 
 def index(w: World) -> dict[str, str]:
@@ -144,7 +145,9 @@ def test_the_rule_itself(tmp_path: Path) -> None:
     assert claims.conflicts(state, "b", [("4-tcp-81", claims.ANY)]) == [(("4-tcp-81", claims.ANY), "a")]
     assert claims.conflicts(state, "b", [("4-tcp-81", "198.51.100.2"), ("6-tcp-80", claims.ANY)]) == []
     claims.update(state, "a", add=[], drop=[("4-tcp-80", claims.ANY)])
-    assert not (tmp_path / "claims" / "4-tcp-80").exists()
+    assert (tmp_path / "claims" / "4-tcp-0").read_text() == "81 198.51.100.1 a\n" and claims.total(state) == 1
+    claims.update(state, "a", add=[], drop=[("4-tcp-81", "198.51.100.1")])
+    assert not (tmp_path / "claims" / "4-tcp-0").exists() and claims.total(state) == 0
     ledger = claims.Ledger()
     ledger.take("a", [("4-udp-53", claims.ANY)])
     assert ledger.clash("b", [("4-udp-53", "192.0.2.1")]) == "a" and ledger.clash("a", [("4-udp-53", "x")]) is None

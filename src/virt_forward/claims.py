@@ -7,11 +7,12 @@ port to another guest (the hook, apply, add, reconcile, the watcher and the netw
 hook all come through here).  nft's maps refuse only an identical key with other data;
 an address-specific element beside an every-address one would silently win the lookup.
 
-The index lives beside the records: one small file per (family, protocol, port) in the
-state dir's claims/, one line "<public address or *> <holder>" per claim, so checking a
-guest costs one read per forward of that guest, whatever the other guests hold.  It is
-derived from the records (reconcile rebuilds it) and kept under the state lock.  It
-imports only os: the hook's fast path uses it too.
+The index lives beside the records: in the state dir's claims/, one small file per
+(family, protocol, block of 256 ports), one line "<port> <public address or *> <holder>"
+per claim, so checking a guest costs a read per block its ports fall in, whatever the
+other guests hold, and a rebuild writes a few hundred files, not one per forward.  It is
+derived from the records (reconcile rebuilds it, writing only what differs) and kept
+under the state lock.  It imports only os: the hook's fast path uses it too.
 """
 
 from __future__ import annotations
@@ -35,34 +36,58 @@ def _dir(state_dir: str) -> str:
     return os.path.join(state_dir, "claims")
 
 
-def holders(state_dir: str, k: str) -> list[tuple[str, str]]:
-    """(public, holder) of every claim on this key."""
+BLOCK = 256
+
+
+def _file(k: str) -> str:
+    family, proto, port = k.split("-")
+    return f"{family}-{proto}-{int(port) // BLOCK}"
+
+
+def _read_block(state_dir: str, name: str) -> list[tuple[str, str, str]]:
+    """(key, public, holder) of every claim in one block file."""
     try:
-        fd = os.open(os.path.join(_dir(state_dir), k), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        fd = os.open(os.path.join(_dir(state_dir), name), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
         return []
     try:
-        text = os.read(fd, 1 << 20).decode("utf-8", "replace")
+        chunks = []
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+        text = b"".join(chunks).decode("utf-8", "replace")
     finally:
         os.close(fd)
+    family, proto, _ = name.split("-")
     found = []
     for line in text.splitlines():
-        public, _, holder = line.partition(" ")
-        if public and holder:
-            found.append((public, holder))
+        parts = line.split(" ")
+        if len(parts) == 3 and parts[0].isdigit():
+            found.append((f"{family}-{proto}-{parts[0]}", parts[1], parts[2]))
     return found
+
+
+def _render(lines: list[tuple[str, str, str]]) -> bytes:
+    return "".join(f"{k.rsplit('-', 1)[1]} {public} {holder}\n" for k, public, holder in sorted(lines)).encode()
+
+
+def holders(state_dir: str, k: str) -> list[tuple[str, str]]:
+    """(public, holder) of every claim on this key."""
+    return [(public, holder) for key, public, holder in _read_block(state_dir, _file(k)) if key == k]
 
 
 def conflicts(state_dir: str, holder: str, wanted: list[Claim]) -> list[tuple[Claim, str]]:
     """Each wanted claim that another holder's claim overlaps, with that holder."""
     found = []
-    by_key: dict[str, list[str]] = {}
-    for k, public in wanted:
-        by_key.setdefault(k, []).append(public)
-    for k, publics in sorted(by_key.items()):
-        others = [(p, h) for p, h in holders(state_dir, k) if h != holder]
-        for public in publics:
-            for other_public, other in others:
+    blocks: dict[str, list[Claim]] = {}
+    for claim in wanted:
+        blocks.setdefault(_file(claim[0]), []).append(claim)
+    for name, claims in sorted(blocks.items()):
+        others: dict[str, list[tuple[str, str]]] = {}
+        for k, public, other in _read_block(state_dir, name):
+            if other != holder:
+                others.setdefault(k, []).append((public, other))
+        for k, public in claims:
+            for other_public, other in others.get(k, []):
                 if overlaps(public, other_public):
                     found.append(((k, public), other))
                     break
@@ -82,51 +107,53 @@ def total(state_dir: str) -> int:
         finally:
             os.close(fd)
     except (OSError, ValueError):
-        count = sum(len(holders(state_dir, k)) for k in os.listdir(_dir(state_dir)) if not k.startswith("."))
+        count = sum(len(_read_block(state_dir, n)) for n in os.listdir(_dir(state_dir)) if not n.startswith("."))
         _replace(path, str(count).encode())
         return count
 
 
 def update(state_dir: str, holder: str, add: list[Claim], drop: list[Claim]) -> None:
     """Add and drop this holder's claims (idempotent); files left empty are removed."""
-    changes: dict[str, tuple[set[str], set[str]]] = {}
-    for k, public in add:
-        changes.setdefault(k, (set(), set()))[0].add(public)
-    for k, public in drop:
-        changes.setdefault(k, (set(), set()))[1].add(public)
-    folder = _dir(state_dir)
+    plus, minus = set(add), set(drop) - set(add)
+    blocks = {_file(k) for k, _ in plus | minus}
     count = total(state_dir)
-    for k, (plus, minus) in sorted(changes.items()):
-        current = holders(state_dir, k)
-        lines = [(p, h) for p, h in current if not (h == holder and p in minus - plus)]
-        lines += [(p, holder) for p in sorted(plus) if (p, holder) not in lines]
-        if lines == current:
+    for name in sorted(blocks):
+        current = _read_block(state_dir, name)
+        lines = [(k, p, h) for k, p, h in current if not (h == holder and (k, p) in minus)]
+        lines += [(k, p, holder) for k, p in sorted(plus) if _file(k) == name and (k, p, holder) not in lines]
+        if sorted(lines) == sorted(current):
             continue
         count += len(lines) - len(current)
-        path = os.path.join(folder, k)
-        if lines:
-            _replace(path, "".join(f"{p} {h}\n" for p, h in lines).encode())
-        else:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-    _replace(os.path.join(folder, TOTAL), str(count).encode())
+        _write_block(state_dir, name, lines)
+    _replace(os.path.join(_dir(state_dir), TOTAL), str(count).encode())
 
 
 def rebuild(state_dir: str, claims: dict[str, list[Claim]]) -> None:
-    """Exactly these holders' claims (reconcile: the records are the truth)."""
+    """Exactly these holders' claims (reconcile: the records are the truth); a block file
+    that already says so is left alone."""
     folder = _dir(state_dir)
-    lines: dict[str, list[str]] = {}
-    for holder, wanted in sorted(claims.items()):
-        for k, public in sorted(set(wanted)):
-            lines.setdefault(k, []).append(f"{public} {holder}\n")
+    blocks: dict[str, list[tuple[str, str, str]]] = {}
+    for holder, wanted in claims.items():
+        for k, public in set(wanted):
+            blocks.setdefault(_file(k), []).append((k, public, holder))
     for name in os.listdir(folder):
-        if name not in lines:
+        if not name.startswith(".") and name not in blocks:
             os.unlink(os.path.join(folder, name))
-    for k, text in lines.items():
-        _replace(os.path.join(folder, k), "".join(text).encode())
-    _replace(os.path.join(folder, TOTAL), str(sum(len(t) for t in lines.values())).encode())
+    for name, lines in blocks.items():
+        if sorted(_read_block(state_dir, name)) != sorted(lines):
+            _write_block(state_dir, name, lines)
+    _replace(os.path.join(folder, TOTAL), str(sum(len(v) for v in blocks.values())).encode())
+
+
+def _write_block(state_dir: str, name: str, lines: list[tuple[str, str, str]]) -> None:
+    path = os.path.join(_dir(state_dir), name)
+    if lines:
+        _replace(path, _render(lines))
+    else:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
 
 
 class Ledger:

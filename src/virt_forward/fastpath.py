@@ -153,6 +153,8 @@ def _start(config_dir: str, guests: str, state_dir: str, name: str, domain: str,
         record = _read(record_path)
         if record is not None and record != fast.record:
             raise Miss("the record differs")
+        if op == "started" and record is not None:
+            return 0  # `start` applied exactly this a moment ago (libvirt calls both, in a row)
         if fast.holder != name or claims.conflicts(state_dir, name, fast.claims):
             raise Miss("a port is held by another guest: the full path refuses and says by whom")
         if record is None and claims.total(state_dir) + len(fast.claims) > fast.max_forwards:
@@ -187,7 +189,6 @@ def _stop(guests: str, state_dir: str, name: str, domain: str, why: str) -> int:
         if status != 0:
             raise Miss("nft refused")
         os.unlink(record_path)  # the fast file stays, for the next start
-        _sync_dir(guests)
         try:
             _restore(restores)
         except Miss:  # the forwards are gone; a guard left in iptables' FORWARD accepts nothing of ours
@@ -450,20 +451,10 @@ def _write_atomic(path: str, data: bytes) -> None:
     tmp = f"{path}.{os.getpid()}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
-        os.write(fd, data)
-        os.fsync(fd)
+        os.write(fd, data)  # not fsync-ed, as state.py's records (see there)
     finally:
         os.close(fd)
     os.replace(tmp, path)
-    _sync_dir(os.path.dirname(path))
-
-
-def _sync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _another_guest(guests: str, name: str) -> bool:
