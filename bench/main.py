@@ -62,6 +62,17 @@ def other(i: int) -> tuple[str, str, list[int]]:
     return f"g{i:04d}", f"10.122.{i // 250}.{i % 250 + 1}", [10000 + 10 * i + k for k in range(10)]
 
 
+def process_rows(rows: list[dict[str, Any]]) -> list[str]:
+    """A markdown table of the processes one traced command spawned (bench/parts.py's rows)."""
+    out = ["| spawned at | exec at | ms | command |", "|---:|---:|---:|---|"]
+    for r in rows:
+        sp = "" if r["spawn_ms"] is None else f"{r['spawn_ms']:.1f}"
+        ms = "?" if r["ms"] is None else f"{r['ms']:.1f}"
+        late = f" (still running {r['outlives_ms']:.1f} ms after the hook exited)" if r.get("outlives_ms") else ""
+        out.append(f"| {sp} | {r['exec_ms']:.1f} | {ms} | `{r['cmd']}`{late} |")
+    return out
+
+
 def say(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -911,12 +922,7 @@ def report(res: dict[str, Any]) -> str:
             L.append(f"One `reconcile` ({interps[0]}, tmpfs, records kept) under strace: {tot:.0f} ms; Python before "
                      f"its first child {rtl['before_first_child_ms']:.0f} ms; children {rtl['children_ms']:.0f} ms; "
                      f"Python alone {tot - rtl.get('with_children_ms', rtl['children_ms']):.0f} ms\n")
-            L.append("| spawned at | exec at | ms | command |")
-            L.append("|---:|---:|---:|---|")
-            for r in rtl["rows"]:
-                sp = "" if r["spawn_ms"] is None else f"{r['spawn_ms']:.1f}"
-                ms = "?" if r["ms"] is None else f"{r['ms']:.1f}"
-                L.append(f"| {sp} | {r['exec_ms']:.1f} | {ms} | `{r['cmd']}` |")
+            L += process_rows(rtl["rows"])
             L.append("")
         cp = prof.get("cprofile")
         if cp:
@@ -1172,13 +1178,7 @@ def where_time_goes(res: dict[str, Any]) -> list[str]:
                      f"Python before its first child {tl['before_first_child_ms']:.1f} ms; children "
                      f"{tl['children_ms']:.1f} ms of wall time{' (some side by side)' if tl.get('parallel') else ''}; "
                      f"Python alone (no child running or being spawned) {alone:.1f} ms\n")
-            L.append("| spawned at | exec at | ms | command |")
-            L.append("|---:|---:|---:|---|")
-            for r in tl["rows"]:
-                sp = "" if r["spawn_ms"] is None else f"{r['spawn_ms']:.1f}"
-                ms = "?" if r["ms"] is None else f"{r['ms']:.1f}"
-                late = f" (still running {r['outlives_ms']:.1f} ms after the hook exited)" if r.get("outlives_ms") else ""
-                L.append(f"| {sp} | {r['exec_ms']:.1f} | {ms} | `{r['cmd']}`{late} |")
+            L += process_rows(tl["rows"])
             L.append("")
     if bd:
         bsizes = sorted(bd, key=int)

@@ -32,7 +32,7 @@ def test_iptables_text_check_agrees_with_guards(name: str) -> None:
     save = (DATA / "guards" / name).read_text()
     chain = guards.parse_filter(save)
     slow_says_ok = not chain.needs_guard() or chain.guard_in_place()
-    assert fastpath.iptables_guard_ok(save) == slow_says_ok
+    assert (fastpath.iptables_guard_state(save) == "ok") == slow_says_ok
 
 
 NFT_CHAIN = """table ip libvirt_network {{
@@ -54,7 +54,7 @@ JUMP = "\t\tcounter packets 0 bytes 0 jump guest_{n} # handle {h}\n"
     ("", False),
 ])
 def test_nft_text_check(rules: str, ok: bool) -> None:
-    assert fastpath.nft_guard_on_top(NFT_CHAIN.format(rules=rules)) is ok
+    assert (fastpath.nft_guard_state(NFT_CHAIN.format(rules=rules)) == "ok") is ok
 
 
 def test_racy_files_get_no_fast_file() -> None:
@@ -112,6 +112,17 @@ def settle() -> None:
     time.sleep(fastpath.RACY_SECONDS + 0.1)
 
 
+def two_guests_one_stopped(w: World) -> None:
+    """guest2 runs (443); guest1 (80) ran and stopped, its fast file written for settled files."""
+    w.write("config.toml", f'public = ["{PUBLIC4}"]\n')
+    w.guest_file("guest1", f'address = "{G1}"\nports = ["80"]\n')
+    w.guest_file("guest2", f'address = "{G2}"\nports = ["443"]\n')
+    settle()
+    hook(w, "guest2", "start")
+    hook(w, "guest1", "start")
+    hook(w, "guest1", "stopped")
+
+
 def test_fast_start_and_stop_leave_what_the_full_path_leaves(world: World) -> None:
     w = world
     w.write("config.toml", f'public = ["{PUBLIC4}"]\n')
@@ -152,13 +163,7 @@ def test_fast_start_and_stop_leave_what_the_full_path_leaves(world: World) -> No
 
 def test_the_fast_path_steps_aside_when_anything_changed(world: World) -> None:
     w = world
-    w.write("config.toml", f'public = ["{PUBLIC4}"]\n')
-    w.guest_file("guest1", f'address = "{G1}"\nports = ["80"]\n')
-    w.guest_file("guest2", f'address = "{G2}"\nports = ["443"]\n')
-    settle()
-    hook(w, "guest2", "start")
-    hook(w, "guest1", "start")
-    hook(w, "guest1", "stopped")
+    two_guests_one_stopped(w)
 
     # an edited guest file: the fast file no longer matches, the full path applies the new ports
     w.guest_file("guest1", f'address = "{G1}"\nports = ["80", "8080:80"]\n')
@@ -230,13 +235,7 @@ def test_a_guest_without_forwards_costs_nothing(world: World) -> None:
 
 def test_a_forged_fast_file_is_not_trusted(world: World) -> None:
     w = world
-    w.write("config.toml", f'public = ["{PUBLIC4}"]\n')
-    w.guest_file("guest1", f'address = "{G1}"\nports = ["80"]\n')
-    w.guest_file("guest2", f'address = "{G2}"\nports = ["443"]\n')
-    settle()
-    hook(w, "guest2", "start")
-    hook(w, "guest1", "start")
-    hook(w, "guest1", "stopped")
+    two_guests_one_stopped(w)
     fast = w.state / "fast" / "guest1.fast"
     fast.chmod(0o666)  # writable by others: someone else could have written it
     path, err = hook(w, "guest1", "start")

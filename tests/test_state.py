@@ -22,8 +22,8 @@ GOOD = {"backend": "nftables", "plan": {"domain": "web", "allow": None,
 
 
 def write_record(store: StateStore, domain: str, data: object) -> None:
-    store.lock().__enter__()  # makes the dirs; the lock is released when the fd is collected
-    (store.guests / f"{stem(domain)}.json").write_text(json.dumps(data))
+    with store.lock():  # makes the dirs
+        (store.guests / f"{stem(domain)}.json").write_text(json.dumps(data))
 
 
 def test_the_state_dir_is_made_0700_whatever_the_umask(tmp_path: Path) -> None:
@@ -147,13 +147,17 @@ def world() -> Iterator[World]:
         yield w
 
 
-@pytest.mark.netns
-def test_removal_uses_the_backend_it_was_applied_with(world: World) -> None:
-    w = world
+def applied_with_iptables(w: World) -> None:
     w.write("config.toml", f'public = ["{PUBLIC4}"]\nbackend = "iptables"\n')
     w.guest_file("guest1", 'address = "192.168.122.10"\nports = ["80"]\n')
     assert w.hook("guest1", "start").returncode == 0
     assert DNAT in w.lab.sh(w.lab.host, "iptables-save", "-t", "nat").stdout
+
+
+@pytest.mark.netns
+def test_removal_uses_the_backend_it_was_applied_with(world: World) -> None:
+    w = world
+    applied_with_iptables(w)
     w.write("config.toml", f'public = ["{PUBLIC4}"]\nbackend = "nftables"\n')  # switched while it runs
     r = w.hook("guest1", "stopped", "end")
     assert r.returncode == 0 and "removed 1 forward(s)" in r.stderr, r.stderr
@@ -165,9 +169,7 @@ def test_removal_uses_the_backend_it_was_applied_with(world: World) -> None:
 @pytest.mark.netns
 def test_a_backend_switch_moves_a_running_guest_cleanly(world: World) -> None:
     w = world
-    w.write("config.toml", f'public = ["{PUBLIC4}"]\nbackend = "iptables"\n')
-    w.guest_file("guest1", 'address = "192.168.122.10"\nports = ["80"]\n')
-    assert w.hook("guest1", "start").returncode == 0
+    applied_with_iptables(w)
     w.write("config.toml", f'public = ["{PUBLIC4}"]\nbackend = "nftables"\n')
     assert w.hook("guest1", "reconnect").returncode == 0
     nat = w.lab.sh(w.lab.host, "iptables-save", "-t", "nat").stdout

@@ -12,12 +12,14 @@ The index lives beside the records: in the state dir's claims/, one small file p
 per claim, so checking a guest costs a read per block its ports fall in, whatever the
 other guests hold, and a rebuild writes a few hundred files, not one per forward.  It is
 derived from the records (reconcile rebuilds it, writing only what differs) and kept
-under the state lock.  It imports only os: the hook's fast path uses it too.
+under the state lock.  It imports only os and files.py: the hook's fast path uses it too.
 """
 
 from __future__ import annotations
 
 import os
+
+from . import files
 
 Claim = tuple[str, str]  # (key "4-tcp-8080", public address or "*")
 ANY = "*"
@@ -108,7 +110,7 @@ def total(state_dir: str) -> int:
             os.close(fd)
     except (OSError, ValueError):
         count = sum(len(_read_block(state_dir, n)) for n in os.listdir(_dir(state_dir)) if not n.startswith("."))
-        _replace(path, str(count).encode())
+        files.replace(path, str(count).encode())
         return count
 
 
@@ -125,7 +127,7 @@ def update(state_dir: str, holder: str, add: list[Claim], drop: list[Claim]) -> 
             continue
         count += len(lines) - len(current)
         _write_block(state_dir, name, lines)
-    _replace(os.path.join(_dir(state_dir), TOTAL), str(count).encode())
+    files.replace(os.path.join(_dir(state_dir), TOTAL), str(count).encode())
 
 
 def rebuild(state_dir: str, claims: dict[str, list[Claim]]) -> None:
@@ -142,13 +144,13 @@ def rebuild(state_dir: str, claims: dict[str, list[Claim]]) -> None:
     for name, lines in blocks.items():
         if sorted(_read_block(state_dir, name)) != sorted(lines):
             _write_block(state_dir, name, lines)
-    _replace(os.path.join(folder, TOTAL), str(sum(len(v) for v in blocks.values())).encode())
+    files.replace(os.path.join(folder, TOTAL), str(sum(len(v) for v in blocks.values())).encode())
 
 
 def _write_block(state_dir: str, name: str, lines: list[tuple[str, str, str]]) -> None:
     path = os.path.join(_dir(state_dir), name)
     if lines:
-        _replace(path, _render(lines))
+        files.replace(path, _render(lines))
     else:
         try:
             os.unlink(path)
@@ -172,18 +174,3 @@ class Ledger:
     def take(self, holder: str, wanted: list[Claim]) -> None:
         for k, public in wanted:
             self.by_key.setdefault(k, []).append((public, holder))
-
-
-def _replace(path: str, data: bytes) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    try:
-        fd = os.open(tmp, flags, 0o600)
-    except FileExistsError:  # left by a process killed mid-write that had our pid
-        os.unlink(tmp)
-        fd = os.open(tmp, flags, 0o600)
-    try:
-        os.write(fd, data)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)

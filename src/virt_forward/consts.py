@@ -17,6 +17,9 @@ def state_dir(explicit: str | None = None) -> str:
     return explicit or os.environ.get("VIRT_FORWARD_STATE_DIR") or "/run/virt-forward"
 
 
+# A guest start never waits longer than this for another virt-forward process.
+HOOK_LOCK_DEADLINE = 10.0
+
 # libvirt runs hooks with PATH=/bin:/usr/bin, but nft and iptables live in sbin.
 SEARCH_PATH = "/usr/sbin:/sbin:/usr/bin:/bin:/usr/local/sbin:/usr/local/bin"
 

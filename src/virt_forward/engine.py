@@ -157,7 +157,7 @@ def apply(ctx: Context, domain: str, xml: str | None = None, want: Desired | Non
                     remove=nft.batch(nft.remove_guest(plan)), mark=nft.skeleton_mark(hairpin),
                     skeleton=nft.batch(nft.skeleton(hairpin)),
                     families=sorted(plan.families()), forwards=len(plan.forwards), message=message,
-                    holder=holder, claims=wanted, flows=flow_filters(plan), max_forwards=want.settings.max_forwards))
+                    claims=wanted, flows=flow_filters(plan), max_forwards=want.settings.max_forwards))
     if outdated:
         # a table made by an older virt-forward (other map flags): rebuild it whole, once
         log.warning("table inet virt_forward is from an older version: rebuilding it")

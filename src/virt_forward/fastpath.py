@@ -26,10 +26,11 @@ import os
 import stat
 import time
 
-from . import claims
-from .consts import GUARD_COMMENT, GUARD_SPEC, NFT_GUARD_COMMENT, NFT_GUARD_RULE, NFT_GUARD_TARGETS, TABLE
+from . import claims, files
+from .consts import (GUARD_COMMENT, GUARD_SPEC, HOOK_LOCK_DEADLINE, NFT_GUARD_COMMENT, NFT_GUARD_RULE, NFT_GUARD_TARGETS,
+                     TABLE)
 
-FORMAT = 4
+FORMAT = 5
 SUFFIX = ".fast"
 # A file modified this recently may change again within the same timestamp tick without
 # its fingerprint changing ("racily clean", as git says): no fast file is written for it.
@@ -46,10 +47,6 @@ Fingerprint = tuple[int, int, int, int, int, int, int] | None
 
 class Miss(Exception):
     """The fast path does not apply; the full path will."""
-
-
-class Busy(Exception):
-    """Another virt-forward process held the lock past the hook's deadline."""
 
 
 def fingerprint(path: str) -> Fingerprint:
@@ -94,13 +91,13 @@ def file_name(domain: str) -> str | None:
 
 
 def compile_fast(*, taken: dict[str, Fingerprint], record: str, add: str, remove: str, mark: str, skeleton: str,
-                 families: list[int], forwards: int, message: str, holder: str, claims: list[tuple[str, str]],
+                 families: list[int], forwards: int, message: str, claims: list[tuple[str, str]],
                  flows: list[list[str]], max_forwards: int) -> bytes:
     """The fast file's content (written by the full path after it applied the guest)."""
     return marshal.dumps({"format": FORMAT, "code": code(), "inputs": taken, "record": record, "add": add,
                           "remove": remove, "mark": mark, "skeleton": skeleton, "families": sorted(families),
                           "forwards": forwards,
-                          "message": message, "holder": holder, "claims": [list(c) for c in claims],
+                          "message": message, "claims": [list(c) for c in claims],
                           "flows": flows, "max_forwards": max_forwards})
 
 
@@ -126,7 +123,7 @@ def qemu(config_dir: str, state_dir: str, domain: str, op: str, sub: str) -> int
                 done = _start(config_dir, guests, state_dir, name, domain, op)
         _trace("fast path")
         return done
-    except Busy as exc:
+    except files.LockTimeout as exc:  # the full path would wait as long again: give up, logged
         from . import log
         log.error(f"{domain}: {op}: {exc}")
         return 0
@@ -149,13 +146,13 @@ def _start(config_dir: str, guests: str, state_dir: str, name: str, domain: str,
         raise Miss("changed since the fast file was written")
     if op == "prepare":
         return 0  # the files validated when the fast file was written and have not changed since
-    with _lock(state_dir):
+    with files.lock(os.path.join(state_dir, "lock"), HOOK_LOCK_DEADLINE):
         record = _read(record_path)
         if record is not None and record != fast.record:
             raise Miss("the record differs")
         if op == "started" and record is not None:
             return 0  # `start` applied exactly this a moment ago (libvirt calls both, in a row)
-        if fast.holder != name or claims.conflicts(state_dir, name, fast.claims):
+        if claims.conflicts(state_dir, name, fast.claims):
             raise Miss("a port is held by another guest: the full path refuses and says by whom")
         if record is None and claims.total(state_dir) + len(fast.claims) > fast.max_forwards:
             raise Miss("over the host's max_forwards: the full path refuses and says so")
@@ -167,7 +164,7 @@ def _start(config_dir: str, guests: str, state_dir: str, name: str, domain: str,
                 claims.update(state_dir, name, add=[], drop=fast.claims)
             raise Miss("nft refused: the full path will say why")
         if record is None:
-            _write_atomic(record_path, fast.record.encode())
+            files.replace(record_path, fast.record.encode())
         _restore(restores)  # after the record: a failure here leaves a state the full path repairs
     from . import log
     log.info(fast.message)
@@ -176,7 +173,7 @@ def _start(config_dir: str, guests: str, state_dir: str, name: str, domain: str,
 
 def _stop(guests: str, state_dir: str, name: str, domain: str, why: str) -> int:
     record_path = os.path.join(guests, name + ".json")
-    with _lock(state_dir):
+    with files.lock(os.path.join(state_dir, "lock"), HOOK_LOCK_DEADLINE):
         record = _read(record_path)
         if record is None:
             raise Miss("no record (a domain XML to clean up)")
@@ -329,10 +326,6 @@ def nft_guard_state(listing: str) -> str:
     return "ok" if ours == [0] and f'comment "{NFT_GUARD_COMMENT}"' in rules[0] else "wrong"
 
 
-def nft_guard_on_top(listing: str) -> bool:
-    return nft_guard_state(listing) == "ok"
-
-
 def nft_guard_handles(listing: str) -> list[int]:
     """Handles of every guard of ours (any version) in `nft -a list chain` text."""
     found = []
@@ -370,10 +363,6 @@ def iptables_guard_state(save: str) -> str:
     return "ok" if ours == [0] and rules[0].replace('"', "") == GUARD_SPEC else "wrong"
 
 
-def iptables_guard_ok(save: str) -> bool:
-    return iptables_guard_state(save) == "ok"
-
-
 # ---------------------------------------------------------------- plumbing
 
 def _trusted_dir(path: str) -> None:
@@ -386,14 +375,14 @@ class Fast:
     """A fast file, checked: each field of the type the full path wrote."""
 
     __slots__ = ("code", "inputs", "record", "add", "remove", "mark", "skeleton", "families", "forwards", "message",
-                 "holder", "claims", "flows", "max_forwards")
+                 "claims", "flows", "max_forwards")
 
     def __init__(self, data: object) -> None:
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise Miss("another format")
         for key, kind in (("record", str), ("add", str), ("remove", str), ("mark", str), ("skeleton", str),
                           ("message", str),
-                          ("families", list), ("forwards", int), ("code", dict), ("inputs", dict), ("holder", str),
+                          ("families", list), ("forwards", int), ("code", dict), ("inputs", dict),
                           ("claims", list), ("flows", list), ("max_forwards", int)):
             if not isinstance(data.get(key), kind):
                 raise Miss(f"bad {key}")
@@ -411,7 +400,6 @@ class Fast:
         self.families: list[int] = [f for f in data["families"] if f in (4, 6)]
         self.forwards: int = data["forwards"]
         self.message: str = data["message"]
-        self.holder: str = data["holder"]
         self.claims: list[tuple[str, str]] = [(c[0], c[1]) for c in data["claims"]]
         self.flows: list[list[str]] = data["flows"]
         self.max_forwards: int = data["max_forwards"]  # config.toml's, as it was (its fingerprint is checked)
@@ -447,46 +435,10 @@ def _read_fd(fd: int) -> bytes:
     return b"".join(chunks)
 
 
-def _write_atomic(path: str, data: bytes) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, data)  # not fsync-ed, as state.py's records (see there)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
-
 def _another_guest(guests: str, name: str) -> bool:
     own = name + ".json"
     with os.scandir(guests) as it:
         return any(e.name.endswith(".json") and e.name != own for e in it)
-
-
-class _lock:
-    """The state lock (state.StateStore.lock), with the hook's deadline."""
-
-    def __init__(self, state_dir: str, timeout: float = 10.0) -> None:
-        self.path, self.timeout, self.fd = os.path.join(state_dir, "lock"), timeout, -1
-
-    def __enter__(self) -> None:
-        import fcntl
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-        deadline, pause = time.monotonic() + self.timeout, 0.002
-        while True:
-            try:
-                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    os.close(self.fd)
-                    raise Busy(f"{self.path}: another virt-forward process has held the lock for more than "
-                               f"{self.timeout:g} s; gave up (nothing changed)") from None
-                time.sleep(pause)
-                pause = min(pause * 2, 0.05)
-
-    def __exit__(self, *exc: object) -> None:
-        os.close(self.fd)
 
 
 def _spawn(argv: list[str], stdin: bytes | None = None) -> tuple[int, bytes, bytes]:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import sys
 
-from . import log
+from . import consts, log
 
 # Not `from typing import TYPE_CHECKING`: typing (and the re it imports) costs as much as
 # a whole fast-path hook call.  mypy treats any TYPE_CHECKING name as true.
@@ -37,8 +37,7 @@ QEMU_OPS = APPLY | REMOVE | {"prepare"}
 NETWORK_OPS = frozenset({"started", "updated"})
 # libvirt's domain XML is kilobytes; more than this is not libvirt talking.
 MAX_STDIN = 1 << 20
-# A guest start never waits longer than this for another virt-forward process.
-LOCK_DEADLINE = 10.0
+LOCK_DEADLINE = consts.HOOK_LOCK_DEADLINE
 
 
 def qemu_main(argv: list[str], config_dir: str | None = None, state_dir: str | None = None,
@@ -54,7 +53,7 @@ def qemu_main(argv: list[str], config_dir: str | None = None, state_dir: str | N
             xml = ""
         else:
             xml = _read_stdin(stdin)
-        from . import consts, fastpath
+        from . import fastpath
         done = fastpath.qemu(consts.config_dir(config_dir), consts.state_dir(state_dir), domain, op, argv[2])
         if done is not None:
             return done
@@ -115,14 +114,17 @@ def _qemu(ctx: engine.Context, domain: str, op: str, sub: str, xml: str) -> int:
     return 0
 
 
+def _stream(stdin: BinaryIO | None) -> BinaryIO | None:
+    """The given stream, else our stdin's bytes; None when fd 0 is closed (libvirt may do that)."""
+    if stdin is not None:
+        return stdin
+    return sys.stdin.buffer if sys.stdin is not None else None
+
+
 def _read_stdin(stdin: BinaryIO | None) -> str:
-    """The domain XML, at most MAX_STDIN bytes.  libvirt may give none (closed stdin)."""
-    if stdin is None:
-        stream = sys.stdin
-        if stream is None:  # fd 0 closed
-            return ""
-        stdin = stream.buffer
-    data = stdin.read(MAX_STDIN + 1)
+    """The domain XML, at most MAX_STDIN bytes."""
+    stream = _stream(stdin)
+    data = stream.read(MAX_STDIN + 1) if stream is not None else b""
     if len(data) > MAX_STDIN:
         from .errors import UsageError
         raise UsageError(f"more than {MAX_STDIN} bytes of XML on stdin: not libvirt's domain XML")
@@ -132,7 +134,7 @@ def _read_stdin(stdin: BinaryIO | None) -> str:
 def _drain(stdin: BinaryIO | None) -> None:
     """Read what libvirt writes (so its write does not fail on a closed pipe), keep nothing."""
     try:
-        stream = stdin if stdin is not None else sys.stdin.buffer if sys.stdin is not None else None
+        stream = _stream(stdin)
         while stream is not None and stream.read(1 << 16):
             pass
     except (OSError, ValueError):

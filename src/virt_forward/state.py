@@ -13,18 +13,15 @@ read, and a bad one is a StateError naming the file, never text in a batch.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import ipaddress
 import json
 import os
 import stat
-import tempfile
-import time
 import urllib.parse
 from pathlib import Path
 from typing import Any, Iterator
 
-from . import consts
+from . import consts, files
 from .errors import StateError
 from .plan import GuestPlan
 
@@ -42,26 +39,15 @@ def state_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
 
 def stem(domain: str) -> str:
     """The file-name stem of a domain's record, XML and fast file."""
+    from .fastpath import file_name
+    simple = file_name(domain)  # the names the fast path handles: quoting leaves them as they are
+    if simple is not None:
+        return simple
     quoted = urllib.parse.quote(domain.encode("utf-8", "surrogateescape"), safe="")
     if len(quoted) <= MAX_STEM and not quoted.startswith("."):
         return quoted
     import hashlib
     return HASHED + hashlib.sha256(domain.encode("utf-8", "surrogateescape")).hexdigest()
-
-
-def _flock_within(fd: int, timeout: float, path: Path) -> None:
-    deadline = time.monotonic() + timeout
-    pause = 0.002
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
-        except BlockingIOError:
-            if time.monotonic() >= deadline:
-                raise StateError(f"{path}: another virt-forward process has held the lock for more than "
-                                 f"{timeout:g} s; gave up (nothing changed)") from None
-            time.sleep(pause)
-            pause = min(pause * 2, 0.05)
 
 
 def check_trusted_dir(path: Path) -> None:
@@ -155,15 +141,11 @@ class StateStore:
         `timeout`: give up after that many seconds with a StateError (the hook: a guest start
         must never hang on us); None waits as long as it takes (the CLI, the watcher)."""
         self._ensure()
-        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         try:
-            if timeout is None:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            else:
-                _flock_within(fd, timeout, self.root / "lock")
-            yield
-        finally:
-            os.close(fd)  # closing releases the flock
+            with files.lock(str(self.root / "lock"), timeout):
+                yield
+        except files.LockTimeout as exc:
+            raise StateError(str(exc)) from None
 
     def _path(self, domain: str) -> Path:
         return self.guests / (stem(domain) + ".json")
@@ -292,16 +274,4 @@ def _read_file(path: Path) -> bytes:
 
 
 def _write_file(path: Path, data: bytes) -> None:
-    """Atomically: a fresh temp file (O_EXCL, never an existing one or a symlink) renamed over.
-    Not fsync-ed: a record describes the running kernel's rules, which do not outlive a power
-    loss either (and /run is a tmpfs); the rename is what a killed process cannot tear.  Two
-    fsyncs per record cost reconcile ~1 ms a guest where the state dir sits on a disk."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    files.replace(str(path), data)

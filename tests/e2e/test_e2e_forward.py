@@ -461,8 +461,6 @@ def test_reconcile_and_status_never_hold_up_a_guest_start(e2e: E2E) -> None:
     print(f"50 starts beside {rounds} reconcile+status rounds: p50 {starts[25]:.2f} s, max {starts[-1]:.2f} s")
     assert rounds >= 10, "the reconcile/status loop hardly ran"
     assert starts[-1] < 5, starts
-    log = (e2e.lab.log_dir / "libvirtd.log").read_text() if (e2e.lab.log_dir / "libvirtd.log").exists() else ""
-    assert "held the lock" not in log
     e2e.lab.wait_guest("vfguest2")
     e2e.wait_http(8081, "guest=vfguest2 port=80")
 
