@@ -60,7 +60,7 @@ def main() -> int:
             for size in (0, 10 * args.guests):
                 if size:
                     say(f"installing {size} forwards with one reconcile")
-                    r = ours.cli("reconcile", *[x for n in names for x in ("--running", n)])
+                    r = ours.cli("reconcile", "--running", *names)
                     assert r.rc == 0 and ours.count() == size, r.stderr
                 say(f"profiling the hook with {size} other forwards")
                 lines.append(f"## {size:,} other forwards\n")

@@ -257,3 +257,34 @@ def test_the_installed_hook_is_lean(tmp_path: Path) -> None:
     r = subprocess.run([os.path.realpath(sys.executable), "-I", "-S", "-c", code, src],
                        capture_output=True, text=True, check=True)
     assert r.stdout.strip() == "[]", r.stdout
+
+
+def test_reconcile_plans_from_unchanged_fast_files_and_rereads_edited_ones() -> None:
+    """reconcile takes a guest's plan from its fast file only while the files it came from are
+    unchanged, and leaves fast files behind for the guests it planned from their files."""
+    with lab_world(backend="nftables") as w:
+        w.write("config.toml", f'public = ["{PUBLIC4}"]\n')
+        w.guest_file("guest1", f'address = "{G1}"\nports = ["80"]\n')
+        w.guest_file("guest2", f'address = "{G2}"\nports = ["443"]\n')
+        settle()
+        w.cli("reconcile", "--running", "guest1", "guest2")
+        assert sorted(p.name for p in (w.state / "fast").iterdir()) == ["guest1.fast", "guest2.fast"]
+        before = snapshot(w)
+        assert hook(w, "guest1", "stopped")[0] == "fast"  # what reconcile left serves the hook
+        assert hook(w, "guest1", "start")[0] == "fast"
+        assert snapshot(w) == before
+
+        w.nft("flush", "ruleset")  # plans from the fast files: the same rules and records
+        w.lab.load_libvirt_rules()
+        w.cli("reconcile", "--running", "guest1", "guest2")
+        assert snapshot(w) == before
+        assert w.probe("tcp", PUBLIC4, 80) == f"guest1:80 from {CLIENT4}"
+
+        w.guest_file("guest1", f'address = "{G1}"\nports = ["8080:80"]\n')  # edited: its fast file is stale
+        w.nft("flush", "ruleset")
+        w.lab.load_libvirt_rules()
+        w.cli("reconcile", "--running", "guest1", "guest2")
+        assert w.probe("tcp", PUBLIC4, 8080) == f"guest1:80 from {CLIENT4}"
+        assert w.probe("tcp", PUBLIC4, 80).startswith("ERR")
+        assert w.probe("tcp", PUBLIC4, 443) == f"guest2:443 from {CLIENT4}"
+        assert ",8080," in (w.state / "guests" / "guest1.json").read_text()

@@ -32,8 +32,10 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("remove", help="remove what was applied for a guest (what the hook does at stop)")
     r.add_argument("guest")
     rc = sub.add_parser("reconcile", help="make the firewall match every running guest, in one transaction")
-    rc.add_argument("--running", action="append", metavar="DOMAIN",
-                    help="a running domain (repeat); default: ask libvirt, else the records of what was applied")
+    # nargs="+": argparse's time grows with the square of the number of options, linearly with values
+    rc.add_argument("--running", action="extend", nargs="+", metavar="DOMAIN",
+                    help="running domains (one or more, option repeatable); default: ask libvirt, else the records "
+                         "of what was applied")
     nh = sub.add_parser("network-hook", help="entry point for libvirt's network hook: re-place guards")
     nh.add_argument("args", nargs=argparse.REMAINDER, help="NETWORK OPERATION SUB-OPERATION [EXTRA]")
     for name, text in (("install", "write the libvirt hooks, systemd units and an example config"),

@@ -150,20 +150,28 @@ def apply(ctx: Context, domain: str, xml: str | None = None, want: Desired | Non
             forget_flows(old, plan, wait=not hook)
         if backend == "nftables" and not outdated:
             ensure_guards(plan.families())
-            message = f"{domain}: {len(plan.forwards)} forward(s) live" + _summary(plan)
-            if want.inputs is not None and not fastpath.racy(want.inputs):
-                store.write_fast(domain, fastpath.compile_fast(
-                    taken=want.inputs, record=store.record_text(plan, backend), add=nft.batch(nft.add_guest(plan)),
-                    remove=nft.batch(nft.remove_guest(plan)), mark=nft.skeleton_mark(hairpin),
-                    skeleton=nft.batch(nft.skeleton(hairpin)),
-                    families=sorted(plan.families()), forwards=len(plan.forwards), message=message,
-                    claims=wanted, flows=flow_filters(plan), max_forwards=want.settings.max_forwards))
+            write_fast(store, want)
     if outdated:
         # a table made by an older virt-forward (other map flags): rebuild it whole, once
         log.warning("table inet virt_forward is from an older version: rebuilding it")
         from .reconcile import reconcile
         reconcile(ctx, running=sorted(set(store.domains()) | {domain}), lock_timeout=lock_timeout)
     return _done(f"{domain}: {len(want.plan.forwards)} forward(s) live" + _summary(want.plan))
+
+
+def write_fast(store: StateStore, want: Desired) -> None:
+    """The guest's fast file (fastpath.py), after its plan was applied with nftables and
+    recorded; none when the plan came from the domain XML or from a racily fresh file."""
+    plan = want.plan
+    if plan is None or want.inputs is None or fastpath.racy(want.inputs):
+        return
+    hairpin = want.settings.hairpin
+    message = f"{plan.domain}: {len(plan.forwards)} forward(s) live" + _summary(plan)
+    store.write_fast(plan.domain, fastpath.compile_fast(
+        taken=want.inputs, record=store.record_text(plan, "nftables"), add=nft.batch(nft.add_guest(plan)),
+        remove=nft.batch(nft.remove_guest(plan)), mark=nft.skeleton_mark(hairpin),
+        skeleton=nft.batch(nft.skeleton(hairpin)), families=sorted(plan.families()), forwards=len(plan.forwards),
+        message=message, claims=claims_of(plan), flows=flow_filters(plan), max_forwards=want.settings.max_forwards))
 
 
 def _apply_nft(old: GuestPlan | None, plan: GuestPlan, hairpin: bool) -> bool:

@@ -101,6 +101,24 @@ def compile_fast(*, taken: dict[str, Fingerprint], record: str, add: str, remove
                           "flows": flows, "max_forwards": max_forwards})
 
 
+def unchanged_record(config_dir: str, state_dir: str, domain: str, code_now: dict[str, Fingerprint]) -> str | None:
+    """The record text in the guest's fast file when nothing its plan came from has changed
+    since (reconcile then takes the plan from it instead of reading and validating the TOML
+    again: a third of the time for 1,000 guests); None when there is no such file.
+    `code_now`: code(), taken once by the caller."""
+    name = file_name(domain)
+    if name is None:
+        return None
+    try:
+        _trusted_dir(os.path.join(state_dir, "fast"))
+        fast = _load(fast_file(state_dir, name))
+    except (Miss, OSError, ValueError, KeyError, TypeError, EOFError):
+        return None
+    if fast.code != code_now or fast.inputs != inputs(config_dir, domain):
+        return None
+    return fast.record
+
+
 # ---------------------------------------------------------------- the hook's side
 
 def qemu(config_dir: str, state_dir: str, domain: str, op: str, sub: str) -> int | None:
@@ -158,14 +176,17 @@ def _start(config_dir: str, guests: str, state_dir: str, name: str, domain: str,
             raise Miss("over the host's max_forwards: the full path refuses and says so")
         batch, restores = _start_batch(fast)
         claims.update(state_dir, name, add=fast.claims, drop=[])
-        status, _, _ = _spawn(["nft", "-f", "-"], batch.encode())
+        # The guard accepts only what our DNAT marked: placed before our table exists, or
+        # beside an nft batch that fails, it lets nothing else through.  So both side by side.
+        status, restored = _write(batch, restores)
         if status != 0:
             if record is None:
                 claims.update(state_dir, name, add=[], drop=fast.claims)
             raise Miss("nft refused: the full path will say why")
         if record is None:
             files.replace(record_path, fast.record.encode())
-        _restore(restores)  # after the record: a failure here leaves a state the full path repairs
+        if not restored:  # after the record: the full path finds the guard missing and places it
+            raise Miss("iptables-restore refused the guard: the full path repairs it")
     from . import log
     log.info(fast.message)
     return 0
@@ -182,13 +203,11 @@ def _stop(guests: str, state_dir: str, name: str, domain: str, why: str) -> int:
             raise Miss("the record differs")
         last = not _another_guest(guests, name)
         batch, restores = _teardown_batch() if last else (fast.remove, [])
-        status, _, _ = _spawn(["nft", "-f", "-"], batch.encode())
+        status, restored = _write(batch, restores)
         if status != 0:
             raise Miss("nft refused")
         os.unlink(record_path)  # the fast file stays, for the next start
-        try:
-            _restore(restores)
-        except Miss:  # the forwards are gone; a guard left in iptables' FORWARD accepts nothing of ours
+        if not restored:  # the forwards are gone; a guard left in iptables' FORWARD accepts nothing of ours
             from . import log
             log.error(f"{domain}: could not take our guard out of iptables' FORWARD (reconcile or uninstall will)")
         claims.update(state_dir, name, add=[], drop=fast.claims)
@@ -290,12 +309,18 @@ def _teardown_batch() -> tuple[str, list[tuple[int, str]]]:
     return batch, restores
 
 
-def _restore(restores: list[tuple[int, str]]) -> None:
-    for family, text in restores:
-        status, _, _ = _spawn(["iptables-restore" if family == 4 else "ip6tables-restore", "-w", "5", "--noflush"],
-                              text.encode())
-        if status != 0:
-            raise Miss("iptables-restore refused the guard: the full path repairs it")
+def _write(batch: str, restores: list[tuple[int, str]]) -> tuple[int, bool]:
+    """Run the nft batch and the iptables-restore inputs side by side (they touch different
+    tables); (nft's status, whether every restore succeeded).  Miss when nft is missing."""
+    from .runner import spawn_all
+    argvs = [["nft", "-f", "-"]] + [["iptables-restore" if family == 4 else "ip6tables-restore", "-w", "5",
+                                     "--noflush"] for family, _ in restores]
+    stdins: list[bytes | None] = [batch.encode()]
+    stdins += [text.encode() for _, text in restores]
+    got = spawn_all(argvs, stdins=stdins, timeout=10.0)
+    if got[0] is None:
+        raise Miss("nft is not installed")
+    return got[0][0], all(r is not None and r[0] == 0 for r in got[1:])
 
 
 def _chains(listing: str) -> set[tuple[str, str, str]]:
@@ -440,15 +465,3 @@ def _another_guest(guests: str, name: str) -> bool:
     with os.scandir(guests) as it:
         return any(e.name.endswith(".json") and e.name != own for e in it)
 
-
-def _spawn(argv: list[str], stdin: bytes | None = None) -> tuple[int, bytes, bytes]:
-    """(status, stdout, stderr); Miss when the command is not installed."""
-    got = _spawn_if_installed(argv, stdin)
-    if got is None:
-        raise Miss(f"{argv[0]} is not installed")
-    return got
-
-
-def _spawn_if_installed(argv: list[str], stdin: bytes | None = None) -> tuple[int, bytes, bytes] | None:
-    from .runner import spawn
-    return spawn(argv, stdin, timeout=10.0)

@@ -11,6 +11,7 @@ once asked for a million forwards, and expanding them was the damage.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass
 from typing import Any, Iterable, Literal, Mapping, Sequence
@@ -76,12 +77,19 @@ class GuestPlan:
     def from_record(cls, data: dict[str, Any]) -> GuestPlan:
         forwards = tuple(
             Forward(family=fam, proto=proto, public_port=int(pport),
-                    public=None if pub is None else ipaddress.ip_address(pub),
-                    guest=ipaddress.ip_address(guest), guest_port=int(gport))
+                    public=None if pub is None else record_address(pub),
+                    guest=record_address(guest), guest_port=int(gport))
             for fam, proto, pport, pub, guest, gport in data["forwards"])
         allow = data.get("allow")
         return cls(domain=str(data["domain"]), forwards=forwards,
                    allow=None if allow is None else tuple(ipaddress.ip_network(n) for n in allow))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def record_address(text: str) -> IPAddress:
+    """ipaddress.ip_address, remembered: every forward of a record names the same guest (and
+    public) address, and reconcile reads 1,000 records; the objects are immutable."""
+    return ipaddress.ip_address(text)
 
 
 def _err(guest: GuestConfig, entry: PortEntry | None, key: str, message: str) -> ConfigError:

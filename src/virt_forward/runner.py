@@ -49,13 +49,15 @@ def spawn(argv: list[str], stdin: bytes | None = None, timeout: float = 30) -> t
     return spawn_all([argv], stdin, timeout)[0]
 
 
-def spawn_all(argvs: list[list[str]], stdin: bytes | None = None,
-              timeout: float = 30) -> list[tuple[int, bytes, bytes] | None]:
-    """`spawn` for several commands at once (reads that do not depend on each other): they
-    run side by side, so the wait is the longest one's, not the sum."""
+def spawn_all(argvs: list[list[str]], stdin: bytes | None = None, timeout: float = 30,
+              stdins: list[bytes | None] | None = None) -> list[tuple[int, bytes, bytes] | None]:
+    """`spawn` for several commands at once (commands that do not depend on each other): they
+    run side by side, so the wait is the longest one's, not the sum.  `stdins`: one input per
+    command, instead of the same `stdin` for all."""
     import time
     deadline = time.monotonic() + timeout
-    started = [_start(argv, stdin) for argv in argvs]
+    inputs = [stdin] * len(argvs) if stdins is None else stdins
+    started = [_start(argv, data) for argv, data in zip(argvs, inputs, strict=True)]
     return [None if s is None else _finish(*s, timeout=max(0.0, deadline - time.monotonic())) for s in started]
 
 

@@ -23,7 +23,7 @@ from typing import Any, Iterator
 
 from . import consts, files
 from .errors import StateError
-from .plan import GuestPlan
+from .plan import GuestPlan, record_address
 
 SUBDIRS = ("guests", "xml", "fast", "claims")
 # A quoted name longer than this (or a hidden one) is stored under a hash of the name: file
@@ -99,7 +99,7 @@ def validate_record(data: object, domain: str, where: str) -> dict[str, Any]:
         if not all(type(p) is int and 1 <= p <= 65535 for p in (pport, gport)):
             raise bad(f"forward {fwd!r}: port")
         try:
-            addrs = [ipaddress.ip_address(a) for a in (guest, public) if a is not None]
+            addrs = [record_address(a) for a in (guest, public) if a is not None]
         except (ValueError, TypeError):
             raise bad(f"forward {fwd!r}: address") from None
         if any(a.version != family for a in addrs) or not isinstance(guest, str) or (
