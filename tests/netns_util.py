@@ -174,11 +174,12 @@ def lab_world(**kwargs: object) -> Iterator[World]:
         shutil.rmtree(w.root, ignore_errors=True)
 
 
-def make_world(libvirt_rules: bool = True, guests: int = 2, backend: str = "iptables") -> tuple[World, Lab]:
+def make_world(libvirt_rules: bool = True, guests: int = 2, backend: str = "iptables",
+               hairpin_ports: bool = True) -> tuple[World, Lab]:
     need_root_and_tools()
     root = Path(tempfile.mkdtemp(prefix="vf-test-"))
     root.chmod(0o755)
-    lab = Lab(libvirt_rules=libvirt_rules, guests=guests, libvirt_backend=backend)
+    lab = Lab(libvirt_rules=libvirt_rules, guests=guests, libvirt_backend=backend, hairpin_ports=hairpin_ports)
     lab.__enter__()
     world = World(lab, root)
     world.cfg.mkdir(mode=0o755)

@@ -618,7 +618,22 @@ def test_settings_public_as_string(cdir: Path, write_config: WriteFile) -> None:
     ('public = ["192.0.2.1", "192.0.2.300"]\n', 1, "public", "'192.0.2.300' is not an IP address"),
     ('public = "::"\n', 1, "public", "cannot be used here"),
     ('hairpin = true\nports = ["80"]\n', 2, "ports", "unknown key (known: backend, hairpin, max_forwards, "
-     "max_forwards_per_guest, metadata, metadata_ports, public, strict)"),
+     "max_forwards_per_guest, metadata, metadata_ports, metrics_file, metrics_interval, public, strict)"),
+    ('metrics_file = 1\n', 1, "metrics_file", "must be a path in a string, not 1"),
+    ('metrics_file = ["/a.prom"]\n', 1, "metrics_file", "must be a path in a string, not ['/a.prom']"),
+    ('\nmetrics_file = "virt_forward.prom"\n', 2, "metrics_file", "'virt_forward.prom' is not an absolute path"),
+    ('metrics_file = ""\n', 1, "metrics_file", "'' is not an absolute path"),
+    ('metrics_file = "/var/lib/prometheus/node-exporter/virt_forward.txt"\n', 1, "metrics_file",
+     "'/var/lib/prometheus/node-exporter/virt_forward.txt' does not end in .prom (node_exporter's textfile "
+     "collector reads only those)"),
+    ('metrics_file = "/var/lib/prometheus/node-exporter/"\n', 1, "metrics_file", "does not end in .prom"),
+    ('metrics_interval = "15"\n', 1, "metrics_interval", "must be a number of seconds, not '15'"),
+    ('metrics_interval = true\n', 1, "metrics_interval", "must be a number of seconds, not True"),
+    ('backend = "auto"\nmetrics_interval = 0\n', 2, "metrics_interval", "0 is out of range 1-3600 seconds"),
+    ('metrics_interval = 0.5\n', 1, "metrics_interval", "0.5 is out of range 1-3600 seconds"),
+    ('metrics_interval = 3601\n', 1, "metrics_interval", "3601 is out of range 1-3600 seconds"),
+    ('metrics_interval = nan\n', 1, "metrics_interval", "nan is out of range"),
+    ('metrics_interval = inf\n', 1, "metrics_interval", "inf is out of range"),
     ('max_forwards = true\n', 1, "max_forwards", "must be a whole number of forwards, not True"),
     ('max_forwards = "10"\n', 1, "max_forwards", "must be a whole number of forwards, not '10'"),
     ('\nmax_forwards_per_guest = 1.5\n', 2, "max_forwards_per_guest", "not 1.5"),
@@ -650,6 +665,18 @@ def test_settings_limits_and_metadata_ports(cdir: Path, write_config: WriteFile)
     assert s.line_of("max_forwards") == 3 and s.source_of("max_forwards") == f"{path}:3"
     write_config('metadata_ports = "2222"\n')
     assert load_settings(cdir).metadata_ports == PortRange(2222, 2222)
+
+
+def test_settings_metrics(cdir: Path, write_config: WriteFile) -> None:
+    assert (Settings().metrics_file, Settings().metrics_interval) == (None, 15.0)  # no file unless asked
+    path = write_config('# node_exporter\nmetrics_file = "/var/lib/prometheus/node-exporter/virt_forward.prom"\n'
+                        'metrics_interval = 60\n')
+    s = load_settings(cdir)
+    assert s.metrics_file == "/var/lib/prometheus/node-exporter/virt_forward.prom"
+    assert s.metrics_interval == 60.0 and isinstance(s.metrics_interval, float)
+    assert s.source_of("metrics_interval") == f"{path}:3"
+    write_config('metrics_interval = 2.5\n')
+    assert (load_settings(cdir).metrics_file, load_settings(cdir).metrics_interval) == (None, 2.5)
 
 
 def test_settings_limit_defaults() -> None:

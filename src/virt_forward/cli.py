@@ -60,7 +60,10 @@ def _parser() -> argparse.ArgumentParser:
     im.add_argument("--force", action="store_true", help="replace existing guest files")
     s = sub.add_parser("status", help="guests, their forwards and whether they are live in the kernel")
     s.add_argument("guest", nargs="?")
-    s.add_argument("--json", action="store_true")
+    shown = s.add_mutually_exclusive_group()
+    shown.add_argument("--format", choices=("text", "json", "prometheus"), default="text",
+                       help="prometheus: the metrics the watcher writes to metrics_file (default text)")
+    shown.add_argument("--json", dest="format", action="store_const", const="json", help="--format json")
     sub.add_parser("demo", help="show a forward working in throw-away network namespaces (no libvirt)")
     return p
 
@@ -141,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             return ExitCode.CONFIG if any(ln.startswith("refused ") for ln in lines) else ExitCode.OK
         if args.command == "status":
             from .commands import status
-            return int(status(ctx, args.guest, as_json=args.json))
+            return int(status(ctx, args.guest, args.format))
         if args.command == "demo":
             from .demo import run_demo
             return int(run_demo())

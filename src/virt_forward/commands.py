@@ -9,8 +9,7 @@ from typing import Any
 from . import engine, nft
 from .config import guest_names, guests_dir, load_guest, load_settings, settings_or_default
 from .errors import ConfigError, ExitCode, VirtForwardError
-from .plan import Family, GuestPlan, find_conflicts, host_limit_error, plan_guest
-from .runner import run, which
+from .plan import GuestPlan, find_conflicts, host_limit_error, plan_guest
 
 
 def collect_plans(ctx: engine.Context) -> tuple[list[GuestPlan], list[str]]:
@@ -98,13 +97,6 @@ def plan(ctx: engine.Context, domain: str) -> int:
     return ExitCode.OK
 
 
-def live_listing() -> dict[str, Any]:
-    if which("nft") is None:
-        return {}
-    result = run(["nft", "-j", "list", "table", nft.FAMILY, nft.TABLE], check=False)
-    return json.loads(result.stdout) if result.returncode == 0 else {}
-
-
 def _painter() -> Any:
     """Colours only on a terminal (and not with NO_COLOR)."""
     import os
@@ -114,19 +106,9 @@ def _painter() -> Any:
     return lambda text, kind: f"\033[{codes[kind]}m{text}\033[0m" if kind in codes else text
 
 
-def _iptables_live() -> dict[str, dict[tuple[str, ...], tuple[str, ...]]]:
-    """The iptables backend's DNAT rules, shaped like the nft maps for the same lookups."""
-    from . import iptables
-    live: dict[str, dict[tuple[str, ...], tuple[str, ...]]] = {}
-    families: tuple[Family, ...] = (4, 6)
-    for family in families:
-        for fwd in iptables.live_forwards(engine.read_nat_state(family)):
-            name, key, value = nft.dnat_element(fwd)
-            live.setdefault(name, {})[key] = value
-    return live
-
-
-def status(ctx: engine.Context, only: str | None, as_json: bool) -> int:
+def status(ctx: engine.Context, only: str | None, fmt: str = "text") -> int:
+    """`fmt`: "text", "json", or "prometheus" (metrics.py: the watcher's textfile, on stdout)."""
+    from . import metrics
     settings_error = None
     try:
         settings = load_settings(ctx.config_dir)
@@ -136,11 +118,11 @@ def status(ctx: engine.Context, only: str | None, as_json: bool) -> int:
         backend = engine.resolve_backend(settings)
     except VirtForwardError:
         backend = "nftables"
-    if backend == "iptables":
-        live, counters = _iptables_live(), {}
-    else:
-        listing = live_listing()
-        live, counters = nft.parse_live(listing), nft.parse_counters(listing)
+    if fmt == "prometheus":
+        sys.stdout.write(metrics.exposition(metrics.snapshot(ctx, backend, only)))
+        return ExitCode.OK
+    found = metrics.read_live(backend)
+    live, counters = found.elements, found.connections
     from .reconcile import running_from_libvirt
     asked = running_from_libvirt()
     running = None if asked is None else set(asked)
@@ -167,11 +149,8 @@ def status(ctx: engine.Context, only: str | None, as_json: bool) -> int:
         entry["config_differs"] = (applied is not None and configured is not None
                                    and applied.forwards != configured.forwards)
         report.append(entry)
-    drift: list[str] = []
-    if which("nft") is not None and ctx.store.domains():
-        from .watch import problems
-        drift = problems(ctx)
-    if as_json:
+    drift = metrics.current_problems(ctx, backend)
+    if fmt == "json":
         json.dump({"guests": report, "problems": drift}, sys.stdout, indent=1)
         print()
         return ExitCode.OK

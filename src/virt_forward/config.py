@@ -45,7 +45,11 @@ HARD_MAX_FORWARDS = 1 << 20
 # privileged ports (the host's own ssh on 22 among them) stay out of their reach by default.
 METADATA_PORTS = PortRange(1024, 65535)
 _SETTINGS_KEYS = {"backend", "public", "hairpin", "strict", "metadata", "max_forwards_per_guest",
-                  "max_forwards", "metadata_ports"}
+                  "max_forwards", "metadata_ports", "metrics_file", "metrics_interval"}
+# How often the watcher rewrites metrics_file by default, and the bounds of metrics_interval:
+# node_exporter is scraped every 15-60 s; more often than each second would only cost CPU.
+METRICS_INTERVAL = 15.0
+METRICS_INTERVAL_RANGE = (1.0, 3600.0)
 _GUEST_KEYS = {"address", "public", "ports", "allow"}
 
 
@@ -61,6 +65,9 @@ class Settings:
     max_forwards_per_guest: int = MAX_FORWARDS_PER_GUEST
     max_forwards: int = MAX_FORWARDS  # all guest files together (plan.host_forward_count)
     metadata_ports: PortRange = METADATA_PORTS  # public ports that <metadata> forwards may use
+    # node_exporter textfile-collector file the watcher rewrites (None: no file) and how often
+    metrics_file: str | None = None
+    metrics_interval: float = METRICS_INTERVAL
     # line of each key in config.toml, so that a limit error can point at the limit
     lines: dict[str, int] = field(default_factory=dict, compare=False, hash=False)
 
@@ -491,6 +498,33 @@ def _port_range(data: dict[str, Any], key: str, default: PortRange, where: _Wher
         raise where.error(key, f"{value!r}: {exc}") from None
 
 
+def _metrics_file(data: dict[str, Any], where: _Where) -> str | None:
+    key = "metrics_file"
+    if key not in data:
+        return None
+    value = data[key]
+    if not isinstance(value, str):
+        raise where.error(key, f"must be a path in a string, not {_short(value)}")
+    if not value.startswith("/") or "\0" in value:
+        raise where.error(key, f"{_short(value)} is not an absolute path")
+    # node_exporter's textfile collector reads only *.prom: any other name would never be read
+    if not value.endswith(".prom"):
+        raise where.error(key, f"{_short(value)} does not end in .prom (node_exporter's textfile collector "
+                               "reads only those), e.g. \"/var/lib/prometheus/node-exporter/virt_forward.prom\"")
+    return value
+
+
+def _metrics_interval(data: dict[str, Any], where: _Where) -> float:
+    key = "metrics_interval"
+    value = data.get(key, METRICS_INTERVAL)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise where.error(key, f"must be a number of seconds, not {_short(value)}")
+    low, high = METRICS_INTERVAL_RANGE
+    if not low <= value <= high:  # NaN fails this too
+        raise where.error(key, f"{_short(value)} is out of range {low:g}-{high:g} seconds")
+    return float(value)
+
+
 def load_settings(cdir: Path) -> Settings:
     # the directories first: whoever may rename config.toml away would otherwise decide
     # that the defaults apply (every local address instead of `public`)
@@ -517,6 +551,7 @@ def load_settings(cdir: Path) -> Settings:
                     max_forwards_per_guest=_limit(data, "max_forwards_per_guest", MAX_FORWARDS_PER_GUEST, where),
                     max_forwards=_limit(data, "max_forwards", MAX_FORWARDS, where),
                     metadata_ports=_port_range(data, "metadata_ports", METADATA_PORTS, where),
+                    metrics_file=_metrics_file(data, where), metrics_interval=_metrics_interval(data, where),
                     lines=dict(where.keys))
 
 

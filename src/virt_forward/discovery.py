@@ -168,6 +168,30 @@ def nic_interfaces(nics: tuple[Nic, ...], root: Path = Path("/")) -> tuple[_Inte
     return tuple(found)
 
 
+def nat_networks(root: Path = Path("/")) -> dict[str, tuple[_Interface, ...]]:
+    """{bridge: its host addresses and subnets} of every libvirt network that NATs (`<forward>`
+    without a mode is NAT), live state first: where a guest calling its own forward needs
+    hairpin mode on its port (hairpin.py)."""
+    found: dict[str, tuple[_Interface, ...]] = {}
+    for rel in NETWORK_DIRS:
+        try:
+            paths = sorted((root / rel).glob("*.xml"))
+        except OSError:
+            continue
+        for path in paths:
+            net = _parse_network(read_small(path))
+            if net is None:
+                continue
+            forward, bridge = net.find("forward"), _bridge(net)
+            if forward is not None and forward.get("mode", "nat") == "nat" and bridge and bridge not in found:
+                found[bridge] = _interfaces(net)
+    return found
+
+
+def inside(addr: IPAddress, ifaces: tuple[_Interface, ...]) -> bool:
+    return _inside(addr, ifaces)
+
+
 def _inside(addr: IPAddress, ifaces: tuple[_Interface, ...]) -> bool:
     """In one of the subnets, and a guest's: not the host's own address on the
     network, not the subnet's network or broadcast address."""

@@ -53,6 +53,7 @@ class Facts:
     nft_installed: bool
     hook_problem: str | None = None  # the hook run as libvirt runs it failed: why
     unit_problems: tuple[str, ...] = ()
+    hairpin: bool = True  # config.toml's `hairpin`: hairpin mode on the ports of guests with forwards
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -122,9 +123,13 @@ def diagnose(f: Facts) -> list[Verdict]:
             v.append(Verdict(WARN, "rp_filter", f"{key} = 1 (strict): replies or asymmetric routes may be dropped",
                              f"sysctl -w {key}=2 (loose)"))
     if f.sysctl.get("net.bridge.bridge-nf-call-iptables") == "1":
-        v.append(Verdict(WARN, "br_netfilter", "bridge-nf-call-iptables = 1: traffic between guests of one bridge "
-                         "passes the IP firewall; a guest calling its own public port also needs hairpin mode on "
-                         "its bridge port", "ip link set dev vnetN type bridge_slave hairpin on"))
+        if f.hairpin:
+            v.append(Verdict(OK, "br_netfilter", "bridge-nf-call-iptables = 1: a guest calling its own public port "
+                             "needs hairpin mode on its bridge port; the hook sets it on the ports of guests with "
+                             "forwards (hairpin = true)"))
+        else:
+            v.append(Verdict(WARN, "br_netfilter", "bridge-nf-call-iptables = 1 and hairpin = false: a guest calling "
+                             "its own public port gets no answer", "hairpin = true in config.toml"))
 
     if not f.hook_installed:
         v.append(Verdict(FAIL, "hook", f"{f.hook_path} is missing or not executable", "virt-forward install"))
@@ -227,6 +232,7 @@ def _daemon_started() -> float | None:
 
 def gather(ctx: engine.Context, libvirt_dir: Path = Path("/etc/libvirt")) -> Facts:
     from .commands import collect_plans
+    from .config import settings_or_default
     from .runner import run, which
     from .watch import problems
     plans, errors = collect_plans(ctx)
@@ -255,7 +261,8 @@ def gather(ctx: engine.Context, libvirt_dir: Path = Path("/etc/libvirt")) -> Fac
                  firewall_problems=fw, applied=applied, docker_drop=docker, firewalld_strict=strict,
                  hook_path=str(hook), hook_installed=installed, hook_mtime=mtime,
                  daemon_started=_daemon_started(), nft_installed=which("nft") is not None,
-                 hook_problem=hook_problem, unit_problems=tuple(unit_problems(root)))
+                 hook_problem=hook_problem, unit_problems=tuple(unit_problems(root)),
+                 hairpin=settings_or_default(ctx.config_dir).hairpin)
 
 
 def doctor(ctx: engine.Context, libvirt_dir: Path = Path("/etc/libvirt")) -> int:

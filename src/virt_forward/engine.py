@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from . import claims, fastpath, guards, log, nft, state
+from . import claims, fastpath, guards, hairpin, log, nft, state
 from .consts import SKELETON_MARK_PREFIX
 from .config import (GuestConfig, Settings, check_domain_name, guest_from_metadata, load_guest, load_settings,
                      settings_or_default)
@@ -106,7 +106,7 @@ def apply(ctx: Context, domain: str, xml: str | None = None, want: Desired | Non
         # kept so that reconcile/watch can plan this guest again without asking libvirt
         ctx.store.write_xml(domain, xml)
     if want.pending is not None:
-        log.warning(f"{domain}: {want.pending}")
+        log.warning(f"{domain}: {want.pending}", event="waiting", guest=domain)
         return f"{domain}: {want.pending}"
     if want.plan is None:
         return remove(ctx, domain, why="no config file")
@@ -148,20 +148,60 @@ def apply(ctx: Context, domain: str, xml: str | None = None, want: Desired | Non
         if not outdated:
             store.write(plan, backend)
             forget_flows(old, plan, wait=not hook)
+        bridges = hairpin_bridges(ctx, xml, plan, want.settings)
+        if xml:  # without the domain XML the guest's ports are not known: left as they are
+            set_hairpin(ctx, domain, xml, bridges or ())
         if backend == "nftables" and not outdated:
             ensure_guards(plan.families())
-            write_fast(store, want)
+            write_fast(store, want, bridges)
     if outdated:
         # a table made by an older virt-forward (other map flags): rebuild it whole, once
         log.warning("table inet virt_forward is from an older version: rebuilding it")
         from .reconcile import reconcile
         reconcile(ctx, running=sorted(set(store.domains()) | {domain}), lock_timeout=lock_timeout)
-    return _done(f"{domain}: {len(want.plan.forwards)} forward(s) live" + _summary(want.plan))
+    return _done(f"{domain}: {len(want.plan.forwards)} forward(s) live" + _summary(want.plan), "apply", domain,
+                 want.plan)
 
 
-def write_fast(store: StateStore, want: Desired) -> None:
+def hairpin_bridges(ctx: Context, xml: str | None, plan: GuestPlan | None, settings: Settings,
+                    nat: dict[str, tuple[ipaddress.IPv4Interface | ipaddress.IPv6Interface, ...]] | None = None
+                    ) -> tuple[str, ...] | None:
+    """The bridges on which the guest's ports need hairpin mode (hairpin.py): the libvirt NAT
+    bridges its NICs are on and its forwards point into, when `hairpin = true`.  None: it
+    depends on the domain XML, which is not known here.  `nat`: discovery.nat_networks()."""
+    if plan is None or not plan.forwards or not settings.hairpin:
+        return ()
+    if not xml:
+        return None
+    from . import discovery
+    nat = discovery.nat_networks(ctx.libvirt_root) if nat is None else nat
+    targets = {f.guest for f in plan.forwards}
+    return tuple(sorted({bridge for bridge, _ in hairpin.ports(xml)
+                         if bridge in nat and any(discovery.inside(t, nat[bridge]) for t in targets)}))
+
+
+def set_hairpin(ctx: Context, domain: str, xml: str, bridges: tuple[str, ...]) -> None:
+    """Hairpin mode on the guest's ports on `bridges`, off where we set it and it is no longer
+    wanted.  A failure is logged: a guest reaching its own forward is not worth failing a start."""
+    try:
+        hairpin.set_for(str(ctx.store.root), state.stem(domain), hairpin.taps(xml, bridges), bridges)
+    except OSError as exc:
+        log.warning(f"{domain}: hairpin mode on its bridge port: {exc}")
+
+
+def release_hairpin(ctx: Context, domain: str) -> None:
+    try:
+        hairpin.release(str(ctx.store.root), state.stem(domain))
+    except OSError as exc:
+        log.warning(f"{domain}: hairpin mode off on its bridge port: {exc}")
+
+
+def write_fast(store: StateStore, want: Desired, bridges: tuple[str, ...] | None) -> None:
     """The guest's fast file (fastpath.py), after its plan was applied with nftables and
-    recorded; none when the plan came from the domain XML or from a racily fresh file."""
+    recorded; none when the plan came from the domain XML or from a racily fresh file.
+    `bridges`: hairpin_bridges() for it; None (not known without the domain XML) sends the
+    guest's next start to the full path.  The network definitions are not fingerprinted: a
+    NAT bridge renamed since is seen at the guest's next full path, or by reconcile."""
     plan = want.plan
     if plan is None or want.inputs is None or fastpath.racy(want.inputs):
         return
@@ -171,7 +211,8 @@ def write_fast(store: StateStore, want: Desired) -> None:
         taken=want.inputs, record=store.record_text(plan, "nftables"), add=nft.batch(nft.add_guest(plan)),
         remove=nft.batch(nft.remove_guest(plan)), mark=nft.skeleton_mark(hairpin),
         skeleton=nft.batch(nft.skeleton(hairpin)), families=sorted(plan.families()), forwards=len(plan.forwards),
-        message=message, claims=claims_of(plan), flows=flow_filters(plan), max_forwards=want.settings.max_forwards))
+        message=message, claims=claims_of(plan), flows=flow_filters(plan), max_forwards=want.settings.max_forwards,
+        bridges=None if bridges is None else list(bridges), described=[f.describe() for f in plan.forwards]))
 
 
 def _apply_nft(old: GuestPlan | None, plan: GuestPlan, hairpin: bool) -> bool:
@@ -240,8 +281,8 @@ def forget_flows(old: GuestPlan | None, new: GuestPlan | None, wait: bool = True
             spawn_detached(argv)
 
 
-def _done(message: str) -> str:
-    log.info(message)
+def _done(message: str, event: str, domain: str, plan: GuestPlan) -> str:
+    log.info(message, event=event, guest=domain, forwards=[f.describe() for f in plan.forwards])
     return message
 
 
@@ -257,7 +298,8 @@ def remove(ctx: Context, domain: str, why: str = "", lock_timeout: float | None 
         settings = settings_or_default(ctx.config_dir)  # a broken config.toml must not block removal
         # the backend it was applied with, not the one config.toml names now
         _remove_locked(ctx, domain, old, store.read_backend(domain) or "nftables", settings.hairpin, wait=not hook)
-    return _done(f"{domain}: removed {len(old.forwards)} forward(s)" + (f" ({why})" if why else ""))
+    return _done(f"{domain}: removed {len(old.forwards)} forward(s)" + (f" ({why})" if why else ""), "remove", domain,
+                 old)
 
 
 def _remove_locked(ctx: Context, domain: str, old: GuestPlan, backend: str, hairpin: bool, wait: bool = True) -> None:
@@ -274,6 +316,7 @@ def _remove_locked(ctx: Context, domain: str, old: GuestPlan, backend: str, hair
         except FirewallError:
             nft_apply(nft.change(old, None, hairpin=hairpin))
     store.delete(domain)
+    release_hairpin(ctx, domain)
     claims.update(str(store.root), state.stem(domain), add=[], drop=claims_of(old))
     forget_flows(old, None, wait=wait)
 

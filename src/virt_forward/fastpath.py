@@ -30,7 +30,7 @@ from . import claims, files
 from .consts import (GUARD_COMMENT, GUARD_SPEC, HOOK_LOCK_DEADLINE, NFT_GUARD_COMMENT, NFT_GUARD_RULE, NFT_GUARD_TARGETS,
                      TABLE)
 
-FORMAT = 5
+FORMAT = 6
 SUFFIX = ".fast"
 # A file modified this recently may change again within the same timestamp tick without
 # its fingerprint changing ("racily clean", as git says): no fast file is written for it.
@@ -40,7 +40,7 @@ STOP_OPS = frozenset({"stopped", "release"})
 _SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-~")
 # Our modules whose output a fast file holds: a changed one (an upgrade) makes every fast file stale.
 _CODE = ("__init__.py", "consts.py", "config.py", "ports.py", "plan.py", "nft.py", "guards.py", "engine.py",
-         "state.py", "claims.py", "fastpath.py")
+         "state.py", "claims.py", "fastpath.py", "discovery.py", "domainxml.py")
 
 Fingerprint = tuple[int, int, int, int, int, int, int] | None
 
@@ -92,13 +92,13 @@ def file_name(domain: str) -> str | None:
 
 def compile_fast(*, taken: dict[str, Fingerprint], record: str, add: str, remove: str, mark: str, skeleton: str,
                  families: list[int], forwards: int, message: str, claims: list[tuple[str, str]],
-                 flows: list[list[str]], max_forwards: int) -> bytes:
+                 flows: list[list[str]], max_forwards: int, bridges: list[str] | None, described: list[str]) -> bytes:
     """The fast file's content (written by the full path after it applied the guest)."""
     return marshal.dumps({"format": FORMAT, "code": code(), "inputs": taken, "record": record, "add": add,
                           "remove": remove, "mark": mark, "skeleton": skeleton, "families": sorted(families),
                           "forwards": forwards,
                           "message": message, "claims": [list(c) for c in claims],
-                          "flows": flows, "max_forwards": max_forwards})
+                          "flows": flows, "max_forwards": max_forwards, "bridges": bridges, "described": described})
 
 
 def unchanged_record(config_dir: str, state_dir: str, domain: str, code_now: dict[str, Fingerprint]) -> str | None:
@@ -121,8 +121,9 @@ def unchanged_record(config_dir: str, state_dir: str, domain: str, code_now: dic
 
 # ---------------------------------------------------------------- the hook's side
 
-def qemu(config_dir: str, state_dir: str, domain: str, op: str, sub: str) -> int | None:
-    """The hook's exit status when the fast path did the whole job, else None."""
+def qemu(config_dir: str, state_dir: str, domain: str, op: str, sub: str, xml: str = "") -> int | None:
+    """The hook's exit status when the fast path did the whole job, else None.  `xml`: the
+    domain XML from stdin (its taps get hairpin mode)."""
     try:
         name = file_name(domain)
         if name is None:
@@ -138,12 +139,12 @@ def qemu(config_dir: str, state_dir: str, domain: str, op: str, sub: str) -> int
             if op in STOP_OPS:
                 done = _stop(guests, state_dir, name, domain, f"{op} {sub}")
             else:
-                done = _start(config_dir, guests, state_dir, name, domain, op)
+                done = _start(config_dir, guests, state_dir, name, domain, op, xml)
         _trace("fast path")
         return done
     except files.LockTimeout as exc:  # the full path would wait as long again: give up, logged
         from . import log
-        log.error(f"{domain}: {op}: {exc}")
+        log.error(f"{domain}: {op}: {exc}", event="error", guest=domain)
         return 0
     except (Miss, OSError, ValueError, KeyError, TypeError, EOFError) as exc:
         _trace(f"full path ({type(exc).__name__}: {exc})")
@@ -157,19 +158,25 @@ def _trace(what: str) -> None:
         sys.stderr.write(f"virt-forward: trace: {what}\n")
 
 
-def _start(config_dir: str, guests: str, state_dir: str, name: str, domain: str, op: str) -> int:
+def _start(config_dir: str, guests: str, state_dir: str, name: str, domain: str, op: str, xml: str) -> int:
     record_path = os.path.join(guests, name + ".json")
     fast = _load(fast_file(state_dir, name))
     if fast.code != code() or fast.inputs != inputs(config_dir, domain):
         raise Miss("changed since the fast file was written")
     if op == "prepare":
         return 0  # the files validated when the fast file was written and have not changed since
+    bridges = fast.bridges
+    if bridges is None:
+        raise Miss("written by reconcile without the domain XML: where hairpin mode goes is not known")
     with files.lock(os.path.join(state_dir, "lock"), HOOK_LOCK_DEADLINE):
         record = _read(record_path)
         if record is not None and record != fast.record:
             raise Miss("the record differs")
         if op == "started" and record is not None:
-            return 0  # `start` applied exactly this a moment ago (libvirt calls both, in a row)
+            # `start` applied exactly this a moment ago (libvirt calls both, in a row); the
+            # taps are plugged in now
+            _hairpin(state_dir, name, domain, xml, bridges)
+            return 0
         if claims.conflicts(state_dir, name, fast.claims):
             raise Miss("a port is held by another guest: the full path refuses and says by whom")
         if record is None and claims.total(state_dir) + len(fast.claims) > fast.max_forwards:
@@ -187,8 +194,9 @@ def _start(config_dir: str, guests: str, state_dir: str, name: str, domain: str,
             files.replace(record_path, fast.record.encode())
         if not restored:  # after the record: the full path finds the guard missing and places it
             raise Miss("iptables-restore refused the guard: the full path repairs it")
+        _hairpin(state_dir, name, domain, xml, bridges)
     from . import log
-    log.info(fast.message)
+    log.info(fast.message, event="apply", guest=domain, forwards=fast.described)
     return 0
 
 
@@ -211,12 +219,28 @@ def _stop(guests: str, state_dir: str, name: str, domain: str, why: str) -> int:
             from . import log
             log.error(f"{domain}: could not take our guard out of iptables' FORWARD (reconcile or uninstall will)")
         claims.update(state_dir, name, add=[], drop=fast.claims)
+        _hairpin(state_dir, name, domain, "", (), release=True)  # the taps are mostly gone already
         from .runner import spawn_detached
         for flt in fast.flows:  # engine.forget_flows, not waited for (see there)
             spawn_detached(["conntrack", "-D", *flt])
     from . import log
-    log.info(f"{domain}: removed {fast.forwards} forward(s) ({why})")
+    log.info(f"{domain}: removed {fast.forwards} forward(s) ({why})", event="remove", guest=domain,
+             forwards=fast.described)
     return 0
+
+
+def _hairpin(state_dir: str, name: str, domain: str, xml: str, bridges: tuple[str, ...],
+             release: bool = False) -> None:
+    """engine.set_hairpin (when the domain XML is known) / release_hairpin, as the full path."""
+    from . import hairpin
+    try:
+        if release:
+            hairpin.release(state_dir, name)
+        elif xml:
+            hairpin.set_for(state_dir, name, hairpin.taps(xml, bridges), bridges)
+    except OSError as exc:
+        from . import log
+        log.warning(f"{domain}: hairpin mode on its bridge port: {exc}")
 
 
 def _applied(state_dir: str, guests: str, name: str) -> bool:
@@ -400,7 +424,7 @@ class Fast:
     """A fast file, checked: each field of the type the full path wrote."""
 
     __slots__ = ("code", "inputs", "record", "add", "remove", "mark", "skeleton", "families", "forwards", "message",
-                 "claims", "flows", "max_forwards")
+                 "claims", "flows", "max_forwards", "bridges", "described")
 
     def __init__(self, data: object) -> None:
         if not isinstance(data, dict) or data.get("format") != FORMAT:
@@ -408,7 +432,7 @@ class Fast:
         for key, kind in (("record", str), ("add", str), ("remove", str), ("mark", str), ("skeleton", str),
                           ("message", str),
                           ("families", list), ("forwards", int), ("code", dict), ("inputs", dict),
-                          ("claims", list), ("flows", list), ("max_forwards", int)):
+                          ("claims", list), ("flows", list), ("max_forwards", int), ("described", list)):
             if not isinstance(data.get(key), kind):
                 raise Miss(f"bad {key}")
         if not all(isinstance(c, list) and len(c) == 2 and all(isinstance(x, str) for x in c) for c in data["claims"]):
@@ -428,6 +452,12 @@ class Fast:
         self.claims: list[tuple[str, str]] = [(c[0], c[1]) for c in data["claims"]]
         self.flows: list[list[str]] = data["flows"]
         self.max_forwards: int = data["max_forwards"]  # config.toml's, as it was (its fingerprint is checked)
+        # where its ports need hairpin mode (engine.hairpin_bridges); None: not known (no XML)
+        bridges = data.get("bridges")
+        if bridges is not None and not (isinstance(bridges, list) and all(isinstance(b, str) for b in bridges)):
+            raise Miss("bad bridges")
+        self.bridges: tuple[str, ...] | None = None if bridges is None else tuple(bridges)
+        self.described: list[str] = [str(d) for d in data["described"]]  # Forward.describe(), for the journal
 
 
 def _load(path: str) -> Fast:

@@ -54,12 +54,12 @@ def qemu_main(argv: list[str], config_dir: str | None = None, state_dir: str | N
         else:
             xml = _read_stdin(stdin)
         from . import fastpath
-        done = fastpath.qemu(consts.config_dir(config_dir), consts.state_dir(state_dir), domain, op, argv[2])
+        done = fastpath.qemu(consts.config_dir(config_dir), consts.state_dir(state_dir), domain, op, argv[2], xml)
         if done is not None:
             return done
         return _qemu(_context(config_dir, state_dir), domain, op, argv[2], xml)
     except BaseException as exc:  # the hook must not take a guest down, whatever went wrong
-        log.error(f"{domain}: {op}: hook failed, guest left as it is: {_describe(exc)}")
+        log.error(f"{domain}: {op}: hook failed, guest left as it is: {_describe(exc)}", event="error", guest=domain)
         return 0
 
 
@@ -106,11 +106,12 @@ def _qemu(ctx: engine.Context, domain: str, op: str, sub: str, xml: str) -> int:
             return 0
         engine.apply(ctx, domain, xml, want, lock_timeout=LOCK_DEADLINE, hook=True)
     except ConfigError as exc:
-        log.error(f"{domain}: {op}: {exc}" + ("; keeping what was applied before" if op == "reconnect" else ""))
+        log.error(f"{domain}: {op}: {exc}" + ("; keeping what was applied before" if op == "reconnect" else ""),
+                  event="refused", guest=domain)
         if strict and op in ("prepare", "start"):
             return int(exc.exit_code)
     except VirtForwardError as exc:
-        log.error(f"{domain}: {op}: {exc}")
+        log.error(f"{domain}: {op}: {exc}", event="refused", guest=domain)
     return 0
 
 

@@ -81,6 +81,42 @@ def parse_nat(save: str) -> NatState:
     return NatState(frozenset(chains), {k: tuple(v) for k, v in jumps.items()}, dnat)
 
 
+@dataclass(frozen=True)
+class RuleCount:
+    """The counters of one forward's DNAT rule (`iptables-save -c`).  The nat table sees only
+    the first packet of a connection: `packets` is the NEW connections DNAT-ed."""
+
+    guest: str
+    guest_port: int
+    packets: int
+    bytes: int
+
+
+def parse_counters(save: str) -> dict[tuple[str | None, str, int], RuleCount]:
+    """{(public address or None, protocol, public port): RuleCount} of our DNAT rules in
+    `iptables-save -c -t nat` output (lines "[packets:bytes] -A VF-<tag>-D ... -j DNAT ...")."""
+    out: dict[tuple[str | None, str, int], RuleCount] = {}
+    in_nat = False
+    for line in save.splitlines():
+        if line.startswith("*"):
+            in_nat = line == "*nat"
+            continue
+        counts, _, rule = line.partition("] ")
+        parts = rule.split()
+        if not (in_nat and counts.startswith("[") and parts[:1] == ["-A"] and len(parts) > 1
+                and parts[1].startswith("VF-") and parts[1].endswith("-D") and "--to-destination" in parts):
+            continue
+        try:
+            packets, nbytes = (int(n) for n in counts[1:].split(":"))
+            pub = parts[parts.index("-d") + 1].split("/")[0] if "-d" in parts else None
+            key = (pub, parts[parts.index("-p") + 1], int(parts[parts.index("--dport") + 1]))
+            addr, _, gport = parts[parts.index("--to-destination") + 1].rpartition(":")
+            out[key] = RuleCount(addr.strip("[]"), int(gport), packets, nbytes)
+        except (ValueError, IndexError):  # not a rule we wrote
+            continue
+    return out
+
+
 def _dnat_rules(plan: GuestPlan, family: Family) -> list[str]:
     chain = dnat_chain(plan)
     out = []

@@ -151,6 +151,9 @@ class Lab:
     libvirt_rules: bool = True
     libvirt_backend: str = "iptables"  # or "nftables" (libvirt >= 10.4)
     guests: int = 2
+    # hairpin mode on the guests' ports, as virt-forward sets it on libvirt's taps (hairpin.py);
+    # off: the ports as libvirt leaves them
+    hairpin_ports: bool = True
     prefix: str = field(default_factory=lambda: f"vf{os.getpid() % 100000}{secrets.token_hex(2)}")
     namespaces: list[str] = field(default_factory=list)
     servers: list[subprocess.Popen[bytes]] = field(default_factory=list)
@@ -225,8 +228,8 @@ class Lab:
         self._add_ns(ns)
         self._ip(host, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", ns)
         self._ip(host, "link", "set", port, "master", "virbr0")
-        # a guest calling its own public port comes back out of the same bridge port
-        self._ip(host, "link", "set", port, "type", "bridge_slave", "hairpin", "on")
+        if self.hairpin_ports:  # a guest calling its own public port comes back out of the same bridge port
+            self._ip(host, "link", "set", port, "type", "bridge_slave", "hairpin", "on")
         self._ip(host, "link", "set", port, "up")
         self._ip(ns, "addr", "add", f"{addr4}/24", "dev", "eth0")
         self._ip(ns, "addr", "add", f"{addr6}/64", "dev", "eth0", "nodad")

@@ -24,7 +24,8 @@ from .consts import FAMILY, MARK_FORWARDED, MARK_HAIRPIN, SKELETON_MARK_PREFIX, 
 from .plan import Family, Forward, GuestPlan
 
 __all__ = ["FAMILY", "MARK_FORWARDED", "MARK_HAIRPIN", "SKELETON_MARK_PREFIX", "TABLE", "T", "NAMES", "skeleton", "skeleton_mark", "change",
-           "full", "batch", "add_guest", "remove_guest", "delete_table", "parse_live", "parse_counters"]
+           "full", "batch", "add_guest", "remove_guest", "delete_table", "parse_live", "parse_counters",
+           "ElementCount", "parse_element_counts", "carry_counters"]
 
 
 @dataclass(frozen=True)
@@ -258,17 +259,94 @@ def _parts(expr: object) -> tuple[str, ...]:
 
 def parse_counters(listing: dict[str, Any]) -> dict[str, dict[tuple[str, ...], int]]:
     """{map: {key: NEW connections DNAT-ed}} from the element counters."""
-    out: dict[str, dict[tuple[str, ...], int]] = {}
+    return {name: {key: c.packets for key, c in elems.items()}
+            for name, elems in parse_element_counts(listing).items()}
+
+
+@dataclass(frozen=True)
+class ElementCount:
+    """One dnat map element's counter, with the target it counted for.
+
+    Only the first packet of a connection passes the nat hook, so `packets` is the
+    number of NEW connections the forward DNAT-ed and `bytes` the size of those first
+    packets alone: neither is the forward's traffic."""
+
+    value: tuple[str, ...]
+    packets: int
+    bytes: int
+
+
+def parse_element_counts(listing: dict[str, Any]) -> dict[str, dict[tuple[str, ...], ElementCount]]:
+    """{map: {key: ElementCount}} of every counted map element in `nft -j list table` output."""
+    out: dict[str, dict[tuple[str, ...], ElementCount]] = {}
+    norm: dict[str, str] = {}
     for item in listing.get("nftables", []):
         m = item.get("map")
         if not isinstance(m, dict):
             continue
         for elem in m.get("elem", []):
-            key = elem[0] if isinstance(elem, list) else None
-            if isinstance(key, dict) and "elem" in key and "counter" in key["elem"]:
-                out.setdefault(str(m["name"]), {})[_parts(key["elem"]["val"])] = int(
-                    key["elem"]["counter"]["packets"])
+            if not (isinstance(elem, list) and len(elem) == 2):
+                continue
+            key, value = elem
+            if isinstance(key, dict) and "elem" in key and isinstance(key["elem"].get("counter"), dict):
+                counter = key["elem"]["counter"]
+                out.setdefault(str(m["name"]), {})[_parts_with(norm, key["elem"]["val"])] = ElementCount(
+                    _parts_with(norm, value), int(counter.get("packets", 0)), int(counter.get("bytes", 0)))
     return out
+
+
+def _norm_with(memo: dict[str, str], part: object) -> str:
+    """_norm, remembered in `memo` for one listing or batch: its parts repeat (protocols,
+    addresses), and parsing an address (or failing to) costs microseconds, 10,000 times over."""
+    text = str(part)
+    got = memo.get(text)
+    if got is None:
+        got = memo[text] = _norm(text)
+    return got
+
+
+def _parts_with(memo: dict[str, str], expr: object) -> tuple[str, ...]:
+    if isinstance(expr, dict) and "concat" in expr:
+        return tuple(_norm_with(memo, p) for p in expr["concat"])
+    return (_norm_with(memo, expr),)
+
+
+def carry_counters(text: str, live: dict[str, dict[tuple[str, ...], ElementCount]]) -> str:
+    """`text` (an nft batch) with each dnat map element that is live with the same target
+    given the live counter's values (`counter packets N bytes M`), so a rebuild of the
+    table (delete, then add everything) does not reset the per-forward connection counts.
+
+    `live`: parse_element_counts of the table as it was just before.  An element whose
+    target changed starts at 0: its count belonged to another forward.  Only
+    `add element` lines of maps named in `live` change; everything else is kept as is,
+    so the batch stays one transaction of the same commands."""
+    if not any(live.values()):
+        return text
+    import re  # here, not at the top: the hook's full path imports this module
+    add_element = re.compile(rf"add element {re.escape(T)} (\S+) \{{ (.*) \}}")
+    out = []
+    norm: dict[str, str] = {}
+    for line in text.split("\n"):
+        m = add_element.fullmatch(line)
+        counts = live.get(m.group(1)) if m else None
+        if m and counts:
+            elems = []
+            # a key or value never holds ", " nor " : " (addresses, protocols, ports)
+            for elem in m.group(2).split(", "):
+                key, sep, value = elem.partition(" : ")
+                got = counts.get(_text_parts(norm, key)) if sep else None
+                # a count of 0 needs no carrying: a new element's counter starts there
+                if got is not None and (got.packets or got.bytes) and got.value == _text_parts(norm, value):
+                    elem = f"{key} counter packets {got.packets} bytes {got.bytes} : {value}"
+                elems.append(elem)
+            line = f"add element {T} {m.group(1)} {{ {', '.join(elems)} }}"
+        out.append(line)
+    return "\n".join(out)
+
+
+def _text_parts(memo: dict[str, str], text: str) -> tuple[str, ...]:
+    """A concatenation as rendered here ("192.0.2.1 . tcp . 80") in parse_live's normal form."""
+    return tuple(_norm_with(memo, p) for p in text.split(" . "))
 
 
 def parse_live(listing: dict[str, Any]) -> dict[str, dict[tuple[str, ...], tuple[str, ...]]]:

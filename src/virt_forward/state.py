@@ -25,7 +25,7 @@ from . import consts, files
 from .errors import StateError
 from .plan import GuestPlan, record_address
 
-SUBDIRS = ("guests", "xml", "fast", "claims")
+SUBDIRS = ("guests", "xml", "fast", "claims", "hairpin")
 # A quoted name longer than this (or a hidden one) is stored under a hash of the name: file
 # names stop at 255 bytes, and percent-encoding can triple a 200-byte domain name.
 MAX_STEM = 200

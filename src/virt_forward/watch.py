@@ -18,7 +18,7 @@ import threading
 import time
 from typing import Any
 
-from . import engine, log, nft
+from . import engine, log, metrics, nft
 from .plan import Family, GuestPlan
 from .reconcile import libvirt_uri, reconcile, running_from_libvirt
 from .runner import SEARCH_PATH, run, which
@@ -141,9 +141,53 @@ def check_and_repair(ctx: engine.Context, running: list[str] | None = None) -> l
             domain = p[: -len(WAITING) - 2]
             engine.apply(ctx, domain, ctx.store.read_xml(domain))
     elif found:
-        log.warning("repairing: " + "; ".join(found))
+        log.warning("repairing: " + "; ".join(found), event="repair")
         reconcile(ctx, running=running)
+        with ctx.store.lock():  # two watchers (a unit and one by hand) must not lose a count
+            metrics.record_repair(ctx.store.root)
     return found
+
+
+def write_metrics(ctx: engine.Context, path: str) -> None:
+    """`status --format prometheus`, into node_exporter's textfile collector, atomically."""
+    from .config import settings_or_default
+    try:
+        backend = engine.resolve_backend(settings_or_default(ctx.config_dir))
+    except Exception:
+        backend = "nftables"
+    metrics.write_textfile(path, metrics.exposition(metrics.snapshot(ctx, backend)))
+
+
+def metrics_loop(ctx: engine.Context, stop: threading.Event) -> None:
+    """Rewrite config.toml's metrics_file every metrics_interval seconds until `stop`.
+
+    config.toml is read at each round, so metrics can be turned on, moved or off without a
+    restart; a config.toml that does not load keeps the last good values (a typo elsewhere
+    in it must not stop the metrics an alert may watch)."""
+    from .config import load_settings
+    from .errors import ConfigError
+    path: str | None = None
+    every = 15.0
+    reported = ""
+    while not stop.is_set():
+        try:
+            settings = load_settings(ctx.config_dir)
+            path, every = settings.metrics_file, settings.metrics_interval
+        except ConfigError:
+            pass
+        error = ""
+        if path is not None:
+            try:
+                write_metrics(ctx, path)
+            except Exception as exc:  # the next round tries again
+                error = f"metrics_file {path}: {exc}"
+        if error != reported:  # once per new error, not every 15 s; and say when it is over
+            if error:
+                log.error(error)
+            else:
+                log.info(f"metrics_file {path}: written again")
+            reported = error
+        stop.wait(every)
 
 
 class _Wakeups:
@@ -202,6 +246,8 @@ def watch(ctx: engine.Context, interval: float = 30.0, debounce: float = 0.2) ->
     wake = _Wakeups()
     threading.Thread(target=wake.nft_monitor, daemon=True).start()
     threading.Thread(target=wake.libvirt_events, daemon=True).start()
+    # its own thread: a slow check or repair must not delay the metrics, nor they the repair
+    threading.Thread(target=metrics_loop, args=(ctx, wake.stop), daemon=True).start()
     log.info(f"watching (safety check every {interval:g} s)")
     reason = "start"
     try:

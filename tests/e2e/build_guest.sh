@@ -16,6 +16,7 @@
 #   vf.gw=A.B.C.D           IPv4 default gateway
 #   vf.ip6=ADDR/PREFIX      optional static IPv6 address
 #   vf.gw6=ADDR             optional IPv6 default gateway
+#   vf.self=HOST:PORT       ask http://HOST:PORT/ every second (IPv4), log "vf-e2e self HOST:PORT: ANSWER"
 # Services:
 #   TCP 80, 8080   busybox httpd; body "vf-e2e guest=NAME port=PORT"
 #   TCP 22         banner "SSH-2.0-vfe2e NAME", then echoes what it gets
@@ -175,7 +176,7 @@ mount -t tmpfs tmpfs /tmp
 exec </dev/console >/dev/console 2>&1
 echo "vf-e2e init: starting"
 
-NAME=guest IP= GW= IP6= GW6=
+NAME=guest IP= GW= IP6= GW6= SELF=
 for kv in $(cat /proc/cmdline); do
     case "$kv" in
         vf.name=*) NAME="${kv#vf.name=}" ;;
@@ -183,6 +184,7 @@ for kv in $(cat /proc/cmdline); do
         vf.gw=*) GW="${kv#vf.gw=}" ;;
         vf.ip6=*) IP6="${kv#vf.ip6=}" ;;
         vf.gw6=*) GW6="${kv#vf.gw6=}" ;;
+        vf.self=*) SELF="${kv#vf.self=}" ;;
     esac
 done
 echo "$NAME" >/etc/vf-name
@@ -220,6 +222,15 @@ ip -o addr show dev eth0
 echo "VF-E2E-READY name=$NAME ip=$IP ip6=$IP6"
 # Tell the host side we exist (fills its neighbour table early).
 [ -n "$GW" ] && ping -c 1 -W 1 "$GW" >/dev/null 2>&1
+# A guest calling a forward, maybe its own (hairpin): the host reads the answers on the console.
+# (busybox-static's wget segfaults: nc it is, and the body is the response's last line)
+if [ -n "$SELF" ]; then
+    ( while true; do
+        out="$(printf 'GET / HTTP/1.0\r\n\r\n' | nc -w 2 "${SELF%:*}" "${SELF##*:}" 2>&1 | tail -n 1)"
+        echo "vf-e2e self $SELF: ${out:-no answer}"
+        sleep 1
+      done ) &
+fi
 while true; do sleep 3600; done
 EOF
 chmod 755 "$ROOT/init"

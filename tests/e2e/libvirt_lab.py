@@ -244,6 +244,8 @@ class GuestSpec:
     mac: str
     ip6: str | None = None
     memory_mib: int = 160
+    # HOST:PORT the guest asks every second, logging the answer on its console ("vf-e2e self")
+    selfcheck: str | None = None
 
     @property
     def cmdline(self) -> str:
@@ -251,6 +253,8 @@ class GuestSpec:
                  f"vf.ip={self.ip}/24", f"vf.gw={GATEWAY_V4}"]
         if self.ip6:
             parts += [f"vf.ip6={self.ip6}/64", f"vf.gw6={GATEWAY_V6}"]
+        if self.selfcheck:
+            parts.append(f"vf.self={self.selfcheck}")
         return " ".join(parts)
 
 

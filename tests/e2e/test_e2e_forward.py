@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -34,6 +34,7 @@ from libvirt_lab import (  # noqa: E402
     LibvirtLab,
     libvirt_chroot_from_env,
     OutsideClient,
+    default_guests,
     ensure_host_packages,
 )
 
@@ -224,7 +225,9 @@ def e2e(request: pytest.FixtureRequest, user_install: UserInstall) -> Iterator[E
                                "install", "--root", str(fsroot)], capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
         hook = (fsroot / "etc/libvirt/hooks/qemu.d/virt-forward").read_text()
-        lab = LibvirtLab(os.environ.get("VF_E2E_CACHE", str(DEFAULT_CACHE_DIR)), guests=2,
+        # each guest asks vfguest1's forward every second (for vfguest1: its own, through hairpin mode)
+        guests = [replace(g, selfcheck=f"{PUBLIC}:8080") for g in default_guests(2)]
+        lab = LibvirtLab(os.environ.get("VF_E2E_CACHE", str(DEFAULT_CACHE_DIR)), guests=guests,
                          hooks={"virt-forward": hook, "zz-record": RECORD_HOOK}, firewall_backend=backend,
                          libvirt_chroot=libvirt_chroot_from_env())
         try:
@@ -291,6 +294,43 @@ def test_forward_works_through_libvirts_reject(e2e: E2E) -> None:
         guest_input = e2e.lab.nft("list", "chain", "ip", "libvirt_network", "guest_input")
         assert "virbr0" in guest_input and "reject" in guest_input, guest_input
         assert "virt-forward" not in e2e.lab.run(["iptables-save"], check=False).stdout
+
+
+def _self_answer(e2e: E2E, guest: str, ok: bool, limit: float = 20) -> float:
+    """Seconds until the guest's own call to PUBLIC:8080 (its console, once a second) answers
+    (ok) or fails (not ok) twice in a row, counted from now."""
+    since, t0 = len(e2e.lab.console_log(guest)), time.monotonic()
+    prefix = f"vf-e2e self {PUBLIC}:8080: "
+    answers: list[str] = []
+    while time.monotonic() - t0 < limit:
+        answers = [ln[len(prefix):] for ln in e2e.lab.console_log(guest)[since:].splitlines()
+                   if ln.startswith(prefix)]
+        if len(answers) >= 2 and all(("guest=vfguest1 port=80" in a) is ok for a in answers[-2:]):
+            return time.monotonic() - t0
+        time.sleep(0.3)
+    raise AssertionError(f"{guest}: its calls to {PUBLIC}:8080 did not {'succeed' if ok else 'fail'}: {answers[-5:]}")
+
+
+def _hairpin_mode(e2e: E2E, tap: str) -> str:
+    return e2e.lab.run(["cat", f"/sys/class/net/{tap}/brport/hairpin_mode"]).stdout.strip()
+
+
+def test_a_guest_reaches_its_own_forward(e2e: E2E) -> None:
+    """vfguest1 calls PUBLIC:8080, which is forwarded to itself: br_netfilter bridges that DNAT-ed
+    packet back towards the port it came from, which needs hairpin mode on the guest's tap."""
+    _self_answer(e2e, "vfguest1", ok=True)
+    _self_answer(e2e, "vfguest2", ok=True)  # another guest needs no hairpin: it is a control
+    held = (e2e.state / "hairpin" / "vfguest1").read_text().split()
+    tap = held[0]
+    assert len(held) == 2 and _hairpin_mode(e2e, tap) == "1", held
+    assert f"<target dev='{tap}'/>" in e2e.lab.virsh("dumpxml", "vfguest1")
+    # switched off behind our back: the guest's own calls fail ...
+    e2e.lab.run(["ip", "link", "set", tap, "type", "bridge_slave", "hairpin", "off"])
+    _self_answer(e2e, "vfguest1", ok=False)
+    # ... and reconcile, which asks libvirt for the live XML, switches it on again
+    e2e.vf("reconcile")
+    assert _hairpin_mode(e2e, tap) == "1"
+    print(f"own forward answering again {_self_answer(e2e, 'vfguest1', ok=True):.1f} s after reconcile")
 
 
 def test_narrow_direct_route_and_unforwarded_ports_stay_closed(e2e: E2E) -> None:

@@ -1,0 +1,323 @@
+"""Metrics in Prometheus' text exposition format (version 0.0.4): what `status --format
+prometheus` prints and what the watcher writes to node_exporter's textfile collector.
+
+What is measured, and what is not:
+
+- `virt_forward_connections_total`: the counter on each element of our dnat maps (the
+  iptables backend: the packet counter of each forward's DNAT rule).  The nat hook sees only
+  the first packet of a connection, so this is the NEW connections each forward DNAT-ed,
+  truthfully, and nothing more.
+- Packets and bytes per forward are NOT exported: no counter of ours sees the packets after
+  the first.  The nat element counter's `bytes` is the size of those first packets alone
+  (SYNs), and exporting it as traffic would lie.  True totals would need one more counted
+  lookup on the forward path, e.g. a set `traffic4 { type ipv4_addr . inet_proto .
+  inet_service ; counter ; }` holding the same keys as dnat4, and in mark_forward a rule
+  `ct mark & FORWARDED == FORWARDED ct original ip daddr . meta l4proto . ct original
+  proto-dst @traffic4` (it counts both directions; hairpin from the host itself takes the
+  output path and would not be counted there).  That changes the skeleton every batch
+  carries, so it is left for a change of its own.
+- `virt_forward_rules_in_place`: the check `status` and the watcher run (watch.problems).
+- `virt_forward_repairs_total` / `virt_forward_last_repair_timestamp_seconds`: the watcher's
+  reconciles after a failed check, kept in the state dir so that `status` shows them too.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import math
+import os
+import stat
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from . import nft
+from .plan import Family, Forward
+
+if TYPE_CHECKING:
+    from . import engine
+
+REPAIRS_FILE = "repairs.json"  # in the state dir: {"count": N, "last": unix time or null}
+MAX_REPAIRS_FILE = 4096
+
+Kind = Literal["counter", "gauge"]
+Labels = tuple[tuple[str, str], ...]
+
+
+# ---------------------------------------------------------------- the text format (pure)
+
+def escape_label(value: str) -> str:
+    r"""A label value as the text format wants it: backslash, double quote and line feed
+    escaped (\\, \", \n).  A domain name that is not UTF-8 (argv bytes arrive as surrogates)
+    has those bytes written as \xNN: the format is UTF-8 and one bad byte would make
+    node_exporter drop the whole file."""
+    text = value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def escape_help(text: str) -> str:
+    """HELP text: only backslash and line feed are escaped there."""
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def format_value(value: float) -> str:
+    if isinstance(value, int):
+        return str(value)
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(value)  # shortest text that reads back to the same float
+
+
+@dataclass(frozen=True)
+class Sample:
+    labels: Labels
+    value: float
+
+
+@dataclass(frozen=True)
+class MetricFamily:
+    name: str  # the sample name; a counter's ends in _total
+    kind: Kind
+    help: str
+    samples: tuple[Sample, ...]
+
+
+def render(families: list[MetricFamily]) -> str:
+    """HELP and TYPE lines, then the samples of each family, in the order given."""
+    lines: list[str] = []
+    for fam in families:
+        lines += [f"# HELP {fam.name} {escape_help(fam.help)}", f"# TYPE {fam.name} {fam.kind}"]
+        for s in fam.samples:
+            labels = ",".join(f'{k}="{escape_label(v)}"' for k, v in s.labels)
+            lines.append(f"{fam.name}{{{labels}}} {format_value(s.value)}" if labels
+                         else f"{fam.name} {format_value(s.value)}")
+    return "".join(line + "\n" for line in lines)
+
+
+# ---------------------------------------------------------------- what we measure
+
+@dataclass(frozen=True)
+class ForwardCount:
+    guest: str
+    forward: Forward
+    live: bool  # in the kernel, with this target
+    connections: int | None  # None: not in the kernel, or not readable
+
+
+@dataclass(frozen=True)
+class Repairs:
+    count: int = 0
+    last: float | None = None  # unix time of the last one
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    forwards: tuple[ForwardCount, ...]
+    problems: tuple[str, ...]
+    repairs: Repairs
+
+
+def forward_labels(guest: str, fwd: Forward) -> Labels:
+    target = f"[{fwd.guest}]:{fwd.guest_port}" if fwd.family == 6 else f"{fwd.guest}:{fwd.guest_port}"
+    return (("guest", guest), ("family", f"ipv{fwd.family}"),
+            ("public", "*" if fwd.public is None else str(fwd.public)),  # "*": every local address
+            ("protocol", fwd.proto), ("port", str(fwd.public_port)), ("target", target))
+
+
+def families(snap: Snapshot) -> list[MetricFamily]:
+    conns = tuple(Sample(forward_labels(f.guest, f.forward), f.connections)
+                  for f in snap.forwards if f.live and f.connections is not None)
+    live = tuple(Sample(forward_labels(f.guest, f.forward), int(f.live)) for f in snap.forwards)
+    out = [
+        MetricFamily("virt_forward_connections_total", "counter",
+                     "New connections DNAT-ed by the forward (the nat lookup sees the first packet of each "
+                     "connection only; not packets or bytes).", conns),
+        MetricFamily("virt_forward_forward_live", "gauge",
+                     "1 when the recorded forward is in the kernel with this target, 0 when it is missing.", live),
+        MetricFamily("virt_forward_rules_in_place", "gauge",
+                     "1 when records, rules and guards agree (the check of status and the watcher), else 0.",
+                     (Sample((), int(not snap.problems)),)),
+        MetricFamily("virt_forward_repairs_total", "counter",
+                     "Reconciles the watcher ran after its check found rules or guards missing.",
+                     (Sample((), snap.repairs.count),)),
+    ]
+    if snap.repairs.last is not None:
+        out.append(MetricFamily("virt_forward_last_repair_timestamp_seconds", "gauge",
+                                "Unix time of the watcher's last repair.", (Sample((), snap.repairs.last),)))
+    return out
+
+
+def exposition(snap: Snapshot) -> str:
+    return render(families(snap))
+
+
+# ---------------------------------------------------------------- reading the kernel
+
+Elements = dict[str, dict[tuple[str, ...], tuple[str, ...]]]
+Counts = dict[str, dict[tuple[str, ...], int]]
+
+
+@dataclass(frozen=True)
+class Live:
+    """Our forwards as the kernel holds them, keyed like the nft maps (nft.dnat_element),
+    and the NEW connections each one DNAT-ed."""
+
+    elements: Elements
+    connections: Counts
+
+
+def read_live(backend: str) -> Live:
+    from .runner import run, which
+    if backend == "iptables":
+        return _iptables_live()
+    if which("nft") is None:
+        return Live({}, {})
+    got = run(["nft", "-j", "list", "table", nft.FAMILY, nft.TABLE], check=False)
+    listing = json.loads(got.stdout) if got.returncode == 0 else {}
+    return Live(nft.parse_live(listing), nft.parse_counters(listing))
+
+
+def _iptables_live() -> Live:
+    """One `iptables-save -c -t nat` per family: the rules and their counters from one read."""
+    from .engine import IPTABLES_TOOLS
+    from .runner import run, which
+    saves: dict[Family, str] = {}
+    for family, (save, _) in IPTABLES_TOOLS.items():
+        got = run([save, "-c", "-t", "nat"], check=False) if which(save) else None
+        if got is not None and got.returncode == 0:
+            saves[family] = got.stdout
+    return iptables_live(saves)
+
+
+def iptables_live(saves: dict[Family, str]) -> Live:
+    """Live from `iptables-save -c -t nat` output per family, keyed like the nft maps."""
+    from . import iptables
+    elements: Elements = {}
+    counts: Counts = {}
+    for family, text in sorted(saves.items()):
+        for (pub, proto, port), rule in iptables.parse_counters(text).items():
+            try:
+                fwd = Forward(family, proto, port, None if pub is None else ipaddress.ip_address(pub),  # type: ignore[arg-type]
+                              ipaddress.ip_address(rule.guest), rule.guest_port)
+            except ValueError:
+                continue
+            name, key, value = nft.dnat_element(fwd)
+            elements.setdefault(name, {})[key] = value
+            counts.setdefault(name, {})[key] = rule.packets
+    return Live(elements, counts)
+
+
+def forward_counts(guest: str, forwards: tuple[Forward, ...], live: Live) -> tuple[ForwardCount, ...]:
+    out = []
+    for fwd in forwards:
+        name, key, value = nft.dnat_element(fwd)
+        here = live.elements.get(name, {}).get(key) == value
+        out.append(ForwardCount(guest, fwd, here, live.connections.get(name, {}).get(key) if here else None))
+    return tuple(out)
+
+
+# ---------------------------------------------------------------- the watcher's repairs
+
+def read_repairs(state_dir: Path) -> Repairs:
+    """What the watcher recorded; no file (no repair yet) or a damaged one reads as none."""
+    path = state_dir / REPAIRS_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return Repairs()
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return Repairs()
+        data = json.loads(os.read(fd, MAX_REPAIRS_FILE))
+        count, last = data["count"], data["last"]
+        if type(count) is int and count >= 0 and (last is None or type(last) in (int, float)):
+            return Repairs(count, None if last is None else float(last))
+        return Repairs()
+    except (OSError, ValueError, KeyError, TypeError):
+        return Repairs()
+    finally:
+        os.close(fd)
+
+
+def record_repair(state_dir: Path, now: float | None = None) -> Repairs:
+    """One more repair, at `now` (default: the current time); the caller holds the state lock."""
+    from . import files
+    before = read_repairs(state_dir)
+    after = Repairs(before.count + 1, time.time() if now is None else now)
+    files.replace(str(state_dir / REPAIRS_FILE), json.dumps({"count": after.count, "last": after.last}).encode())
+    return after
+
+
+# ---------------------------------------------------------------- the textfile
+
+def write_textfile(path: str, text: str) -> None:
+    """Atomically, readable by all (0644: node_exporter runs as its own user): a fresh temp file
+    in the same directory, then a rename over `path`.  Its name starts with '.' and ends in
+    .tmp, so node_exporter, which reads *.prom only, never sees a half-written file.
+    files.replace is not used: it makes 0600 files, right for the state dir, not here.
+    O_EXCL (in mkstemp) never opens an existing file or follows a symlink someone planted,
+    and the rename replaces the directory entry itself, never what a symlink there names."""
+    import tempfile
+    folder, name = os.path.split(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder or ".")
+    try:
+        try:
+            os.fchmod(fd, 0o644)
+            view = memoryview(text.encode())
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+# ---------------------------------------------------------------- status and the watcher
+
+def current_problems(ctx: engine.Context, backend: str) -> list[str]:
+    """watch.problems (records vs. rules and guards), run when something is recorded, as
+    `status` has always run it."""
+    from .runner import which
+    from .watch import problems
+    if not ctx.store.domains():
+        return []
+    if backend != "iptables" and which("nft") is None:
+        return ["nft is not installed"]
+    return problems(ctx)
+
+
+def snapshot(ctx: engine.Context, backend: str, only: str | None = None) -> Snapshot:
+    """The recorded forwards (what should be live), their counters and the checks, now."""
+    live = read_live(backend)
+    forwards: list[ForwardCount] = []
+    for domain in ctx.store.domains():
+        if only is not None and domain != only:
+            continue
+        plan = ctx.store.read(domain)
+        if plan is not None:
+            forwards += forward_counts(domain, plan.forwards, live)
+    return Snapshot(tuple(forwards), tuple(current_problems(ctx, backend)), read_repairs(ctx.store.root))
+
+
+def keep_counters(batch: str) -> str:
+    """`batch` (nft.full: our table deleted and made anew) carrying the per-forward counters
+    of the table as it is now, so a rebuild does not reset them (nft.carry_counters).  Read
+    it under the state lock, right before applying: connections DNAT-ed between this read and
+    the batch are not counted.  A table that is gone (nft flush ruleset) has nothing left to
+    carry: Prometheus sees a counter reset, as after a reboot."""
+    from .runner import run, which
+    if which("nft") is None:
+        return batch
+    got = run(["nft", "-j", "list", "table", nft.FAMILY, nft.TABLE], check=False)
+    if got.returncode != 0:
+        return batch
+    return nft.carry_counters(batch, nft.parse_element_counts(json.loads(got.stdout)))
