@@ -55,6 +55,15 @@ VALID = [
     ("udp:53", spec((53, 53), (53, 53), "udp")),
     ("TCP:80", spec((80, 80), (80, 80), "tcp")),
     ("tcp:6000-6010", spec((6000, 6010), (6000, 6010), "tcp")),
+    # '@target': one NIC of a guest with several (an address, or a libvirt network's name)
+    ("5432@10.2.2.3", PortSpec(None, "tcp", PortRange(5432, 5432), PortRange(5432, 5432), V4("10.2.2.3"))),
+    ("2222:22@[fd00:2::3]", PortSpec(None, "tcp", PortRange(2222, 2222), PortRange(22, 22), V6("fd00:2::3"))),
+    ("2222:22@fd00:2::3", PortSpec(None, "tcp", PortRange(2222, 2222), PortRange(22, 22), V6("fd00:2::3"))),
+    ("53/udp@isolated", PortSpec(None, "udp", PortRange(53, 53), PortRange(53, 53), "isolated")),
+    ("53@isolated/udp", PortSpec(None, "udp", PortRange(53, 53), PortRange(53, 53), "isolated")),
+    ("tcp:25@mail-net.1", PortSpec(None, "tcp", PortRange(25, 25), PortRange(25, 25), "mail-net.1")),
+    ("192.168.0.2:8080:80@10.2.2.3",
+     PortSpec(V4("192.168.0.2"), "tcp", PortRange(8080, 8080), PortRange(80, 80), V4("10.2.2.3"))),
 ]
 
 
@@ -94,6 +103,15 @@ INVALID = [
     ("[2001:db8::1]:80", "give host and guest port after the address"),
     ("[2001:db8::1]:80:80:80", "too many ':'"),
     ("[nope]:80:80", "public address 'nope' is not an IP address"),
+    ("80@", "nothing after '@'"),
+    ("80@a b", "neither an IP address nor a libvirt network name"),
+    ("80@-net", "neither an IP address nor a libvirt network name"),
+    ("80@net/udp/tcp", "is not a port"),
+    ("80/tcp@net/udp", "two protocols"),
+    ("80@0.0.0.0", "cannot be a guest's address"),
+    ("80@::1", "cannot be a guest's address"),
+    ("80@fe80::1%eth0", "zone index"),
+    ("192.168.0.2:80:80@fd00::1", "different families"),
     ("300.1.1.1:80:80", "is not an IP address"),
     ("01.2.3.4:80:80", "is not an IP address"),
     ("0.0.0.0:80:80", "means every address"),

@@ -101,6 +101,12 @@ class GuestConfig:
     # from a domain's <metadata>, not from a file of root's: the planner holds its public
     # ports to config.toml's metadata_ports
     from_metadata: bool = False
+    # the guest's addresses on the libvirt networks its forwards name ('@network'), found by
+    # the caller (engine.desired: the `address` entries in the network's subnets, else by MAC)
+    network_addresses: tuple[tuple[str, tuple[IPAddress, ...]], ...] = ()
+
+    def network_targets(self) -> set[str]:
+        return {e.spec.target for e in self.ports if isinstance(e.spec.target, str)}
 
     def line_of(self, key: str) -> int | None:
         return self.lines.get(key)
@@ -573,9 +579,7 @@ def parse_guest(name: str, path: Path, data: dict[str, Any], lines: list[str]) -
     addresses = _addresses(addr_list or [], "address", where)
     if addr_list is not None and not addresses:
         raise where.error("address", "is empty (leave the key out to find it from the guest's MAC)")
-    for version in (4, 6):
-        if sum(1 for a in addresses if a.version == version) > 1:
-            raise where.error("address", f"gives more than one IPv{version} address; forwards need one target")
+    # several of a family: one per NIC; a forward without '@' goes to the first of each family
 
     public_list = _string_list(data, "public", where)
     public = None if public_list is None else _addresses(public_list, "public", where)
@@ -651,14 +655,19 @@ def guest_from_metadata(name: str, data: dict[str, Any], *,
     """
     guest = parse_guest(name, Path(f"<metadata of domain {name}>"), data, [])
     nets = tuple(subnets)
-    for addr in guest.addresses:
+    # an '@address' target as much as `address`: both become the DNAT's target
+    checked = [(a, "address") for a in guest.addresses] + [
+        (e.spec.target, "ports") for e in guest.ports
+        if e.spec.target is not None and not isinstance(e.spec.target, str)]
+    for addr, key in checked:
+        assert not isinstance(addr, str)
         if not any(_guest_address_in(addr, net) for net in nets):
             known = ", ".join(f"{n.network}, host {n.ip}" if isinstance(n, IPInterface) else str(n)
                               for n in nets) if nets else "none known"
             raise ConfigError(
                 f"{str(addr)!r} is not a guest address of the domain's own networks ({known}): forwards from "
                 "<metadata> may only reach the domain's own network (leave <address> out to find it from "
-                "the guest's MAC, or put the forward in a guest file)", path=guest.path, key="address")
+                "the guest's MAC, or put the forward in a guest file)", path=guest.path, key=key)
     return replace(guest, from_metadata=True)
 
 

@@ -192,6 +192,19 @@ def inside(addr: IPAddress, ifaces: tuple[_Interface, ...]) -> bool:
     return _inside(addr, ifaces)
 
 
+def network_interfaces(network: str, root: Path = Path("/")) -> tuple[_Interface, ...]:
+    """The host's addresses and subnets on the libvirt network `network`; () when unknown."""
+    net = _network_xml(network, root)
+    return _interfaces(net) if net is not None else ()
+
+
+def on_network(nics: tuple[Nic, ...], network: str, root: Path = Path("/")) -> tuple[Nic, ...]:
+    """The NICs plugged into libvirt network `network`: by its name, or into its bridge."""
+    net = _network_xml(network, root)
+    bridge = _bridge(net) if net is not None else None
+    return tuple(n for n in nics if n.network == network or (bridge is not None and n.bridge == bridge))
+
+
 def _inside(addr: IPAddress, ifaces: tuple[_Interface, ...]) -> bool:
     """In one of the subnets, and a guest's: not the host's own address on the
     network, not the subnet's network or broadcast address."""

@@ -24,6 +24,8 @@ from .state import StateStore
 
 if TYPE_CHECKING:  # the iptables backend is imported only where it is used
     from . import iptables as iptables_mod
+    from .domainxml import Nic
+    from .ports import IPAddress
 
 IPTABLES_TOOLS: dict[Family, tuple[str, str]] = {4: ("iptables-save", "iptables-restore"),
                                                  6: ("ip6tables-save", "ip6tables-restore")}
@@ -58,7 +60,11 @@ def desired(ctx: Context, domain: str, xml: str | None = None, settings: Setting
     taken = fastpath.inputs(str(ctx.config_dir), domain)  # before reading: an edit after this is seen
     settings = load_settings(ctx.config_dir) if settings is None else settings
     guest = load_guest(ctx.config_dir, domain)
-    need_xml = guest is None and settings.metadata or guest is not None and not guest.addresses
+    networks = guest.network_targets() if guest is not None else set()
+    # a forward without '@' goes to `address`; without it, to what the guest's MACs find
+    needs_default = guest is not None and any(e.spec.target is None for e in guest.ports)
+    need_xml = (guest is None and settings.metadata
+                or guest is not None and (not guest.addresses and needs_default or bool(networks)))
     if not (need_xml and xml):
         dom = None
     else:
@@ -72,16 +78,36 @@ def desired(ctx: Context, domain: str, xml: str | None = None, settings: Setting
         return Desired(settings, None, None)
     if not need_xml:
         return Desired(settings, guest, plan_guest(guest, settings), inputs=taken)
-    if not guest.addresses:
-        from . import discovery
+    from . import discovery
+    if not guest.addresses and needs_default:
         found = discovery.discover(dom.nics, ctx.libvirt_root) if dom is not None else ()
         if not found:
-            macs = ", ".join(n.mac for n in dom.nics) if dom is not None and dom.nics else "no domain XML"
-            return Desired(settings, guest, None, pending=f"address not known yet (MAC {macs}: no static "
-                           "DHCP host, no lease); `virt-forward watch` applies it when a lease appears",
+            return Desired(settings, guest, None, pending=f"address not known yet ({_macs(dom.nics if dom else ())}"
+                           ": no static DHCP host, no lease); `virt-forward watch` applies it when a lease appears",
                            uses_xml=True)
         guest = replace(guest, addresses=found)
+    if networks:
+        # '@network': the guest's `address` entries in that network's subnets, else what the MAC
+        # of its NIC on that network finds there (static DHCP host, lease)
+        resolved: list[tuple[str, tuple[IPAddress, ...]]] = []
+        for name in sorted(networks):
+            ifaces = discovery.network_interfaces(name, ctx.libvirt_root)
+            mine = tuple(a for a in guest.addresses if discovery.inside(a, ifaces))
+            nics = discovery.on_network(dom.nics, name, ctx.libvirt_root) if dom is not None else ()
+            if not mine and nics:
+                mine = discovery.discover(nics, ctx.libvirt_root)
+            if not mine:
+                why = "no libvirt network of that name" if not ifaces else \
+                    f"no `address` in it, {_macs(nics)}: no static DHCP host, no lease"
+                return Desired(settings, guest, None, pending=f"address on network {name!r} not known yet ({why}); "
+                               "`virt-forward watch` applies it when a lease appears", uses_xml=True)
+            resolved.append((name, mine))
+        guest = replace(guest, network_addresses=tuple(resolved))
     return Desired(settings, guest, plan_guest(guest, settings), uses_xml=True)
+
+
+def _macs(nics: tuple[Nic, ...]) -> str:
+    return "MAC " + ", ".join(n.mac for n in nics) if nics else "no NIC of it in the domain XML"
 
 
 def resolve_backend(settings: Settings) -> str:

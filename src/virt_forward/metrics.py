@@ -7,15 +7,12 @@ What is measured, and what is not:
   iptables backend: the packet counter of each forward's DNAT rule).  The nat hook sees only
   the first packet of a connection, so this is the NEW connections each forward DNAT-ed,
   truthfully, and nothing more.
-- Packets and bytes per forward are NOT exported: no counter of ours sees the packets after
-  the first.  The nat element counter's `bytes` is the size of those first packets alone
-  (SYNs), and exporting it as traffic would lie.  True totals would need one more counted
-  lookup on the forward path, e.g. a set `traffic4 { type ipv4_addr . inet_proto .
-  inet_service ; counter ; }` holding the same keys as dnat4, and in mark_forward a rule
-  `ct mark & FORWARDED == FORWARDED ct original ip daddr . meta l4proto . ct original
-  proto-dst @traffic4` (it counts both directions; hairpin from the host itself takes the
-  output path and would not be counted there).  That changes the skeleton every batch
-  carries, so it is left for a change of its own.
+- `virt_forward_packets_total` / `virt_forward_bytes_total`: the counters of the traffic
+  sets (nft.py), keyed like the dnat maps, which mark_forward looks up for every packet of a
+  connection our DNAT marked, both directions, by its original destination.  Connections
+  from the host itself to a forward take the output path, not forward: not counted there.
+  The iptables backend has no such counter: these two are absent on it.  (The nat element
+  counter's `bytes` is the size of first packets alone: never exported.)
 - `virt_forward_rules_in_place`: the check `status` and the watcher run (watch.problems).
 - `virt_forward_repairs_total` / `virt_forward_last_repair_timestamp_seconds`: the watcher's
   reconciles after a failed check, kept in the state dir so that `status` shows them too.
@@ -29,9 +26,9 @@ import math
 import os
 import stat
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from . import nft
 from .plan import Family, Forward
@@ -106,6 +103,7 @@ class ForwardCount:
     forward: Forward
     live: bool  # in the kernel, with this target
     connections: int | None  # None: not in the kernel, or not readable
+    traffic: tuple[int, int] | None = None  # (packets, bytes), both directions; None: not counted
 
 
 @dataclass(frozen=True)
@@ -132,10 +130,20 @@ def families(snap: Snapshot) -> list[MetricFamily]:
     conns = tuple(Sample(forward_labels(f.guest, f.forward), f.connections)
                   for f in snap.forwards if f.live and f.connections is not None)
     live = tuple(Sample(forward_labels(f.guest, f.forward), int(f.live)) for f in snap.forwards)
+    counted = [f for f in snap.forwards if f.live and f.traffic is not None]
     out = [
         MetricFamily("virt_forward_connections_total", "counter",
                      "New connections DNAT-ed by the forward (the nat lookup sees the first packet of each "
-                     "connection only; not packets or bytes).", conns),
+                     "connection only).", conns),
+        MetricFamily("virt_forward_packets_total", "counter",
+                     "Packets of the forward's connections through the host's forward path, both directions.",
+                     tuple(Sample(forward_labels(f.guest, f.forward), f.traffic[0]) for f in counted
+                           if f.traffic is not None)),
+        MetricFamily("virt_forward_bytes_total", "counter",
+                     "Bytes (IP packets) of the forward's connections through the host's forward path, both "
+                     "directions.",
+                     tuple(Sample(forward_labels(f.guest, f.forward), f.traffic[1]) for f in counted
+                           if f.traffic is not None)),
         MetricFamily("virt_forward_forward_live", "gauge",
                      "1 when the recorded forward is in the kernel with this target, 0 when it is missing.", live),
         MetricFamily("virt_forward_rules_in_place", "gauge",
@@ -168,6 +176,7 @@ class Live:
 
     elements: Elements
     connections: Counts
+    traffic: dict[str, dict[tuple[str, ...], tuple[int, int]]] = field(default_factory=dict)  # set: key: (p, b)
 
 
 def read_live(backend: str) -> Live:
@@ -177,8 +186,16 @@ def read_live(backend: str) -> Live:
     if which("nft") is None:
         return Live({}, {})
     got = run(["nft", "-j", "list", "table", nft.FAMILY, nft.TABLE], check=False)
-    listing = json.loads(got.stdout) if got.returncode == 0 else {}
-    return Live(nft.parse_live(listing), nft.parse_counters(listing))
+    return live_from_listing(json.loads(got.stdout) if got.returncode == 0 else {})
+
+
+def live_from_listing(listing: dict[str, Any]) -> Live:
+    """Live from `nft -j list table inet virt_forward` output."""
+    counts = nft.parse_element_counts(listing)
+    traffic_sets = {n.traffic for n in nft.NAMES.values()} | {n.traffic_any for n in nft.NAMES.values()}
+    traffic = {name: {key: (c.packets, c.bytes) for key, c in elems.items()}
+               for name, elems in counts.items() if name in traffic_sets}
+    return Live(nft.parse_live(listing), nft.parse_counters(listing), traffic)
 
 
 def _iptables_live() -> Live:
@@ -216,7 +233,9 @@ def forward_counts(guest: str, forwards: tuple[Forward, ...], live: Live) -> tup
     for fwd in forwards:
         name, key, value = nft.dnat_element(fwd)
         here = live.elements.get(name, {}).get(key) == value
-        out.append(ForwardCount(guest, fwd, here, live.connections.get(name, {}).get(key) if here else None))
+        traffic = live.traffic.get(nft.traffic_set(fwd), {}).get(key) if here else None
+        out.append(ForwardCount(guest, fwd, here, live.connections.get(name, {}).get(key) if here else None,
+                                traffic))
     return tuple(out)
 
 

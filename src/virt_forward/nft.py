@@ -36,11 +36,13 @@ class _FamilyNames:
     dnat_any: str
     acl: str
     acl_any: str
+    traffic: str  # counted sets: the packets and bytes of each forward's connections
+    traffic_any: str
 
 
 NAMES: dict[Family, _FamilyNames] = {
-    4: _FamilyNames("ip", "ipv4_addr", "dnat4", "dnat4_any", "acl4", "acl4_any"),
-    6: _FamilyNames("ip6", "ipv6_addr", "dnat6", "dnat6_any", "acl6", "acl6_any"),
+    4: _FamilyNames("ip", "ipv4_addr", "dnat4", "dnat4_any", "acl4", "acl4_any", "traffic4", "traffic4_any"),
+    6: _FamilyNames("ip6", "ipv6_addr", "dnat6", "dnat6_any", "acl6", "acl6_any", "traffic6", "traffic6_any"),
 }
 
 CHAINS = ("nat_prerouting", "nat_output", "nat_postrouting", "mark_forward", "lookup")
@@ -74,6 +76,8 @@ def _skeleton(hairpin: bool) -> list[str]:
             f"add map {T} {n.dnat_any} {{ type inet_proto . inet_service : {data} ; counter ; }}",
             f"add map {T} {n.acl} {{ type {key} : verdict ; }}",
             f"add map {T} {n.acl_any} {{ type inet_proto . inet_service : verdict ; }}",
+            f"add set {T} {n.traffic} {{ type {key} ; counter ; }}",
+            f"add set {T} {n.traffic_any} {{ type inet_proto . inet_service ; counter ; }}",
         ]
     cmds += [
         f"add chain {T} nat_prerouting {{ type nat hook prerouting priority dstnat ; policy accept ; }}",
@@ -97,6 +101,16 @@ def _skeleton(hairpin: bool) -> list[str]:
             f" fib daddr . iif oif exists ct mark set ct mark | {MARK_HAIRPIN:#010x}",
             f"add rule {T} nat_postrouting ct mark & {MARK_HAIRPIN:#010x} == {MARK_HAIRPIN:#010x} masquerade",
         ]
+    # Every packet of a forwarded connection, both directions, counted in the forward's element
+    # (keyed by the connection's original destination, the dnat maps' key).  nft 1.0.6 types
+    # `ct original proto-dst` in a concatenation only after a protocol match: one rule per protocol.
+    marked = f"ct mark & {MARK_FORWARDED:#010x} == {MARK_FORWARDED:#010x}"
+    for fam, n in NAMES.items():
+        for proto in ("tcp", "udp"):
+            cmds += [f"add rule {T} mark_forward meta l4proto {proto} {marked} ct original {n.ip} daddr"
+                     f" . meta l4proto . ct original proto-dst @{n.traffic}",
+                     f"add rule {T} mark_forward meta nfproto {'ipv4' if fam == 4 else 'ipv6'} meta l4proto {proto}"
+                     f" {marked} meta l4proto . ct original proto-dst @{n.traffic_any}"]
     # Mark first, DNAT, and clear the mark when no map had the packet: one lookup
     # per packet (exact per-forward counters), and only our DNAT leaves the mark.
     for fam, n in NAMES.items():
@@ -149,6 +163,15 @@ def _dnat_elements(plan: GuestPlan) -> dict[str, list[str]]:
     return _grouped((m, f"{k} : {v}") for m, _, k, v in map(_map_and_key, plan.forwards))
 
 
+def traffic_set(fwd: Forward) -> str:
+    n = NAMES[fwd.family]
+    return n.traffic_any if fwd.public is None else n.traffic
+
+
+def _traffic_elements(forwards: Iterable[Forward]) -> dict[str, list[str]]:
+    return _grouped((traffic_set(f), " . ".join(dnat_element(f)[1])) for f in forwards)
+
+
 def _acl_cmds(plan: GuestPlan) -> list[str]:
     """The guest's allow-list chain and sets, and the acl map elements pointing at it."""
     if plan.allow is None:
@@ -173,7 +196,7 @@ def _acl_cmds(plan: GuestPlan) -> list[str]:
 
 
 def add_guest(plan: GuestPlan) -> list[str]:
-    return _acl_cmds(plan) + _elements("add", _dnat_elements(plan))
+    return _acl_cmds(plan) + _elements("add", _dnat_elements(plan)) + _elements("add", _traffic_elements(plan.forwards))
 
 
 def remove_guest(plan: GuestPlan, keep: GuestPlan | None = None) -> list[str]:
@@ -183,10 +206,13 @@ def remove_guest(plan: GuestPlan, keep: GuestPlan | None = None) -> list[str]:
     """
     cmds: list[str] = []
     kept = set() if keep is None else {_map_and_key(f) for f in keep.forwards}
-    pairs = [p for p in map(_map_and_key, plan.forwards) if p not in kept]
+    gone = [f for f in plan.forwards if _map_and_key(f) not in kept]
+    pairs = [_map_and_key(f) for f in gone]
     dnat = _grouped((m, f"{k} : {v}") for m, _, k, v in pairs)
     cmds += _elements("add", dnat)
     cmds += _elements("delete", _grouped((m, k) for m, _, k, _v in pairs))
+    traffic = _traffic_elements(gone)
+    cmds += _elements("add", traffic) + _elements("delete", traffic)
     if plan.allow is not None:
         chain = acl_chain(plan)
         acl = list(map(_map_and_key, plan.forwards))
@@ -214,8 +240,9 @@ def full(plans: Iterable[GuestPlan], *, hairpin: bool) -> str:
     dnat: dict[str, list[str]] = {}
     for plan in listed:
         cmds += _acl_cmds(plan)
-        for name, elems in _dnat_elements(plan).items():
-            dnat.setdefault(name, []).extend(elems)
+        for groups in (_dnat_elements(plan), _traffic_elements(plan.forwards)):
+            for name, elems in groups.items():
+                dnat.setdefault(name, []).extend(elems)
     return batch(cmds + _elements("add", dnat))
 
 
@@ -277,21 +304,29 @@ class ElementCount:
 
 
 def parse_element_counts(listing: dict[str, Any]) -> dict[str, dict[tuple[str, ...], ElementCount]]:
-    """{map: {key: ElementCount}} of every counted map element in `nft -j list table` output."""
+    """{map or set: {key: ElementCount}} of every counted element in `nft -j list table` output
+    (the dnat maps' connections, the traffic sets' packets and bytes; a set's value is ())."""
     out: dict[str, dict[tuple[str, ...], ElementCount]] = {}
     norm: dict[str, str] = {}
     for item in listing.get("nftables", []):
         m = item.get("map")
-        if not isinstance(m, dict):
+        if isinstance(m, dict):
+            for elem in m.get("elem", []):
+                if not (isinstance(elem, list) and len(elem) == 2):
+                    continue
+                key, value = elem
+                if isinstance(key, dict) and "elem" in key and isinstance(key["elem"].get("counter"), dict):
+                    counter = key["elem"]["counter"]
+                    out.setdefault(str(m["name"]), {})[_parts_with(norm, key["elem"]["val"])] = ElementCount(
+                        _parts_with(norm, value), int(counter.get("packets", 0)), int(counter.get("bytes", 0)))
             continue
-        for elem in m.get("elem", []):
-            if not (isinstance(elem, list) and len(elem) == 2):
-                continue
-            key, value = elem
-            if isinstance(key, dict) and "elem" in key and isinstance(key["elem"].get("counter"), dict):
-                counter = key["elem"]["counter"]
-                out.setdefault(str(m["name"]), {})[_parts_with(norm, key["elem"]["val"])] = ElementCount(
-                    _parts_with(norm, value), int(counter.get("packets", 0)), int(counter.get("bytes", 0)))
+        st = item.get("set")
+        if isinstance(st, dict):
+            for elem in st.get("elem", []):
+                if isinstance(elem, dict) and "elem" in elem and isinstance(elem["elem"].get("counter"), dict):
+                    counter = elem["elem"]["counter"]
+                    out.setdefault(str(st["name"]), {})[_parts_with(norm, elem["elem"]["val"])] = ElementCount(
+                        (), int(counter.get("packets", 0)), int(counter.get("bytes", 0)))
     return out
 
 
@@ -333,11 +368,12 @@ def carry_counters(text: str, live: dict[str, dict[tuple[str, ...], ElementCount
             elems = []
             # a key or value never holds ", " nor " : " (addresses, protocols, ports)
             for elem in m.group(2).split(", "):
-                key, sep, value = elem.partition(" : ")
-                got = counts.get(_text_parts(norm, key)) if sep else None
+                key, sep, value = elem.partition(" : ")  # a set's element has no value
+                got = counts.get(_text_parts(norm, key))
                 # a count of 0 needs no carrying: a new element's counter starts there
-                if got is not None and (got.packets or got.bytes) and got.value == _text_parts(norm, value):
-                    elem = f"{key} counter packets {got.packets} bytes {got.bytes} : {value}"
+                if got is not None and (got.packets or got.bytes) and got.value == (
+                        _text_parts(norm, value) if sep else ()):
+                    elem = f"{key} counter packets {got.packets} bytes {got.bytes}" + (f" : {value}" if sep else "")
                 elems.append(elem)
             line = f"add element {T} {m.group(1)} {{ {', '.join(elems)} }}"
         out.append(line)

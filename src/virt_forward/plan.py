@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+from ipaddress import IPv4Address, IPv6Address
 from dataclasses import dataclass
 from typing import Any, Iterable, Literal, Mapping, Sequence
 
@@ -151,28 +152,53 @@ def _check_guest_limits(guest: GuestConfig, settings: Settings) -> None:
                        f"({settings.source_of('max_forwards_per_guest')})")
 
 
+def _first_of_each_family(addresses: Iterable[IPAddress]) -> dict[int, IPAddress]:
+    out: dict[int, IPAddress] = {}
+    for addr in addresses:
+        out.setdefault(addr.version, addr)
+    return out
+
+
+def _targets(entry: PortEntry, guest: GuestConfig, default: dict[int, IPAddress]) -> tuple[dict[int, IPAddress], str]:
+    """Where the entry's forwards go, by family, and how to name that in an error."""
+    target = entry.spec.target
+    if target is None:
+        return default, f"address = {', '.join(map(str, guest.addresses))}"
+    if not isinstance(target, str):
+        return {target.version: target}, f"target {target}"
+    found = dict(guest.network_addresses).get(target)
+    if not found:
+        raise _err(guest, entry, "ports",
+                   f"{entry.text!r}: no address of the guest on network {target!r} is known (list it in "
+                   "`address`, or give the NIC on that network a static DHCP host or a lease)")
+    return _first_of_each_family(found), f"its address(es) on network {target!r}: {', '.join(map(str, found))}"
+
+
 def plan_guest(guest: GuestConfig, settings: Settings) -> GuestPlan:
-    if not guest.addresses:
+    if not guest.addresses and any(e.spec.target is None for e in guest.ports):
         raise _err(guest, None, "address", "no address given and none found from the guest's MAC")
     _check_guest_limits(guest, settings)  # before a single range is expanded
-    by_family: dict[int, IPAddress] = {a.version: a for a in guest.addresses}
+    # several addresses of a family are one per NIC: a forward without '@' goes to the first
+    by_family = _first_of_each_family(guest.addresses)
     forwards: dict[tuple[Family, IPAddress | None, Proto, int], tuple[Forward, PortEntry]] = {}
 
     for entry in guest.ports:
         spec = entry.spec
         publics, explicit = _publics(entry, guest, settings)
+        targets, named = _targets(entry, guest, by_family)
 
         made: list[Forward] = []
         for public in publics:
             families: list[Family] = [4, 6] if public is None else [4 if public.version == 4 else 6]
             for family in families:
-                target = by_family.get(family)
+                target = targets.get(family)
                 if target is None:
-                    if public is not None and explicit:
+                    # '@address' names one family: the other public addresses are not for it
+                    if public is not None and explicit and not isinstance(spec.target, (IPv4Address, IPv6Address)):
                         other = "IPv6" if family == 4 else "IPv4"
                         raise _err(guest, entry, "ports",
                                    f"{entry.text!r}: IPv{family} forward from {public} to a guest that is "
-                                   f"{other}-only (address = {', '.join(map(str, guest.addresses))})")
+                                   f"{other}-only ({named})")
                     continue
                 for host_port, guest_port in spec.pairs():
                     made.append(Forward(family, spec.proto, host_port, public, target, guest_port))

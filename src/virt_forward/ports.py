@@ -1,9 +1,14 @@
 """Docker-style port specs, parsed without I/O.
 
-Grammar: ``[public_ip:][host_port[-end]:]guest_port[-end][/tcp|/udp]``, IPv6 in
-brackets, plus the post's ``proto:port`` form.  A range maps one to one with an
-offset; Docker's "pick any host port" forms are refused because a hypervisor
-admin needs to know which host port is open.
+Grammar: ``[public_ip:][host_port[-end]:]guest_port[-end][/tcp|/udp][@target]``,
+IPv6 in brackets, plus the post's ``proto:port`` form.  A range maps one to one
+with an offset; Docker's "pick any host port" forms are refused because a
+hypervisor admin needs to know which host port is open.
+
+``@target`` (ours, not Docker's) sends the forward to one NIC of a guest with
+several: an address of the guest, or the name of the libvirt network whose NIC
+should get it (its address on that network is found as the guest's `address` in
+that network's subnets, else from the NIC's MAC).
 """
 
 from __future__ import annotations
@@ -18,12 +23,17 @@ from .errors import PortSpecError
 Proto = Literal["tcp", "udp"]
 PROTOCOLS: tuple[Proto, ...] = ("tcp", "udp")
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-MAX_SPEC_LENGTH = 100  # the longest valid one, "[ffff:(x8)]:65535-65535:65535-65535/tcp", is 69
+# the longest valid one, "[ffff:(x8)]:65535-65535:65535-65535/tcp@[ffff:(x8)]", is 111
+MAX_SPEC_LENGTH = 160
 
 # ASCII digits only, whole text only: \d would take "٨٠" for 80 and $ would
 # let "80\n" through.
 _RANGE = re.compile(r"([0-9]{1,5})(?:-([0-9]{1,5}))?", re.ASCII)
 _POST_FORM = re.compile(r"(?P<proto>[A-Za-z]+):(?P<ports>[0-9-]+)", re.ASCII)
+# libvirt network names as virt-forward accepts them after '@' (libvirt allows more; none of
+# these characters can start an address, so "@default" is never read as one)
+_NETWORK = re.compile(r"[A-Za-z_][A-Za-z0-9_.+-]{0,63}", re.ASCII)
+Target = IPAddress | str  # an address of the guest, or a libvirt network's name
 
 
 @dataclass(frozen=True, order=True)
@@ -44,6 +54,7 @@ class PortSpec:
     proto: Proto
     host: PortRange
     guest: PortRange
+    target: Target | None = None  # '@...': None sends it to the guest's first address of each family
 
     def pairs(self) -> Iterator[tuple[int, int]]:
         """(host port, guest port) for every port of the range, offset kept."""
@@ -55,7 +66,8 @@ class PortSpec:
         pub = ""
         if self.public is not None:
             pub = f"[{self.public}]:" if self.public.version == 6 else f"{self.public}:"
-        return f"{pub}{self.host}:{self.guest}/{self.proto}"
+        at = "" if self.target is None else f"@{self.target}"
+        return f"{pub}{self.host}:{self.guest}/{self.proto}{at}"
 
 
 def _port(text: str, what: str) -> int:
@@ -127,10 +139,20 @@ def _parse(spec: str) -> PortSpec:
     if "," in text:  # the post's PORTS=tcp:80,tcp:443
         raise PortSpecError("one forward per list entry: split it at ',' into separate strings")
 
+    target: Target | None = None
+    if "@" in text:
+        text, at = text.rsplit("@", 1)
+        at, slash, proto_after = at.partition("/")
+        if slash:  # "80@net/udp" reads as well as "80/udp@net"
+            if "/" in text:
+                raise PortSpecError("two protocols")
+            text += "/" + proto_after
+        target = _target(at.strip())
+
     post = _POST_FORM.fullmatch(text)
     if post:  # the post's "tcp:80" form; a protocol name cannot be a port number
         ports = parse_range(post.group("ports"), "port")
-        return PortSpec(None, _proto(post.group("proto")), ports, ports)
+        return PortSpec(None, _proto(post.group("proto")), ports, ports, target)
 
     proto: Proto = "tcp"
     if "/" in text:
@@ -169,4 +191,25 @@ def _parse(spec: str) -> PortSpec:
     if len(host) != len(guest):
         raise PortSpecError(
             f"host range {host} has {len(host)} ports but guest range {guest} has {len(guest)}")
-    return PortSpec(public, proto, host, guest)
+    if isinstance(target, (ipaddress.IPv4Address, ipaddress.IPv6Address)) and public is not None \
+            and public.version != target.version:
+        raise PortSpecError(f"public address {public} and target {target} are of different families")
+    return PortSpec(public, proto, host, guest, target)
+
+
+def _target(text: str) -> Target:
+    """What follows '@': an address of the guest (IPv6 with or without brackets) or a network name."""
+    if not text:
+        raise PortSpecError("nothing after '@' (an address of the guest, or a libvirt network's name)")
+    bare = text[1:-1] if text.startswith("[") and text.endswith("]") else text
+    try:
+        addr = ipaddress.ip_address(bare)
+    except ValueError:
+        if _NETWORK.fullmatch(text):
+            return text
+        raise PortSpecError(f"target {text!r} is neither an IP address nor a libvirt network name") from None
+    if addr.is_unspecified or addr.is_multicast or addr.is_loopback:
+        raise PortSpecError(f"target {text!r} cannot be a guest's address")
+    if addr.version == 6 and addr.scope_id:
+        raise PortSpecError(f"target {text!r} has a zone index, which nftables cannot match")
+    return addr
