@@ -8,6 +8,8 @@ backends, full path and fast path.
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from pathlib import Path
 from typing import Iterator
@@ -157,3 +159,24 @@ def test_reconcile_sets_it_from_the_kept_or_asked_domain_xml(world: tuple[World,
 
 def _ifindex(w: World) -> str:
     return w.lab.sh(w.lab.host, "cat", "/sys/class/net/vnet0/ifindex").stdout.strip()
+
+
+@pytest.mark.netns
+def test_the_watcher_puts_hairpin_mode_back(world: tuple[World, dict[str, str]]) -> None:
+    """A network restart makes the bridge ports anew (libvirt re-attaches the taps): hairpin mode
+    is gone.  The watcher's check sees it and sets it again from libvirt's live XML, without
+    touching the firewall (a firewall change would wake it again)."""
+    w, env = world
+    _hook(w, env, "start")
+    _hook(w, env, "started")
+    handle = w.nft("-a", "list", "table", "inet", "virt_forward").stdout.splitlines()[0]
+    w.lab.sh(w.lab.host, "ip", "link", "set", "vnet0", "type", "bridge_slave", "hairpin", "off")
+    assert "guest1: hairpin mode off on its port vnet0" in w.cli("status").stdout
+    code = ("import sys; from virt_forward import engine, watch\n"
+            "ctx = engine.default_context(None, None)\n"
+            f"print(watch.check_and_repair(ctx, running=['guest1'], xmls={{'guest1': sys.stdin.read()}}))\n")
+    r = w.lab.sh(w.lab.host, sys.executable, "-c", code, stdin=domain_xml("guest1"), env={**os.environ, **env})
+    assert "hairpin mode off on its port vnet0" in r.stdout, r
+    assert _mode(w) == "1" and _self(w) == f"guest1:80 from {BRIDGE4}"
+    assert w.nft("-a", "list", "table", "inet", "virt_forward").stdout.splitlines()[0] == handle
+    assert "rules and guards: in place" in w.cli("status").stdout

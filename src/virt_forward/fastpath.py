@@ -68,9 +68,16 @@ def inputs(config_dir: str, domain: str) -> dict[str, Fingerprint]:
     return {p: fingerprint(p) for p in paths}
 
 
+_code: dict[str, Fingerprint] = {}
+
+
 def code() -> dict[str, Fingerprint]:
-    here = os.path.dirname(os.path.abspath(__file__))
-    return {name: fingerprint(os.path.join(here, name)) for name in _CODE}
+    """The fingerprints of our modules, taken once per process: they describe the code this
+    process runs (a long-lived watcher keeps describing its own, not an upgrade's)."""
+    if not _code:
+        here = os.path.dirname(os.path.abspath(__file__))
+        _code.update({name: fingerprint(os.path.join(here, name)) for name in _CODE})
+    return _code
 
 
 def racy(taken: dict[str, Fingerprint], now: float | None = None) -> bool:
@@ -111,12 +118,15 @@ def unchanged_record(config_dir: str, state_dir: str, domain: str, code_now: dic
         return None
     try:
         _trusted_dir(os.path.join(state_dir, "fast"))
-        fast = _load(fast_file(state_dir, name))
+        # only the three fields this needs are checked (Fast checks all of them for the hook)
+        data = _load_data(fast_file(state_dir, name))
     except (Miss, OSError, ValueError, KeyError, TypeError, EOFError):
         return None
-    if fast.code != code_now or fast.inputs != inputs(config_dir, domain):
+    if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("record"), str):
         return None
-    return fast.record
+    if data.get("code") != code_now or data.get("inputs") != inputs(config_dir, domain):
+        return None
+    return str(data["record"])
 
 
 # ---------------------------------------------------------------- the hook's side
@@ -461,6 +471,10 @@ class Fast:
 
 
 def _load(path: str) -> Fast:
+    return Fast(_load_data(path))
+
+
+def _load_data(path: str) -> object:
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     try:
         st = os.fstat(fd)
@@ -469,7 +483,7 @@ def _load(path: str) -> Fast:
         data = _read_fd(fd)
     finally:
         os.close(fd)
-    return Fast(marshal.loads(data))
+    return marshal.loads(data)
 
 
 def _read(path: str) -> str | None:

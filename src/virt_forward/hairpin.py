@@ -21,6 +21,7 @@ import os
 from . import files
 
 SYS_NET = "/sys/class/net"
+PROBLEM = "hairpin mode off on its port"
 
 
 def ports(xml: str) -> list[tuple[str, str]]:
@@ -156,6 +157,21 @@ def release(state_dir: str, stem: str) -> None:
         if _same_port(dev, index):
             _switch_off(dev)
     _save(state_dir, stem, [])
+
+
+def problems(state_dir: str) -> list[str]:
+    """Ports we put in hairpin mode that are not in it any more: a bridge port is made anew when
+    libvirt re-attaches its taps (a network restart), and the mode goes with it."""
+    found: list[str] = []
+    try:
+        stems = sorted(os.listdir(os.path.join(state_dir, "hairpin")))
+    except OSError:
+        return found
+    for stem in stems:
+        for dev, index in held(state_dir, stem):
+            if _same_port(dev, index) and _read(_mode_path(dev)) == "0":
+                found.append(f"{stem}: {PROBLEM} {dev}")
+    return found
 
 
 def _switch_off(dev: str) -> None:

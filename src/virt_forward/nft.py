@@ -16,6 +16,7 @@ fails because the kernel lost something we recorded (e.g. after a reset).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -59,6 +60,7 @@ def skeleton(hairpin: bool, stale_marks: Iterable[str] = ()) -> list[str]:
     return cmds + [f"add chain {T} {skeleton_mark(hairpin)}"]
 
 
+@functools.lru_cache(maxsize=2)
 def skeleton_mark(hairpin: bool) -> str:
     """The name of the empty chain that says which skeleton a table holds (a checksum of it)."""
     import zlib
@@ -66,6 +68,11 @@ def skeleton_mark(hairpin: bool) -> str:
 
 
 def _skeleton(hairpin: bool) -> list[str]:
+    return list(_skeleton_cmds(hairpin))  # a copy: callers extend it
+
+
+@functools.lru_cache(maxsize=2)
+def _skeleton_cmds(hairpin: bool) -> tuple[str, ...]:
     cmds = [f"add table {T}"]
     for n in NAMES.values():
         key = f"{n.addr_type} . inet_proto . inet_service"
@@ -123,7 +130,7 @@ def _skeleton(hairpin: bool) -> list[str]:
         cmds += [f"add rule {T} lookup dnat {n.ip} to {n.ip} daddr . meta l4proto . th dport map @{n.dnat}",
                  f"add rule {T} lookup {proto} dnat {n.ip} to meta l4proto . th dport map @{n.dnat_any}"]
     cmds.append(f"add rule {T} lookup ct mark set ct mark & {~MARK_FORWARDED & 0xffffffff:#010x}")
-    return cmds
+    return tuple(cmds)
 
 
 Element = tuple[str, tuple[str, ...], tuple[str, ...]]  # (map, key parts, value parts)

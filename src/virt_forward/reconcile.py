@@ -57,14 +57,16 @@ def running_from_libvirt() -> dict[str, str] | None:
         return None
 
 
-def reconcile(ctx: engine.Context, running: list[str] | None = None, lock_timeout: float | None = None) -> Outcome:
+def reconcile(ctx: engine.Context, running: list[str] | None = None, lock_timeout: float | None = None,
+              xmls: dict[str, str] | None = None) -> Outcome:
     """`running`: the running domains if the caller knows them; else libvirt, else the records.
-    `lock_timeout`: how long to wait for another virt-forward process (None: as long as it takes)."""
+    `lock_timeout`: how long to wait for another virt-forward process (None: as long as it takes).
+    `xmls`: their live domain XML, when the caller asked libvirt already."""
     settings = load_settings(ctx.config_dir)
     backend = engine.resolve_backend(settings)
     store = ctx.store
     problems: list[str] = []
-    source, xmls = "caller", {}
+    source, xmls = "caller", dict(xmls or {})
     if running is None:
         # Asked before taking our lock, never under it: libvirt holds a starting domain's lock
         # while our hook runs, and the hook waits for ours (a deadlock, seen with virsh start).

@@ -121,9 +121,12 @@ class StateStore:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.guests = root / "guests"
+        self._ensured = False  # once per store object: reconcile writes 2,000 files through one
 
     def _ensure(self) -> None:
         """Make (0700) or check the state dir and its subdirs: used before every change."""
+        if self._ensured:
+            return
         if not self.root.exists():
             for parent in reversed(self.root.parents):
                 if not parent.exists():
@@ -133,6 +136,7 @@ class StateStore:
         for sub in SUBDIRS:
             _make_dir(self.root / sub)
             check_trusted_dir(self.root / sub)
+        self._ensured = True
 
     @contextlib.contextmanager
     def lock(self, timeout: float | None = None) -> Iterator[None]:

@@ -18,7 +18,7 @@ import threading
 import time
 from typing import Any
 
-from . import engine, log, metrics, nft
+from . import engine, hairpin, log, metrics, nft
 from .plan import Family, GuestPlan
 from .reconcile import libvirt_uri, reconcile, running_from_libvirt
 from .runner import SEARCH_PATH, run, which
@@ -69,6 +69,7 @@ def problems(ctx: engine.Context, running: list[str] | None = None) -> list[str]
             found += [f"{d}: running but not applied" for d in sorted((set(running) & configured) - recorded)
                       if d not in waiting]
             found += [f"{d}: applied but not running" for d in sorted(recorded - set(running))]
+        found += hairpin.problems(str(store.root))
         try:
             backend = engine.resolve_backend(settings)
         except Exception:
@@ -133,19 +134,38 @@ def _iptables_problems(plans: list[GuestPlan], hairpin: bool) -> list[str]:
 WAITING = "running but not applied (waiting for its address)"
 
 
-def check_and_repair(ctx: engine.Context, running: list[str] | None = None) -> list[str]:
+def check_and_repair(ctx: engine.Context, running: list[str] | None = None,
+                     xmls: dict[str, str] | None = None) -> list[str]:
+    """`xmls`: the running guests' live XML when libvirt gave it (hairpin mode needs their taps)."""
     found = problems(ctx, running)
-    if found and all(p.endswith(WAITING) for p in found):
+    if found and all(hairpin.PROBLEM in p for p in found):
+        # only ports that lost hairpin mode (a network restart re-made them): set it again where
+        # libvirt told us the guest's taps; no firewall change, so no event to wake us again
+        log.warning("repairing: " + "; ".join(found), event="repair")
+        _repair_hairpin(ctx, xmls or {})
+    elif found and all(p.endswith(WAITING) for p in found):
         # only guests waiting for a lease: try each alone, the rest of the table stays untouched
         for p in found:
             domain = p[: -len(WAITING) - 2]
             engine.apply(ctx, domain, ctx.store.read_xml(domain))
     elif found:
         log.warning("repairing: " + "; ".join(found), event="repair")
-        reconcile(ctx, running=running)
+        reconcile(ctx, running=running, xmls=xmls)
         with ctx.store.lock():  # two watchers (a unit and one by hand) must not lose a count
             metrics.record_repair(ctx.store.root)
     return found
+
+
+def _repair_hairpin(ctx: engine.Context, xmls: dict[str, str]) -> None:
+    from .config import settings_or_default
+    from .discovery import nat_networks
+    settings = settings_or_default(ctx.config_dir)
+    nat = nat_networks(ctx.libvirt_root)
+    with ctx.store.lock():
+        for domain in ctx.store.domains():
+            plan, xml = ctx.store.read(domain), xmls.get(domain)
+            if plan is not None and xml:
+                engine.set_hairpin(ctx, domain, xml, engine.hairpin_bridges(ctx, xml, plan, settings, nat) or ())
 
 
 def write_metrics(ctx: engine.Context, path: str) -> None:
@@ -256,7 +276,7 @@ def watch(ctx: engine.Context, interval: float = 30.0, debounce: float = 0.2) ->
             running = None if asked is None else sorted(asked)
             pending = False
             try:
-                found = check_and_repair(ctx, running=running)
+                found = check_and_repair(ctx, running=running, xmls=asked)
                 # a guest waiting for its DHCP lease: look again soon, not at the next tick
                 pending = any(p.endswith(WAITING) for p in found)
             except Exception as exc:  # keep watching: the next event or tick retries

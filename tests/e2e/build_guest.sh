@@ -16,6 +16,7 @@
 #   vf.gw=A.B.C.D           IPv4 default gateway
 #   vf.ip6=ADDR/PREFIX      optional static IPv6 address
 #   vf.gw6=ADDR             optional IPv6 default gateway
+#   vf.ip1=A.B.C.D/PREFIX   optional IPv4 address of eth1 (a second NIC)
 #   vf.self=HOST:PORT       ask http://HOST:PORT/ every second (IPv4), log "vf-e2e self HOST:PORT: ANSWER"
 # Services:
 #   TCP 80, 8080   busybox httpd; body "vf-e2e guest=NAME port=PORT"
@@ -176,7 +177,7 @@ mount -t tmpfs tmpfs /tmp
 exec </dev/console >/dev/console 2>&1
 echo "vf-e2e init: starting"
 
-NAME=guest IP= GW= IP6= GW6= SELF=
+NAME=guest IP= GW= IP6= GW6= SELF= IP1=
 for kv in $(cat /proc/cmdline); do
     case "$kv" in
         vf.name=*) NAME="${kv#vf.name=}" ;;
@@ -185,6 +186,7 @@ for kv in $(cat /proc/cmdline); do
         vf.ip6=*) IP6="${kv#vf.ip6=}" ;;
         vf.gw6=*) GW6="${kv#vf.gw6=}" ;;
         vf.self=*) SELF="${kv#vf.self=}" ;;
+        vf.ip1=*) IP1="${kv#vf.ip1=}" ;;
     esac
 done
 echo "$NAME" >/etc/vf-name
@@ -205,6 +207,11 @@ echo 0 >/proc/sys/net/ipv6/conf/default/autoconf 2>/dev/null
 ip link set eth0 up
 [ -n "$IP" ] && ip addr add "$IP" dev eth0
 [ -n "$GW" ] && ip route add default via "$GW"
+if [ -n "$IP1" ]; then
+    i=0
+    while [ ! -e /sys/class/net/eth1 ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done
+    ip link set eth1 up && ip addr add "$IP1" dev eth1 || echo "vf-e2e init: cannot set up eth1"
+fi
 if [ -n "$IP6" ]; then
     echo 0 >/proc/sys/net/ipv6/conf/eth0/accept_dad 2>/dev/null
     ip -6 addr add "$IP6" dev eth0 || echo "vf-e2e init: cannot add $IP6"

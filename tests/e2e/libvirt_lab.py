@@ -246,6 +246,9 @@ class GuestSpec:
     memory_mib: int = 160
     # HOST:PORT the guest asks every second, logging the answer on its console ("vf-e2e self")
     selfcheck: str | None = None
+    # more NICs: (libvirt network, MAC) each; the first of them (eth1) gets ip1 (ADDR/PREFIX)
+    extra_nics: tuple[tuple[str, str], ...] = ()
+    ip1: str | None = None
 
     @property
     def cmdline(self) -> str:
@@ -255,6 +258,8 @@ class GuestSpec:
             parts += [f"vf.ip6={self.ip6}/64", f"vf.gw6={GATEWAY_V6}"]
         if self.selfcheck:
             parts.append(f"vf.self={self.selfcheck}")
+        if self.ip1:
+            parts.append(f"vf.ip1={self.ip1}")
         return " ".join(parts)
 
 
@@ -278,6 +283,9 @@ def _xml_escape(s: str) -> str:
 
 
 def _domain_xml(spec: GuestSpec, kernel: Path, initrd: Path, console: str, domain_type: str) -> str:
+    extra = "".join(f"    <interface type='network'>\n      <source network='{_xml_escape(net)}'/>\n"
+                    f"      <mac address='{mac}'/>\n      <model type='virtio'/>\n    </interface>\n"
+                    for net, mac in spec.extra_nics)
     return f"""<domain type='{domain_type}'>
   <name>{_xml_escape(spec.name)}</name>
   <memory unit='MiB'>{spec.memory_mib}</memory>
@@ -299,7 +307,7 @@ def _domain_xml(spec: GuestSpec, kernel: Path, initrd: Path, console: str, domai
       <mac address='{spec.mac}'/>
       <model type='virtio'/>
     </interface>
-    <serial type='file'>
+{extra}    <serial type='file'>
       <source path='{_xml_escape(console)}'/>
       <target port='0'/>
     </serial>
@@ -1015,6 +1023,21 @@ mount --rbind /run {r}/run
             return (self.log_dir / "libvirtd.log").read_text(errors="replace")
         except OSError:
             return ""
+
+    def add_network(self, name: str, bridge: str, gateway: str, hosts: Sequence[tuple[str, str]] = ()) -> None:
+        """Define and start another NAT network (/24 around `gateway`), with static DHCP hosts
+        (mac, ip): what discovery reads for a NIC's address on it."""
+        xml = self.workdir / "xml" / f"network-{name}.xml"
+        entries = "".join(f"<host mac='{mac}' ip='{ip}'/>" for mac, ip in hosts)
+        xml.write_text(f"<network><name>{_xml_escape(name)}</name><forward mode='nat'/>"
+                       f"<bridge name='{bridge}' stp='on' delay='0'/><ip address='{gateway}' netmask='255.255.255.0'>"
+                       f"<dhcp>{entries}</dhcp></ip></network>\n")
+        self.virsh("net-define", self._xml_path(xml))
+        self.virsh("net-start", name)
+
+    def remove_network(self, name: str) -> None:
+        self.virsh("net-destroy", name, check=False)
+        self.virsh("net-undefine", name, check=False)
 
     def _start_network(self) -> None:
         xml = self.workdir / "xml" / "network-default.xml"

@@ -33,6 +33,7 @@ from libvirt_lab import (  # noqa: E402
     LabUnavailable,
     LibvirtLab,
     libvirt_chroot_from_env,
+    GuestSpec,
     OutsideClient,
     default_guests,
     ensure_host_packages,
@@ -503,6 +504,32 @@ def test_reconcile_and_status_never_hold_up_a_guest_start(e2e: E2E) -> None:
     assert starts[-1] < 5, starts
     e2e.lab.wait_guest("vfguest2")
     e2e.wait_http(8081, "guest=vfguest2 port=80")
+
+
+def test_a_guest_on_two_networks_gets_each_forward_on_the_right_nic(e2e: E2E) -> None:
+    """vfguest3 has a NIC on `default` and one on a second NAT network `backend`; '@backend'
+    finds its address there from the static DHCP host of its MAC on that network (libvirt's
+    own network definition), a spec without '@' goes to `address`."""
+    mac2 = "52:54:00:e2:e9:30"
+    _write(e2e.cfg / "guests" / "vfguest3.toml",
+           'address = "192.168.122.30"\nports = ["8090:80", "8091:8080@backend"]\n')
+    e2e.lab.add_network("backend", "virbr9", "10.9.9.1", [(mac2, "10.9.9.30")])
+    spec = GuestSpec(name="vfguest3", ip="192.168.122.30", mac="52:54:00:e2:e0:30",
+                     extra_nics=(("backend", mac2),), ip1="10.9.9.30/24")
+    try:
+        e2e.lab.start_guest(spec)
+        e2e.wait_http(8090, "guest=vfguest3 port=80")
+        e2e.wait_http(8091, "guest=vfguest3 port=8080")  # only the guest holds 10.9.9.30
+        status = e2e.vf("status", "vfguest3")
+        assert f"{PUBLIC}:8090/tcp -> 192.168.122.30:80" in status and f"{PUBLIC}:8091/tcp -> 10.9.9.30:8080" in status
+        assert "MISSING" not in status, status
+        assert any('"10.9.9.30", 8080' in e for e in e2e.dnat4()), e2e.dnat4()
+        # both ports in hairpin mode: each NIC's NAT network holds a forward's target
+        assert len((e2e.state / "hairpin" / "vfguest3").read_text().splitlines()) == 2
+    finally:
+        e2e.lab.destroy_guest("vfguest3")
+        e2e.lab.remove_network("backend")
+    assert not any("10.9.9.30" in e for e in e2e.dnat4())
 
 
 def test_destroy_all_leaves_nothing_of_ours(e2e: E2E) -> None:
