@@ -21,6 +21,7 @@ import stat
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import Iterator
 
 from .domainxml import Nic
 from .ports import IPAddress
@@ -101,6 +102,11 @@ def _network_of_bridge(bridge: str | None, root: Path) -> ET.Element | None:
     """For a NIC plugged into a libvirt network's bridge directly (<interface type='bridge'>)."""
     if _safe_name(bridge) is None:
         return None
+    return next((net for net in _all_networks(root) if _bridge(net) == bridge), None)
+
+
+def _all_networks(root: Path) -> Iterator[ET.Element]:
+    """Every network definition readable under `root`, the live states first."""
     for rel in NETWORK_DIRS:
         try:
             paths = sorted((root / rel).glob("*.xml"))
@@ -108,8 +114,8 @@ def _network_of_bridge(bridge: str | None, root: Path) -> ET.Element | None:
             continue
         for path in paths:
             net = _parse_network(read_small(path))
-            if net is not None and _bridge(net) == bridge:
-                return net
+            if net is not None:
+                yield net
     return None
 
 
@@ -173,18 +179,10 @@ def nat_networks(root: Path = Path("/")) -> dict[str, tuple[_Interface, ...]]:
     without a mode is NAT), live state first: where a guest calling its own forward needs
     hairpin mode on its port (hairpin.py)."""
     found: dict[str, tuple[_Interface, ...]] = {}
-    for rel in NETWORK_DIRS:
-        try:
-            paths = sorted((root / rel).glob("*.xml"))
-        except OSError:
-            continue
-        for path in paths:
-            net = _parse_network(read_small(path))
-            if net is None:
-                continue
-            forward, bridge = net.find("forward"), _bridge(net)
-            if forward is not None and forward.get("mode", "nat") == "nat" and bridge and bridge not in found:
-                found[bridge] = _interfaces(net)
+    for net in _all_networks(root):
+        forward, bridge = net.find("forward"), _bridge(net)
+        if forward is not None and forward.get("mode", "nat") == "nat" and bridge and bridge not in found:
+            found[bridge] = _interfaces(net)
     return found
 
 

@@ -43,8 +43,9 @@ class lock:
         os.close(self.fd)  # closing releases the flock
 
 
-def replace(path: str, data: bytes) -> None:
-    """Atomically: a fresh temp file (O_EXCL: never an existing file or a symlink) renamed over.
+def replace(path: str, data: bytes, mode: int = 0o600) -> None:
+    """Atomically: a fresh temp file (O_EXCL: never an existing file or a symlink) renamed over;
+    `mode` exactly, whatever the umask (0644 for a file another user's daemon must read).
     Not fsync-ed: what the state dir holds describes the running kernel's rules, which a power
     loss takes too (and /run is a tmpfs); the rename is what a killed process cannot tear.
     Two fsyncs per record cost reconcile ~1 ms a guest where the state dir sits on a disk."""
@@ -57,6 +58,8 @@ def replace(path: str, data: bytes) -> None:
         fd = os.open(tmp, flags, 0o600)
     try:
         try:
+            if mode != 0o600:
+                os.fchmod(fd, mode)
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]

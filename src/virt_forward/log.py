@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import os
 import sys
-import syslog
 
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
+# syslog's priorities and facility (RFC 5424), so that neither syslog nor _socket is imported
+# when the other one serves: the hook's fast path logs a line at every guest start
+INFO, WARNING, ERR, FACILITY_DAEMON = 6, 4, 3, 3
 # The CLI prints its own result line; the hook has only stderr (libvirt logs it).
 to_stderr = True
 _opened = False
@@ -24,21 +26,21 @@ _journal: object = None  # the socket, False when journald is not there
 
 
 def info(message: str, **event: object) -> None:
-    _emit(syslog.LOG_INFO, message, event)
+    _emit(INFO, message, event)
 
 
 def warning(message: str, **event: object) -> None:
-    _emit(syslog.LOG_WARNING, message, event)
+    _emit(WARNING, message, event)
 
 
 def error(message: str, **event: object) -> None:
-    _emit(syslog.LOG_ERR, message, event)
+    _emit(ERR, message, event)
 
 
 def fields(priority: int, message: str, event: dict[str, object]) -> list[tuple[str, str]]:
     """The journal fields of one line.  `event`: event=, guest=, forwards= (a list of texts)."""
     out = [("MESSAGE", message), ("PRIORITY", str(priority)), ("SYSLOG_IDENTIFIER", "virt-forward"),
-           ("SYSLOG_FACILITY", str(syslog.LOG_DAEMON >> 3)), ("SYSLOG_PID", str(os.getpid()))]
+           ("SYSLOG_FACILITY", str(FACILITY_DAEMON)), ("SYSLOG_PID", str(os.getpid()))]
     if event.get("event"):
         out.append(("VIRT_FORWARD_EVENT", str(event["event"])))
     if event.get("guest") is not None:
@@ -66,13 +68,16 @@ def encode(pairs: list[tuple[str, str]]) -> bytes:
 def _send_journal(pairs: list[tuple[str, str]]) -> bool:
     global _journal
     if _journal is None:
-        try:
-            import _socket
-            sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM)
-            sock.connect(os.environ.get("VIRT_FORWARD_JOURNAL_SOCKET") or JOURNAL_SOCKET)  # tests move it
-            _journal = sock
-        except (OSError, ImportError):
-            _journal = False
+        path = os.environ.get("VIRT_FORWARD_JOURNAL_SOCKET") or JOURNAL_SOCKET  # tests move it
+        _journal = False
+        if os.path.exists(path):
+            try:
+                import _socket
+                sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM)
+                sock.connect(path)
+                _journal = sock
+            except (OSError, ImportError):
+                pass
     if not _journal:
         return False
     try:
@@ -85,6 +90,7 @@ def _send_journal(pairs: list[tuple[str, str]]) -> bool:
 def _emit(priority: int, message: str, event: dict[str, object]) -> None:
     shown = printable(message)
     if not _send_journal(fields(priority, shown, event)):
+        import syslog
         global _opened
         if not _opened:
             syslog.openlog("virt-forward", syslog.LOG_PID, syslog.LOG_DAEMON)

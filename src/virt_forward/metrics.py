@@ -274,30 +274,13 @@ def record_repair(state_dir: Path, now: float | None = None) -> Repairs:
 # ---------------------------------------------------------------- the textfile
 
 def write_textfile(path: str, text: str) -> None:
-    """Atomically, readable by all (0644: node_exporter runs as its own user): a fresh temp file
-    in the same directory, then a rename over `path`.  Its name starts with '.' and ends in
-    .tmp, so node_exporter, which reads *.prom only, never sees a half-written file.
-    files.replace is not used: it makes 0600 files, right for the state dir, not here.
-    O_EXCL (in mkstemp) never opens an existing file or follows a symlink someone planted,
-    and the rename replaces the directory entry itself, never what a symlink there names."""
-    import tempfile
-    folder, name = os.path.split(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder or ".")
-    try:
-        try:
-            os.fchmod(fd, 0o644)
-            view = memoryview(text.encode())
-            while view:
-                view = view[os.write(fd, view):]
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    """Atomically, readable by all (0644: node_exporter runs as its own user): files.replace's
+    fresh temp file in the same directory (its name ends in .tmp, so node_exporter, which reads
+    *.prom only, never sees a half-written file), then a rename over `path`.  O_EXCL and
+    O_NOFOLLOW never open an existing file or follow a symlink someone planted, and the rename
+    replaces the directory entry itself, never what a symlink there names."""
+    from . import files
+    files.replace(path, text.encode(), mode=0o644)
 
 
 # ---------------------------------------------------------------- status and the watcher

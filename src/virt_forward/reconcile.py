@@ -123,7 +123,8 @@ def reconcile(ctx: engine.Context, running: list[str] | None = None, lock_timeou
                 if kept is not None:
                     plans.append(kept)
         # a port stays with the guest that holds it now: recorded guests are served first
-        plans = _without_conflicts(sorted(plans, key=lambda p: (p.domain not in texts, p.domain)), problems)
+        held: dict[str, list[tuple[str, str]]] = {}  # each guest's claims, computed once
+        plans = _without_conflicts(sorted(plans, key=lambda p: (p.domain not in texts, p.domain)), problems, held)
         plans, over = within_host_limit(plans, settings)  # the same order: who holds ports now keeps them
         problems += [str(e) for e in over]
 
@@ -135,7 +136,7 @@ def reconcile(ctx: engine.Context, running: list[str] | None = None, lock_timeou
             engine.apply_with_nft_guards(metrics.keep_counters(nft.full(plans, hairpin=settings.hairpin)),
                                          want=bool(plans))
         wanted = {p.domain for p in plans}
-        claims.rebuild(str(store.root), {state.stem(p.domain): engine.claims_of(p) for p in plans})
+        claims.rebuild(str(store.root), {state.stem(p.domain): held[p.domain] for p in plans})
         for domain in texts:
             if domain not in wanted:
                 engine.forget_flows(recorded(domain), None)
@@ -195,9 +196,11 @@ def _from_fast_file(config_dir: str, store: state.StateStore, domain: str,
     return plan if plan.domain == domain else None
 
 
-def _without_conflicts(plans: list[GuestPlan], problems: list[str]) -> list[GuestPlan]:
+def _without_conflicts(plans: list[GuestPlan], problems: list[str],
+                       held: dict[str, list[tuple[str, str]]]) -> list[GuestPlan]:
     """The ownership rule (claims.py) among all guests at once: who comes first keeps a port,
-    a guest that would overlap is left out whole, with a problem naming the holder."""
+    a guest that would overlap is left out whole, with a problem naming the holder.  `held`
+    gets each kept guest's claims."""
     ledger = claims.Ledger()
     kept: list[GuestPlan] = []
     for plan in plans:
@@ -208,5 +211,6 @@ def _without_conflicts(plans: list[GuestPlan], problems: list[str]) -> list[Gues
                             "which holds it")
             continue
         ledger.take(plan.domain, wanted)
+        held[plan.domain] = wanted
         kept.append(plan)
     return kept
