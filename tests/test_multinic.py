@@ -105,3 +105,26 @@ def test_forward_to_the_nic_on_a_network_found_by_its_mac(world: tuple[World, di
     assert (w.state / "hairpin" / "guest1").read_text().split()[0::2] == ["vnet0", "vnet9"]
     _hook(w, env, "stopped")
     assert w.probe("tcp", PUBLIC4, 8081).startswith("ERR") and not (w.state / "hairpin" / "guest1").exists()
+
+
+def test_a_network_target_in_domain_metadata(cdir: Path, tmp_path: Path) -> None:
+    """'@network' in <metadata> is resolved like one in a guest file (the guest is known only
+    after the XML is read), and an '@address' there must lie in the domain's own networks."""
+    from conftest import write_trusted
+    from virt_forward import engine
+    from virt_forward.errors import ConfigError
+    root = tmp_path / "libvirt"
+    _network(root, "default", "virbr0", "192.168.122.1")
+    _network(root, "second", "virbr1", "10.0.1.1")
+    _lease(root, "virbr1", MAC2, NIC2)
+    write_trusted(cdir / "config.toml", "metadata = true\n")
+    ctx = engine.Context(cdir, tmp_path / "state", root)
+    meta = ("<metadata><vf:config xmlns:vf='https://virt-forward.org/xmlns/guest/1'>"
+            f"<vf:address>{G1}</vf:address><vf:port>8080:80</vf:port><vf:port>8081:81@second</vf:port>"
+            "</vf:config></metadata>")
+    xml = XML.replace("<devices>", meta + "<devices>")
+    want = engine.desired(ctx, "guest1", xml)
+    assert want.plan is not None and want.uses_xml and want.inputs is None  # no fast file for it
+    assert sorted((f.public_port, str(f.guest)) for f in want.plan.forwards) == [(8080, G1), (8081, NIC2)]
+    with pytest.raises(ConfigError, match="not a guest address of the domain's own networks"):
+        engine.desired(ctx, "guest1", xml.replace("8081:81@second", "8081:81@10.9.9.9"))

@@ -78,6 +78,9 @@ def desired(ctx: Context, domain: str, xml: str | None = None, settings: Setting
         return Desired(settings, None, None)
     if not need_xml:
         return Desired(settings, guest, plan_guest(guest, settings), inputs=taken)
+    # a guest from <metadata> is known only now
+    networks = guest.network_targets()
+    needs_default = any(e.spec.target is None for e in guest.ports)
     from . import discovery
     if not guest.addresses and needs_default:
         found = discovery.discover(dom.nics, ctx.libvirt_root) if dom is not None else ()
