@@ -78,6 +78,10 @@ _virt_forward() {
         _virt_forward_guests "$cdir" "$cur"
         return 0
         ;;
+    --format)
+        mapfile -t COMPREPLY < <(compgen -W "text json prometheus" -- "$cur")
+        return 0
+        ;;
     --address | --interval) return 0 ;;
     esac
 
@@ -92,7 +96,7 @@ _virt_forward() {
 
     local opts="--help"
     case $cmd in
-    status) opts+=" --json" ;;
+    status) opts+=" --json --format" ;;
     install | uninstall) opts+=" --dry-run --root" ;;
     watch) opts+=" --interval" ;;
     reconcile) opts+=" --running" ;;

@@ -292,7 +292,7 @@ def test_guest_names_from_config_dir(comp_dir: Path) -> None:
 
 @needs_bash
 def test_command_options(comp_dir: Path) -> None:
-    assert complete("status", "--") == ["--help", "--json"]
+    assert complete("status", "--") == ["--help", "--json", "--format"]
     assert complete("install", "--") == ["--help", "--dry-run", "--root"]
     assert complete("import", "--") == ["--help", "--dry-run", "--force"]
     assert complete("add", "web", "--a") == ["--address"]
@@ -319,3 +319,10 @@ def test_dirs_and_files(tmp_path: Path) -> None:
     assert complete("--config-dir", "", cwd=tmp_path) == ["networks"]
     assert sorted(complete("import", "", cwd=tmp_path)) == ["hooks.json", "networks"]
     assert complete("import", "h", cwd=tmp_path) == ["hooks.json"]
+
+
+@needs_bash
+def test_status_formats() -> None:
+    assert complete("status", "--f") == ["--format"]
+    assert complete("status", "--format", "") == ["text", "json", "prometheus"]
+    assert complete("status", "--format", "p") == ["prometheus"]

@@ -57,8 +57,15 @@ def test_installed_hook_works_with_libvirts_bare_path_and_uninstall_removes_all(
     rules = w.forward_chain()
     assert "virt-forward:guard" in rules[1] and sum("virt-forward" in r for r in rules) == 1, rules
 
+    # the watcher's metrics file goes too (node_exporter would serve its last values for ever)
+    prom = root / "var/lib/prometheus/node-exporter/virt_forward.prom"
+    prom.parent.mkdir(parents=True)
+    prom.write_text("virt_forward_rules_in_place 1\n")
+    with open(cfg / "config.toml", "a") as fh:
+        fh.write('metrics_file = "/var/lib/prometheus/node-exporter/virt_forward.prom"\n')
     r = w.lab.sh(w.lab.host, sys.executable, "-m", "virt_forward", "--config-dir", str(cfg), "uninstall",
                  "--root", str(root), env=env)
+    assert f"removed {prom}" in r.stdout and not prom.exists(), r.stdout
     assert not hook.exists() and not net_hook.exists()
     assert not (root / "etc/systemd/system/virt-forward-watch.service").exists()
     assert (cfg / "guests/guest1.toml").exists()  # the admin's config stays

@@ -285,6 +285,15 @@ def uninstall(ctx: engine.Context, root: Path, dry_run: bool) -> list[str]:
             out.append(f"{'would remove' if dry_run else 'removed'} {path}")
             if not dry_run:
                 path.unlink()
+    # the metrics textfile, or node_exporter keeps serving its last values as if we still ran
+    from .config import settings_or_default
+    metrics_file = settings_or_default(ctx.config_dir).metrics_file
+    if metrics_file is not None:
+        path = root / Path(metrics_file).relative_to("/")
+        if path.is_file() and not path.is_symlink():
+            out.append(f"{'would remove' if dry_run else 'removed'} {path}")
+            if not dry_run:
+                path.unlink()
     if dry_run:
         out.append("would remove table inet virt_forward, every guard and every record")
     else:
