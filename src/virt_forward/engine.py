@@ -372,7 +372,7 @@ def connected_routes() -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
 
 def iptables_sync(applied: list[GuestPlan], rebuild: list[GuestPlan], families: set[Family],
                   hairpin: bool) -> None:
-    """The iptables backend: one iptables-restore --noflush per family (nat chains and guard)."""
+    """The iptables backend: one iptables-restore --noflush per family (nat and mangle chains, guard)."""
     from . import iptables
     routes = connected_routes()
     subnets = {}
@@ -390,11 +390,15 @@ def iptables_sync(applied: list[GuestPlan], rebuild: list[GuestPlan], families: 
 
 
 def read_nat_state(family: Family) -> iptables_mod.NatState:
-    """Our part of iptables' nat table as it is now (empty when there is no nat table)."""
+    """Our part of iptables' nat and mangle tables as they are now (empty where a table is not)."""
     from . import iptables
     save = IPTABLES_TOOLS[family][0]
-    got = run([save, "-t", "nat"], check=False) if which(save) else None
-    return iptables.parse_nat(got.stdout) if got is not None and got.returncode == 0 else iptables.NatState()
+    text = ""
+    for table in ("nat", "mangle"):
+        got = run([save, "-t", table], check=False) if which(save) else None
+        if got is not None and got.returncode == 0:
+            text += got.stdout
+    return iptables.parse_nat(text)
 
 
 def _old_schema(hairpin: bool) -> bool:

@@ -8,6 +8,12 @@ Pure functions.  Own chains only, in the nat table:
   VF-<tag>-D: per forward, CONNMARK our mark + DNAT to guest:port
   POSTROUTING -> VF-POSTROUTING: masquerade our connections from the guest's own subnet (hairpin)
 
+and, in the mangle table, the packets and bytes of each forward (the nat table sees only
+the first packet of a connection):
+
+  FORWARD (our mark) -> VF-ACCT -> one jump per guest -> VF-<tag>-A: per forward, a rule
+              matching the connection's original destination (conntrack), -j RETURN
+
 plus the same guard as the nftables backend on top of filter FORWARD.  A change
 rebuilds the changed guest's chains and the two dispatch chains (one line per
 guest), so its cost grows with the number of guests, not with their forwards;
@@ -24,7 +30,8 @@ from . import guards
 from .nft import MARK_FORWARDED
 from .plan import Family, Forward, GuestPlan
 
-PRE, POST = "VF-PREROUTING", "VF-POSTROUTING"
+PRE, POST, ACCT = "VF-PREROUTING", "VF-POSTROUTING", "VF-ACCT"
+ACCT_JUMP = f"-m connmark --mark {MARK_FORWARDED:#x}/{MARK_FORWARDED:#x} -j {ACCT}"
 IPNet = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -45,6 +52,10 @@ def dnat_chain(plan: GuestPlan) -> str:
     return f"VF-{plan.tag}-D"
 
 
+def acct_chain(plan: GuestPlan) -> str:
+    return f"VF-{plan.tag}-A"
+
+
 @dataclass(frozen=True)
 class NatState:
     """Our part of the nat table as iptables-save shows it."""
@@ -52,16 +63,28 @@ class NatState:
     chains: frozenset[str] = frozenset()
     jumps: dict[str, tuple[str, ...]] = field(default_factory=dict)  # base chain -> our jump rules
     dnat: dict[tuple[str | None, str, int], tuple[str, int]] = field(default_factory=dict)
+    # the mangle table's accounting: our chains there, our jumps from its FORWARD
+    acct_chains: frozenset[str] = frozenset()
+    acct_jumps: tuple[str, ...] = ()
 
 
 def parse_nat(save: str) -> NatState:
+    """Our part of the nat and mangle tables in `iptables-save` output (both, or either)."""
     chains: set[str] = set()
     jumps: dict[str, list[str]] = {}
     dnat: dict[tuple[str | None, str, int], tuple[str, int]] = {}
-    in_nat = False
+    acct_chains: set[str] = set()
+    acct_jumps: list[str] = []
+    in_nat = in_mangle = False
     for line in save.splitlines():
         if line.startswith("*"):
-            in_nat = line == "*nat"
+            in_nat, in_mangle = line == "*nat", line == "*mangle"
+        elif in_mangle:
+            if line.startswith(":VF-"):
+                acct_chains.add(line[1:].split()[0])
+            elif line.startswith("-A FORWARD ") and line.endswith(f"-j {ACCT}"):
+                acct_jumps.append(line[len("-A FORWARD "):])
+            continue
         elif not in_nat:
             continue
         elif line.startswith(":VF-"):
@@ -78,7 +101,8 @@ def parse_nat(save: str) -> NatState:
                 to = parts[parts.index("--to-destination") + 1]
                 addr, _, gport = to.rpartition(":")
                 dnat[(pub, proto, port)] = (addr.strip("[]"), int(gport))
-    return NatState(frozenset(chains), {k: tuple(v) for k, v in jumps.items()}, dnat)
+    return NatState(frozenset(chains), {k: tuple(v) for k, v in jumps.items()}, dnat, frozenset(acct_chains),
+                    tuple(acct_jumps))
 
 
 @dataclass(frozen=True)
@@ -115,6 +139,61 @@ def parse_counters(save: str) -> dict[tuple[str | None, str, int], RuleCount]:
         except (ValueError, IndexError):  # not a rule we wrote
             continue
     return out
+
+
+def parse_traffic(save: str) -> dict[tuple[str | None, str, int], tuple[int, int]]:
+    """{(public address or None, protocol, public port): (packets, bytes)} of our accounting
+    rules in `iptables-save -c -t mangle` output: every packet of the forward's connections."""
+    out: dict[tuple[str | None, str, int], tuple[int, int]] = {}
+    in_mangle = False
+    for line in save.splitlines():
+        if line.startswith("*"):
+            in_mangle = line == "*mangle"
+            continue
+        counts, _, rule = line.partition("] ")
+        parts = rule.split()
+        if not (in_mangle and counts.startswith("[") and parts[:1] == ["-A"] and len(parts) > 1
+                and parts[1].startswith("VF-") and parts[1].endswith("-A") and "--ctorigdstport" in parts):
+            continue
+        try:
+            packets, nbytes = (int(n) for n in counts[1:].split(":"))
+            pub = parts[parts.index("--ctorigdst") + 1].split("/")[0] if "--ctorigdst" in parts else None
+            out[(pub, parts[parts.index("-p") + 1], int(parts[parts.index("--ctorigdstport") + 1]))] = (packets, nbytes)
+        except (ValueError, IndexError):  # not a rule we wrote
+            continue
+    return out
+
+
+def _acct_rules(plan: GuestPlan, family: Family) -> list[str]:
+    out = []
+    for fwd in plan.forwards:
+        if fwd.family == family:
+            dest = f"--ctorigdst {fwd.public} " if fwd.public is not None else ""
+            out.append(f"-A {acct_chain(plan)} -p {fwd.proto} -m conntrack {dest}--ctorigdstport {fwd.public_port}"
+                       " -j RETURN")
+    return out
+
+
+def _mangle(family: Family, state: NatState, mine: list[GuestPlan], rebuild: list[GuestPlan]) -> list[str]:
+    """The mangle table's part of the batch: accounting chains as the nat part does its own."""
+    lines = ["*mangle", f":{ACCT} - [0:0]"]
+    keep = {acct_chain(p) for p in mine}
+    for plan in rebuild:
+        if has_family(plan, family):
+            lines += [f":{acct_chain(plan)} - [0:0]"] + _acct_rules(plan, family)
+    gone = sorted(c for c in state.acct_chains if c not in keep and c != ACCT)
+    lines += [f":{c} - [0:0]" for c in gone]
+    present = list(state.acct_jumps)
+    if mine and ACCT_JUMP in present:
+        present.remove(ACCT_JUMP)  # keep one, delete the others
+    lines += [f"-D FORWARD {rule}" for rule in present]
+    if mine and ACCT_JUMP not in state.acct_jumps:
+        lines.append(f"-A FORWARD {ACCT_JUMP}")
+    lines += [f"-A {ACCT} -j {acct_chain(p)}" for p in mine]
+    lines += [f"-X {c}" for c in gone]
+    if not mine:
+        lines.append(f"-X {ACCT}")
+    return lines + ["COMMIT"]
 
 
 def _dnat_rules(plan: GuestPlan, family: Family) -> list[str]:
@@ -180,6 +259,7 @@ def render(family: Family, state: NatState, applied: list[GuestPlan], rebuild: l
     if not mine:
         lines += [f"-X {PRE}", f"-X {POST}"]
     lines.append("COMMIT")
+    lines += _mangle(family, state, mine, rebuild)
     if filter_chain is not None:
         text = guards.render(filter_chain, want=bool(mine) and filter_chain.needs_guard())
         if text is not None:

@@ -11,7 +11,8 @@ What is measured, and what is not:
   sets (nft.py), keyed like the dnat maps, which mark_forward looks up for every packet of a
   connection our DNAT marked, both directions, by its original destination.  Connections
   from the host itself to a forward take the output path, not forward: not counted there.
-  The iptables backend has no such counter: these two are absent on it.  (The nat element
+  The iptables backend counts the same in the mangle table (iptables.py's accounting
+  chains: one rule per forward matching the original destination).  (The nat element
   counter's `bytes` is the size of first packets alone: never exported.)
 - `virt_forward_rules_in_place`: the check `status` and the watcher run (watch.problems).
 - `virt_forward_repairs_total` / `virt_forward_last_repair_timestamp_seconds`: the watcher's
@@ -204,17 +205,20 @@ def _iptables_live() -> Live:
     from .runner import run, which
     saves: dict[Family, str] = {}
     for family, (save, _) in IPTABLES_TOOLS.items():
-        got = run([save, "-c", "-t", "nat"], check=False) if which(save) else None
-        if got is not None and got.returncode == 0:
-            saves[family] = got.stdout
+        for table in ("nat", "mangle"):  # the DNAT rules' counters, the accounting rules' counters
+            got = run([save, "-c", "-t", table], check=False) if which(save) else None
+            if got is not None and got.returncode == 0:
+                saves[family] = saves.get(family, "") + got.stdout
     return iptables_live(saves)
 
 
 def iptables_live(saves: dict[Family, str]) -> Live:
-    """Live from `iptables-save -c -t nat` output per family, keyed like the nft maps."""
+    """Live from `iptables-save -c -t nat` (and `-t mangle`) output per family, keyed like the
+    nft maps and traffic sets."""
     from . import iptables
     elements: Elements = {}
     counts: Counts = {}
+    traffic: dict[str, dict[tuple[str, ...], tuple[int, int]]] = {}
     for family, text in sorted(saves.items()):
         for (pub, proto, port), rule in iptables.parse_counters(text).items():
             try:
@@ -225,7 +229,13 @@ def iptables_live(saves: dict[Family, str]) -> Live:
             name, key, value = nft.dnat_element(fwd)
             elements.setdefault(name, {})[key] = value
             counts.setdefault(name, {})[key] = rule.packets
-    return Live(elements, counts)
+        names = nft.NAMES[family]  # keyed as the nftables backend's traffic sets are
+        for (pub, proto, port), both in iptables.parse_traffic(text).items():
+            if pub is None:
+                traffic.setdefault(names.traffic_any, {})[(proto, str(port))] = both
+            else:
+                traffic.setdefault(names.traffic, {})[(str(ipaddress.ip_address(pub)), proto, str(port))] = both
+    return Live(elements, counts, traffic)
 
 
 def forward_counts(guest: str, forwards: tuple[Forward, ...], live: Live) -> tuple[ForwardCount, ...]:

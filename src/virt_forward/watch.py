@@ -125,6 +125,8 @@ def _iptables_problems(plans: list[GuestPlan], hairpin: bool) -> list[str]:
             for chain, rule in iptables.base_jumps(family, hairpin).items():
                 if state.jumps.get(chain, ()) != (rule,):
                     found.append(f"{_tool(family)} nat {chain}: jump to our chain missing or doubled")
+            if state.acct_jumps != (iptables.ACCT_JUMP,):
+                found.append(f"{_tool(family)} mangle FORWARD: jump to our accounting chain missing or doubled")
     found += _iptables_guard_problems({f for p in plans for f in p.families()})
     if live != {f for p in plans for f in p.forwards}:
         found.append("iptables DNAT rules differ from the records")
