@@ -280,22 +280,24 @@ def _nothing_configured(config_dir: str, name: str) -> bool:
 def _read_live(families: list[int]) -> tuple[set[tuple[str, str, str]], list[tuple[tuple[str, str, str], str]],
                                               list[tuple[int, str]]]:
     """(every chain, the guard targets present with their `nft -a` listing, each family's
-    iptables-save -t filter text).  The reads do not depend on each other: they run side by
-    side (each target is listed whether or not it exists; a missing one just fails)."""
+    iptables-save -t filter text).  `nft list chains` and the iptables-saves run side by side;
+    then, side by side again, the listing of each guard target that exists: on a host where
+    libvirt uses iptables and firewalld is absent there is none, and listing targets that
+    do not exist cost three processes at every guest start."""
     from .runner import spawn_all
     saves = [["iptables-save" if family == 4 else "ip6tables-save", "-t", "filter"] for family in families]
-    got = spawn_all([["nft", "list", "chains"]] + [["nft", "-a", "list", "chain", *t] for t in NFT_GUARD_TARGETS]
-                    + saves, timeout=10.0)
-    listed, guarded, saved = got[0], got[1:1 + len(NFT_GUARD_TARGETS)], got[1 + len(NFT_GUARD_TARGETS):]
+    got = spawn_all([["nft", "list", "chains"]] + saves, timeout=10.0)
+    listed, saved = got[0], got[1:]
     if listed is None or listed[0] != 0:
         raise Miss("nft list chains failed")
     chains = _chains(listed[1].decode("utf-8", "replace"))
+    present = [t for t in NFT_GUARD_TARGETS if t in chains]
+    guarded = spawn_all([["nft", "-a", "list", "chain", *t] for t in present], timeout=10.0) if present else []
     targets = []
-    for target, chain in zip(NFT_GUARD_TARGETS, guarded):
-        if target in chains:
-            if chain is None or chain[0] != 0:
-                raise Miss(f"cannot list {' '.join(target)}")
-            targets.append((target, chain[1].decode("utf-8", "replace")))
+    for target, chain in zip(present, guarded):
+        if chain is None or chain[0] != 0:
+            raise Miss(f"cannot list {' '.join(target)}")
+        targets.append((target, chain[1].decode("utf-8", "replace")))
     # None: not installed; non-zero: no filter table: nothing there to guard (as the full path)
     texts = [(family, save[1].decode("utf-8", "replace")) for family, save in zip(families, saved)
              if save is not None and save[0] == 0]
