@@ -19,7 +19,7 @@ from .config import (GuestConfig, Settings, check_domain_name, guest_from_metada
                      settings_or_default)
 from .errors import FirewallError
 from .plan import Family, GuestPlan, host_limit_error, plan_guest
-from .runner import nft_apply, run, spawn_detached, which
+from .runner import nft_apply, run, spawn_detached_twice, which
 from .state import StateStore
 
 if TYPE_CHECKING:  # the iptables backend is imported only where it is used
@@ -303,11 +303,11 @@ def forget_flows(old: GuestPlan | None, new: GuestPlan | None, wait: bool = True
         argvs = [["conntrack", "-D", "-f", "ipv4" if f.family == 4 else "ipv6", "-p", f.proto,
                   "--orig-port-dst", str(f.public_port), "--mark", mark, "--reply-src", str(f.guest)]
                  + ([] if f.public is None else ["--orig-dst", str(f.public)]) for f in gone]
+    if not wait:
+        spawn_detached_twice(argvs)
+        return
     for argv in argvs:
-        if wait:
-            run(argv, check=False, timeout=5)  # exit 1 means "none matched": nothing to report
-        else:
-            spawn_detached(argv)
+        run(argv, check=False, timeout=5)  # exit 1 means "none matched": nothing to report
 
 
 def _done(message: str, event: str, domain: str, plan: GuestPlan) -> str:

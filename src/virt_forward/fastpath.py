@@ -230,9 +230,9 @@ def _stop(guests: str, state_dir: str, name: str, domain: str, why: str) -> int:
             log.error(f"{domain}: could not take our guard out of iptables' FORWARD (reconcile or uninstall will)")
         claims.update(state_dir, name, add=[], drop=fast.claims)
         _hairpin(state_dir, name, domain, "", (), release=True)  # the taps are mostly gone already
-        from .runner import spawn_detached
-        for flt in fast.flows:  # engine.forget_flows, not waited for (see there)
-            spawn_detached(["conntrack", "-D", *flt])
+        from .runner import spawn_detached_twice
+        # engine.forget_flows, not waited for (see there)
+        spawn_detached_twice([["conntrack", "-D", *flt] for flt in fast.flows])
     from . import log
     log.info(f"{domain}: removed {fast.forwards} forward(s) ({why})", event="remove", guest=domain,
              forwards=fast.described)
