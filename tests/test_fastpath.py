@@ -98,6 +98,12 @@ def hook(w: World, domain: str, op: str) -> tuple[str, str]:
     return path, r.stderr
 
 
+def guard_first(w: World) -> bool:
+    """Our guard is the first rule of the chain libvirt's rules are in."""
+    first = w.forward_chain("iptables")[1] if w.backend == "iptables" else w.foreign()[0]
+    return "virt-forward:guard" in first
+
+
 def snapshot(w: World) -> tuple[str, str, dict[str, str]]:
     """The kernel's rules (no counters, no handles) and the records."""
     ruleset = w.nft("-s", "list", "ruleset").stdout
@@ -196,8 +202,7 @@ def test_the_fast_path_steps_aside_when_anything_changed(world: World) -> None:
                  "jump", "guest_input")
     path, err = hook(w, "guest1", "start")
     assert path == "full" and "guard not on top" in err, err
-    first = w.forward_chain("iptables")[1] if w.backend == "iptables" else w.foreign()[0]
-    assert "virt-forward:guard" in first, w.foreign()
+    assert guard_first(w), w.foreign()
     assert w.probe("tcp", PUBLIC4, 80) == f"guest1:80 from {CLIENT4}"
     hook(w, "guest1", "stopped")
 
@@ -207,8 +212,7 @@ def test_the_fast_path_steps_aside_when_anything_changed(world: World) -> None:
     w.lab.load_libvirt_rules()
     path, err = hook(w, "guest1", "start")
     assert path == "fast", err
-    first = w.forward_chain("iptables")[1] if w.backend == "iptables" else w.foreign()[0]
-    assert "virt-forward:guard" in first, w.foreign()
+    assert guard_first(w), w.foreign()
     assert w.probe("tcp", PUBLIC4, 80) == f"guest1:80 from {CLIENT4}"
     # a table that is there but lacks this skeleton's mark (another version made it): full path
     hook(w, "guest1", "stopped")

@@ -8,6 +8,7 @@ watcher report.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import replace
 
 import ipaddress
@@ -398,16 +399,23 @@ def test_connections_counter_rises_with_real_connections(backend_world: World) -
     assert 0.0 in lost["virt_forward_forward_live"].values()
 
 
-@pytest.mark.netns
-def test_counter_survives_a_rebuild_of_the_table() -> None:
-    """nft.full's rebuild (what reconcile applies) with metrics.keep_counters: the counter stays;
-    without it the same rebuild resets it (what reconcile does today)."""
+@contextmanager
+def three_connections() -> Iterator[World]:
+    """guest1 forwarding port 80 (nftables), with 3 connections counted through it."""
     with lab_world(backend="nftables") as w:
         w.write("config.toml", f'public = ["{PUBLIC4}"]\n')
         w.guest_file("guest1", f'address = "{G1_4}"\nports = ["80"]\n')
         start(w, "guest1")
         for _ in range(3):
             assert w.probe("tcp", PUBLIC4, 80).startswith("guest1:80")
+        yield w
+
+
+@pytest.mark.netns
+def test_counter_survives_a_rebuild_of_the_table() -> None:
+    """nft.full's rebuild (what reconcile applies) with metrics.keep_counters: the counter stays;
+    without it the same rebuild resets it."""
+    with three_connections() as w:
         code = ("import sys\nfrom pathlib import Path\nfrom virt_forward import metrics, nft\n"
                 "from virt_forward.state import StateStore\nstore = StateStore(Path(sys.argv[1]))\n"
                 "batch = nft.full([store.read(d) for d in store.domains()], hairpin=True)\n"
@@ -432,12 +440,7 @@ def test_counter_survives_a_rebuild_of_the_table() -> None:
 
 @pytest.mark.netns
 def test_reconcile_keeps_the_counters() -> None:
-    with lab_world(backend="nftables") as w:
-        w.write("config.toml", f'public = ["{PUBLIC4}"]\n')
-        w.guest_file("guest1", f'address = "{G1_4}"\nports = ["80"]\n')
-        start(w, "guest1")
-        for _ in range(3):
-            assert w.probe("tcp", PUBLIC4, 80).startswith("guest1:80")
+    with three_connections() as w:
         assert connections(scrape(w))[(PUBLIC4, "tcp", 80)] == 3
         w.cli("reconcile")
         assert w.probe("tcp", PUBLIC4, 80).startswith("guest1:80")

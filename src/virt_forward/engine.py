@@ -209,6 +209,23 @@ def hairpin_bridges(ctx: Context, xml: str | None, plan: GuestPlan | None, setti
                          if bridge in nat and any(discovery.inside(t, nat[bridge]) for t in targets)}))
 
 
+def set_hairpins(ctx: Context, plans: list[GuestPlan], xml_of: Callable[[str], str | None],
+                 settings: Settings) -> dict[str, tuple[str, ...] | None]:
+    """set_hairpin for every guest whose domain XML `xml_of` knows (reconcile, the watcher),
+    reading the NAT networks once; each guest's hairpin_bridges."""
+    nat = None
+    bridges: dict[str, tuple[str, ...] | None] = {}
+    for plan in plans:
+        xml = xml_of(plan.domain)
+        if xml and settings.hairpin and nat is None:
+            from .discovery import nat_networks
+            nat = nat_networks(ctx.libvirt_root)
+        bridges[plan.domain] = hairpin_bridges(ctx, xml, plan, settings, nat)
+        if xml:
+            set_hairpin(ctx, plan.domain, xml, bridges[plan.domain] or ())
+    return bridges
+
+
 def set_hairpin(ctx: Context, domain: str, xml: str, bridges: tuple[str, ...]) -> None:
     """Hairpin mode on the guest's ports on `bridges`, off where we set it and it is no longer
     wanted.  A failure is logged: a guest reaching its own forward is not worth failing a start."""

@@ -242,10 +242,9 @@ def _stop(guests: str, state_dir: str, name: str, domain: str, why: str) -> int:
 def _hairpin(state_dir: str, name: str, domain: str, xml: str, bridges: tuple[str, ...],
              release: bool = False) -> None:
     """engine.set_hairpin (when the domain XML is known) / release_hairpin, as the full path."""
-    if release and not os.path.lexists(os.path.join(state_dir, "hairpin", name)):
-        return  # nothing of ours to switch off: no import
-    if not release and not (xml and bridges) and not os.path.lexists(os.path.join(state_dir, "hairpin", name)):
-        return
+    held = os.path.lexists(os.path.join(state_dir, "hairpin", name))
+    if not held and (release or not (xml and bridges)):
+        return  # nothing to switch on, nothing of ours to switch off: no import
     from . import hairpin
     try:
         if release:

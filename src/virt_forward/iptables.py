@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
+from typing import Iterator
 
 from . import guards
 from .nft import MARK_FORWARDED
@@ -116,24 +117,38 @@ class RuleCount:
     bytes: int
 
 
-def parse_counters(save: str) -> dict[tuple[str | None, str, int], RuleCount]:
-    """{(public address or None, protocol, public port): RuleCount} of our DNAT rules in
-    `iptables-save -c -t nat` output (lines "[packets:bytes] -A VF-<tag>-D ... -j DNAT ...")."""
-    out: dict[tuple[str | None, str, int], RuleCount] = {}
-    in_nat = False
+def _counted_rules(save: str, table: str, suffix: str, needs: str) -> Iterator[tuple[int, int, list[str]]]:
+    """(packets, bytes, words) of each rule of ours in `table` of `iptables-save -c` output: in a
+    chain VF-...`suffix`, holding the word `needs` (lines "[packets:bytes] -A VF-<tag><suffix> ...")."""
+    inside = False
     for line in save.splitlines():
         if line.startswith("*"):
-            in_nat = line == "*nat"
+            inside = line == f"*{table}"
             continue
         counts, _, rule = line.partition("] ")
         parts = rule.split()
-        if not (in_nat and counts.startswith("[") and parts[:1] == ["-A"] and len(parts) > 1
-                and parts[1].startswith("VF-") and parts[1].endswith("-D") and "--to-destination" in parts):
+        if not (inside and counts.startswith("[") and parts[:1] == ["-A"] and len(parts) > 1
+                and parts[1].startswith("VF-") and parts[1].endswith(suffix) and needs in parts):
             continue
         try:
             packets, nbytes = (int(n) for n in counts[1:].split(":"))
-            pub = parts[parts.index("-d") + 1].split("/")[0] if "-d" in parts else None
-            key = (pub, parts[parts.index("-p") + 1], int(parts[parts.index("--dport") + 1]))
+        except ValueError:  # not a rule we wrote
+            continue
+        yield packets, nbytes, parts
+
+
+def _after(parts: list[str], flag: str) -> str | None:
+    """The word after `flag` (an address without its /prefix), None when absent."""
+    return parts[parts.index(flag) + 1].split("/")[0] if flag in parts else None
+
+
+def parse_counters(save: str) -> dict[tuple[str | None, str, int], RuleCount]:
+    """{(public address or None, protocol, public port): RuleCount} of our DNAT rules in
+    `iptables-save -c -t nat` output."""
+    out: dict[tuple[str | None, str, int], RuleCount] = {}
+    for packets, nbytes, parts in _counted_rules(save, "nat", "-D", "--to-destination"):
+        try:
+            key = (_after(parts, "-d"), parts[parts.index("-p") + 1], int(parts[parts.index("--dport") + 1]))
             addr, _, gport = parts[parts.index("--to-destination") + 1].rpartition(":")
             out[key] = RuleCount(addr.strip("[]"), int(gport), packets, nbytes)
         except (ValueError, IndexError):  # not a rule we wrote
@@ -145,22 +160,13 @@ def parse_traffic(save: str) -> dict[tuple[str | None, str, int], tuple[int, int
     """{(public address or None, protocol, public port): (packets, bytes)} of our accounting
     rules in `iptables-save -c -t mangle` output: every packet of the forward's connections."""
     out: dict[tuple[str | None, str, int], tuple[int, int]] = {}
-    in_mangle = False
-    for line in save.splitlines():
-        if line.startswith("*"):
-            in_mangle = line == "*mangle"
-            continue
-        counts, _, rule = line.partition("] ")
-        parts = rule.split()
-        if not (in_mangle and counts.startswith("[") and parts[:1] == ["-A"] and len(parts) > 1
-                and parts[1].startswith("VF-") and parts[1].endswith("-A") and "--ctorigdstport" in parts):
-            continue
+    for packets, nbytes, parts in _counted_rules(save, "mangle", "-A", "--ctorigdstport"):
         try:
-            packets, nbytes = (int(n) for n in counts[1:].split(":"))
-            pub = parts[parts.index("--ctorigdst") + 1].split("/")[0] if "--ctorigdst" in parts else None
-            out[(pub, parts[parts.index("-p") + 1], int(parts[parts.index("--ctorigdstport") + 1]))] = (packets, nbytes)
+            key = (_after(parts, "--ctorigdst"), parts[parts.index("-p") + 1],
+                   int(parts[parts.index("--ctorigdstport") + 1]))
         except (ValueError, IndexError):  # not a rule we wrote
             continue
+        out[key] = (packets, nbytes)
     return out
 
 

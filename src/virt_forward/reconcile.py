@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Any
 
 from . import claims, engine, fastpath, log, metrics, nft, state
 from .config import load_settings
@@ -150,16 +149,7 @@ def reconcile(ctx: engine.Context, running: list[str] | None = None, lock_timeou
                 engine.forget_flows(recorded(plan.domain), plan)
                 store.write(plan, backend)
         # hairpin mode where the domain XML says which ports are the guest's (libvirt's, or kept)
-        nat: dict[str, Any] | None = None
-        bridges: dict[str, tuple[str, ...] | None] = {}
-        for plan in plans:
-            xml = xmls.get(plan.domain) or store.read_xml(plan.domain)
-            if xml and settings.hairpin and nat is None:
-                from .discovery import nat_networks
-                nat = nat_networks(ctx.libvirt_root)
-            bridges[plan.domain] = engine.hairpin_bridges(ctx, xml, plan, settings, nat)
-            if xml:
-                engine.set_hairpin(ctx, plan.domain, xml, bridges[plan.domain] or ())
+        bridges = engine.set_hairpins(ctx, plans, lambda d: xmls.get(d) or store.read_xml(d), settings)
         if backend == "nftables":
             # the next stop and start of these guests take the hook's fast path
             for want in fresh:

@@ -160,14 +160,9 @@ def check_and_repair(ctx: engine.Context, running: list[str] | None = None,
 
 def _repair_hairpin(ctx: engine.Context, xmls: dict[str, str]) -> None:
     from .config import settings_or_default
-    from .discovery import nat_networks
-    settings = settings_or_default(ctx.config_dir)
-    nat = nat_networks(ctx.libvirt_root)
     with ctx.store.lock():
-        for domain in ctx.store.domains():
-            plan, xml = ctx.store.read(domain), xmls.get(domain)
-            if plan is not None and xml:
-                engine.set_hairpin(ctx, domain, xml, engine.hairpin_bridges(ctx, xml, plan, settings, nat) or ())
+        plans = [p for p in (ctx.store.read(d) for d in ctx.store.domains()) if p is not None]
+        engine.set_hairpins(ctx, plans, xmls.get, settings_or_default(ctx.config_dir))
 
 
 def write_metrics(ctx: engine.Context, path: str) -> None:
