@@ -128,3 +128,19 @@ def test_a_network_target_in_domain_metadata(cdir: Path, tmp_path: Path) -> None
     assert sorted((f.public_port, str(f.guest)) for f in want.plan.forwards) == [(8080, G1), (8081, NIC2)]
     with pytest.raises(ConfigError, match="not a guest address of the domain's own networks"):
         engine.desired(ctx, "guest1", xml.replace("8081:81@second", "8081:81@10.9.9.9"))
+
+
+def test_check_accepts_targets_found_at_start(cdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`check` has no domain XML: a guest whose targets come from it ('@network', or no
+    `address`) is valid, not an error; a bad spec in it still is."""
+    from conftest import write_trusted
+    from virt_forward import commands, engine
+    write_trusted(cdir / "guests" / "db.toml", 'address = "10.0.0.2"\nports = ["80", "81@backend"]\n')
+    write_trusted(cdir / "guests" / "bymac.toml", 'ports = ["80"]\n')
+    ctx = engine.Context(cdir, cdir / "state")
+    assert commands.check(ctx) == 0
+    out = capsys.readouterr().out
+    assert "error:" not in out and "0 error(s)" in out and out.count("note: ") == 2 and "db.toml" in out and "bymac.toml" in out, out
+    write_trusted(cdir / "guests" / "db.toml", 'address = "10.0.0.2"\nports = ["80", "81@a b"]\n')
+    assert commands.check(ctx) != 0
+    assert "db.toml:2: ports: '81@a b': target 'a b' is neither" in capsys.readouterr().out

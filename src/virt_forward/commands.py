@@ -12,8 +12,10 @@ from .errors import ConfigError, ExitCode, VirtForwardError
 from .plan import GuestPlan, find_conflicts, host_limit_error, plan_guest
 
 
-def collect_plans(ctx: engine.Context) -> tuple[list[GuestPlan], list[str]]:
-    """Every guest's plan and every config error, conflicts across guests included."""
+def collect_plans(ctx: engine.Context, later: list[str] | None = None) -> tuple[list[GuestPlan], list[str]]:
+    """Every guest's plan and every config error, conflicts across guests included.  A guest
+    whose targets are found only at its start (from its MAC, or '@network') is validated but
+    not planned: its file is named in `later`."""
     errors: list[str] = []
     plans: list[tuple[GuestPlan, str]] = []
     try:
@@ -25,7 +27,10 @@ def collect_plans(ctx: engine.Context) -> tuple[list[GuestPlan], list[str]]:
     for name in names:
         try:
             guest = load_guest(ctx.config_dir, name)
-            if guest is not None:
+            if guest is not None and guest.found_at_start():
+                if later is not None:
+                    later.append(guest.path)
+            elif guest is not None:
                 plans.append((plan_guest(guest, settings), guest.path))
                 configs[name] = guest
         except VirtForwardError as exc:
@@ -43,7 +48,8 @@ def check(ctx: engine.Context) -> int:
         print(f"error: {exc}")
         print(f"FAILED: the config in {ctx.config_dir} is not trusted")
         return ExitCode.CONFIG
-    plans, errors = collect_plans(ctx)
+    later: list[str] = []
+    plans, errors = collect_plans(ctx, later)
     names = guest_names(ctx.config_dir)
     # the host-wide cap: each plan is already within max_forwards_per_guest, so counting
     # them costs little; engine and reconcile check the same function with what they apply
@@ -53,6 +59,9 @@ def check(ctx: engine.Context) -> int:
         errors.append(str(cap))
     for line in errors:
         print(f"error: {line}")
+    for path in later:
+        print(f"note: {path}: valid; its target addresses are found at the guest's start (from the domain XML), "
+              "so its forwards and their conflicts are checked then")
     forwards = sum(len(p.forwards) for p in plans)
     print(f"{'FAILED' if errors else 'ok'}: {len(names)} guest file(s), {forwards} forward(s), "
           f"{len(errors)} error(s) in {ctx.config_dir}")

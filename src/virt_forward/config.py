@@ -108,6 +108,12 @@ class GuestConfig:
     def network_targets(self) -> set[str]:
         return {e.spec.target for e in self.ports if isinstance(e.spec.target, str)}
 
+    def found_at_start(self) -> bool:
+        """Some target is known only from the domain XML at start: no `address` for a spec
+        without '@', or an '@network' (engine.desired finds them; the planner alone cannot)."""
+        return (not self.addresses and any(e.spec.target is None for e in self.ports)) or bool(
+            self.network_targets())
+
     def line_of(self, key: str) -> int | None:
         return self.lines.get(key)
 
