@@ -250,8 +250,9 @@ def gather(ctx: engine.Context, libvirt_dir: Path = Path("/etc/libvirt")) -> Fac
     hook = libvirt_dir / "hooks" / "qemu.d" / "virt-forward"
     from .install import installed_hook_problem, unit_problems
     try:
-        st = os.stat(hook)
-        installed, mtime = bool(st.st_mode & 0o111), st.st_mtime
+        # The time the entry appeared in qemu.d, which is what libvirt notices: the Debian
+        # package's hook is a symlink, and its target keeps the package's build time.
+        installed, mtime = bool(os.stat(hook).st_mode & 0o111), os.lstat(hook).st_mtime
     except OSError:
         installed, mtime = False, None
     hook_problem = installed_hook_problem(hook, ctx.config_dir) if installed else None

@@ -3,6 +3,10 @@
 libvirt runs hooks with PATH=/bin:/usr/bin and only finds new hooks when the
 daemon starts, so the hook names our interpreter by absolute path and we tell
 the admin to restart libvirtd (or virtqemud/virtnetworkd) once.
+
+The Debian package (debian/) makes its hooks and units with these same functions
+at build time, naming /usr/bin/python3 and /usr/lib/python3/dist-packages instead
+of the running interpreter and package.
 """
 
 from __future__ import annotations
@@ -69,10 +73,10 @@ def package_location() -> str:
 
 HOOK_TEMPLATE = """\
 #!{python} -IS
-# virt-forward's libvirt {kind} hook, written by `virt-forward install` (version {version}).
+# virt-forward's libvirt {kind} hook, written by {writer} (version {version}).
 # It runs {python} with -I -S (no environment, no .pth files: nothing but our code runs as
 # root at a guest start) and takes the package from {location}.
-# If either goes away (a Python upgrade, a removed venv), run `virt-forward install` again;
+# If either goes away (a Python upgrade, a removed venv), run {writer} again;
 # `virt-forward doctor` checks both.  Whatever fails, this hook exits 0 and logs why.
 import os, sys
 if len(sys.argv) < 3 or sys.argv[2] not in {ops!r}:
@@ -96,11 +100,15 @@ os._exit(status)  # nothing left to finalize: skip the interpreter's teardown (l
 """
 
 
-def hook_script(kind: str, dirs: tuple[str, ...] = ()) -> str:
-    """`dirs`: --config-dir/--state-dir given at install time, baked in (libvirt passes no env)."""
+def hook_script(kind: str, dirs: tuple[str, ...] = (), *, python: str | None = None, location: str | None = None,
+                writer: str = "`virt-forward install`") -> str:
+    """`dirs`: --config-dir/--state-dir given at install time, baked in (libvirt passes no env).
+    `python`, `location`: the interpreter and the directory holding the package where the hook
+    will run, when that is not here (a distribution package built elsewhere); default: ours.
+    `writer`: the command that writes the hook again, named in its header."""
     from . import __version__
     from .hook import NETWORK_OPS, QEMU_OPS
-    python = interpreter()
+    python = python or interpreter()
     if any(c.isspace() for c in python) or len(python) > 200:
         # the kernel splits a #! line at the first blank and cuts it at 255 bytes
         raise InstallError(f"{python}: an interpreter path with blanks or over 200 characters cannot "
@@ -110,9 +118,9 @@ def hook_script(kind: str, dirs: tuple[str, ...] = ()) -> str:
                                                                     ("--state-dir", "state_dir"))
                        if flag in given)
     ops = tuple(sorted(QEMU_OPS if kind == "qemu" else NETWORK_OPS))
-    return HOOK_TEMPLATE.format(python=python, kind=kind, version=__version__, location=package_location(),
-                                ops=ops, entry="qemu_main" if kind == "qemu" else "network_main",
-                                dirs=kwargs)
+    return HOOK_TEMPLATE.format(python=python, kind=kind, version=__version__, writer=writer,
+                                location=location or package_location(), ops=ops,
+                                entry="qemu_main" if kind == "qemu" else "network_main", dirs=kwargs)
 
 
 def probe_hook(path: Path, cdir: Path, timeout: float = 30.0) -> str | None:
@@ -172,9 +180,10 @@ def unit_problems(root: Path) -> list[str]:
     return found
 
 
-def units() -> dict[str, str]:
+def units(*, python: str | None = None) -> dict[str, str]:
+    """`python`: the interpreter the units run (default: ours), as for `hook_script`."""
     # -I, not -S: the watcher imports libvirt-python from the same site-packages
-    exe = f"{interpreter()} -I -m virt_forward"
+    exe = f"{python or interpreter()} -I -m virt_forward"
     after = "libvirtd.service virtqemud.service virtnetworkd.service firewalld.service nftables.service"
     return {
         WATCH_UNIT: f"""[Unit]
@@ -285,6 +294,15 @@ def uninstall(ctx: engine.Context, root: Path, dry_run: bool) -> list[str]:
             out.append(f"{'would remove' if dry_run else 'removed'} {path}")
             if not dry_run:
                 path.unlink()
+    out += remove_rules(ctx, root, dry_run)
+    out.append(f"kept your configuration in {ctx.config_dir}")
+    return out
+
+
+def remove_rules(ctx: engine.Context, root: Path, dry_run: bool, lock_timeout: float | None = None) -> list[str]:
+    """Every rule, guard and record of ours, and the metrics textfile; running guests keep running.
+    `uninstall` ends with this; the Debian package's prerm runs it through `remove_rules_main`."""
+    out: list[str] = []
     # the metrics textfile, or node_exporter keeps serving its last values as if we still ran
     from .config import settings_or_default
     metrics_file = settings_or_default(ctx.config_dir).metrics_file
@@ -298,7 +316,22 @@ def uninstall(ctx: engine.Context, root: Path, dry_run: bool) -> list[str]:
         out.append("would remove table inet virt_forward, every guard and every record")
     else:
         from .reconcile import reconcile
-        reconcile(ctx, running=[])
+        reconcile(ctx, running=[], lock_timeout=lock_timeout)
         out.append("removed table inet virt_forward, every guard and every record")
-    out.append(f"kept your configuration in {ctx.config_dir}")
     return out
+
+
+def remove_rules_main() -> int:
+    """`/usr/bin/python3 -I -B -c 'import sys, virt_forward.install as i; sys.exit(i.remove_rules_main())'`
+    from the Debian package's prerm, after dpkg stopped the units (so `uninstall`, which runs
+    systemctl on units it wrote itself, does not fit).  Never raises: a failed removal of the
+    package would leave it half-installed; says what failed and returns 1 instead."""
+    try:
+        # bounded: a virt-forward process stuck with our lock must not hang dpkg for ever
+        lines = remove_rules(engine.default_context(), Path("/"), dry_run=False, lock_timeout=60.0)
+    except Exception as exc:
+        print(f"virt-forward: could not remove its rules, guards and records: {type(exc).__name__}: {exc}",
+              file=sys.stderr)
+        return 1
+    print("\n".join(f"virt-forward: {line}" for line in lines))
+    return 0
