@@ -228,3 +228,54 @@ def test_nft_guard_below_libvirt_or_outdated_is_replaced() -> None:
 def test_nft_chain_absent() -> None:
     from virt_forward.guards import NFT_TARGETS, parse_nft_chain
     assert parse_nft_chain(NFT_TARGETS[0], {"nftables": []}) is None
+
+
+# firewalld 2.x's filter_FORWARD as `nft -a list chain` and `nft -a -j list chain` print it on
+# Debian 13 (its table has `flags owner`: nobody else may add a rule to it)
+FIREWALLD_FORWARD_TEXT = """table inet firewalld {
+\tchain filter_FORWARD { # handle 15
+\t\ttype filter hook forward priority filter + 10; policy accept;
+\t\tct state { established, related } accept # handle 26
+\t\tct status dnat accept # handle 27
+\t\tiifname "lo" accept # handle 28
+\t\tct state invalid drop # handle 29
+\t\tjump filter_FORWARD_POLICIES # handle 31
+\t\treject with icmpx admin-prohibited # handle 32
+\t}
+}
+"""
+
+
+def _fw_json(rules: list[list[dict[str, object]]]) -> dict[str, object]:
+    items: list[dict[str, object]] = [{"chain": {"family": "inet", "table": "firewalld", "name": "filter_FORWARD",
+                                                 "handle": 15}}]
+    items += [{"rule": {"family": "inet", "table": "firewalld", "chain": "filter_FORWARD", "handle": 26 + i,
+                        "expr": expr}} for i, expr in enumerate(rules)]
+    return {"nftables": items}
+
+
+ESTABLISHED = [{"match": {"op": "==", "left": {"ct": {"key": "state"}}, "right": {"set": ["established", "related"]}}},
+               {"accept": None}]
+DNAT_ACCEPT = [{"match": {"op": "in", "left": {"ct": {"key": "status"}}, "right": "dnat"}}, {"accept": None}]
+INVALID_DROP = [{"match": {"op": "==", "left": {"ct": {"key": "state"}}, "right": "invalid"}}, {"drop": None}]
+
+
+def test_a_chain_that_accepts_every_dnat_first_needs_no_guard() -> None:
+    """Found by the field tier on Debian 13: firewalld 2.x owns its table, so inserting our
+    guard there fails with EPERM and took the whole transaction (a guest's forwards) with it.
+    Its filter_FORWARD accepts every DNAT-ed connection before any reject: no guard needed."""
+    from virt_forward.fastpath import nft_guard_state
+    from virt_forward.guards import NftTarget, parse_nft_chain
+    assert nft_guard_state(FIREWALLD_FORWARD_TEXT) == "ok"
+    target = NftTarget("inet", "firewalld", "filter_FORWARD")
+    chain = parse_nft_chain(target, _fw_json([ESTABLISHED, DNAT_ACCEPT, INVALID_DROP]))
+    assert chain is not None and chain.accepts_dnat and chain.guard_in_place()
+    # StrictForwardPorts=yes (no dnat accept), or a drop before it: the guard is needed again
+    strict = FIREWALLD_FORWARD_TEXT.replace("\t\tct status dnat accept # handle 27\n", "")
+    assert nft_guard_state(strict) == "absent"
+    late = FIREWALLD_FORWARD_TEXT.replace("ct status dnat accept # handle 27", "ct state invalid drop # handle 27") \
+        .replace("ct state invalid drop # handle 29", "ct status dnat accept # handle 29")
+    assert nft_guard_state(late) == "absent"
+    for rules in ([ESTABLISHED, INVALID_DROP], [INVALID_DROP, DNAT_ACCEPT]):
+        chain = parse_nft_chain(target, _fw_json(rules))
+        assert chain is not None and not chain.accepts_dnat and not chain.guard_in_place()

@@ -380,13 +380,31 @@ def _nft_rules(listing: str) -> list[str]:
             if ln.startswith("\t\t") and not ln.strip().startswith(("type ", "policy ", "}"))]
 
 
+def accepts_dnat_first(rules: list[str]) -> bool:
+    """Whether the chain accepts every DNAT-ed connection (`ct status dnat accept`) before any
+    rule that could reject one: firewalld's filter_FORWARD does (unless StrictForwardPorts),
+    and firewalld >= 2 owns its table (`flags owner`): a guard there is refused with EPERM,
+    and it would take the whole transaction down with it.  Such a chain needs no guard."""
+    for rule in rules:  # no `re` here: its import alone costs the hook milliseconds
+        words = rule.split(" # handle ")[0].split(' comment "')[0].split()
+        if "counter" in words:  # "counter packets N bytes M"
+            at = words.index("counter")
+            del words[at:at + 5]
+        if words == ["ct", "status", "dnat", "accept"]:
+            return True
+        if words[-1:] != ["accept"]:
+            return False
+    return False
+
+
 def nft_guard_state(listing: str) -> str:
-    """`nft -a list chain` text: "ok" (exactly one guard of ours, the current one, first),
-    "absent" (none of ours), or "wrong" (misplaced, several, or of another version)."""
+    """`nft -a list chain` text: "ok" (exactly one guard of ours, the current one, first; or
+    none in a chain that needs none), "absent" (none of ours), or "wrong" (misplaced, several,
+    or of another version)."""
     rules = _nft_rules(listing)
     ours = [i for i, r in enumerate(rules) if f'comment "{GUARD_COMMENT}' in r]
     if not ours:
-        return "absent"
+        return "ok" if accepts_dnat_first(rules) else "absent"
     return "ok" if ours == [0] and f'comment "{NFT_GUARD_COMMENT}"' in rules[0] else "wrong"
 
 

@@ -101,8 +101,13 @@ class NftChain:
     handles: tuple[int, ...]  # every rule's handle, in order
     guards: tuple[int, ...]  # handles of our guards
     current: tuple[int, ...] = ()  # handles of guards that are this version's
+    # accepts every DNAT-ed connection before anything could reject it: needs no guard
+    # (firewalld's filter_FORWARD; fastpath.accepts_dnat_first says why it matters)
+    accepts_dnat: bool = False
 
     def guard_in_place(self) -> bool:
+        if not self.guards and self.accepts_dnat:
+            return True
         return list(self.guards) == list(self.handles[:1]) == list(self.current)
 
 
@@ -134,7 +139,25 @@ def parse_nft_chain(target: NftTarget, listing: dict[str, Any]) -> NftChain | No
                 ours.append(int(rule["handle"]))
                 if comment == NFT_GUARD_COMMENT:
                     current.append(int(rule["handle"]))
-    return NftChain(target, tuple(handles), tuple(ours), tuple(current)) if found else None
+    return NftChain(target, tuple(handles), tuple(ours), tuple(current), _accepts_dnat(listing)) if found else None
+
+
+_DNAT_ACCEPT = [{"match": {"op": "in", "left": {"ct": {"key": "status"}}, "right": "dnat"}}, {"accept": None}]
+
+
+def _accepts_dnat(listing: dict[str, Any]) -> bool:
+    """The JSON twin of fastpath.accepts_dnat_first."""
+    for item in listing.get("nftables", []):
+        rule = item.get("rule")
+        if not isinstance(rule, dict):
+            continue
+        exprs = [e for e in rule.get("expr", []) if not (isinstance(e, dict) and "counter" in e)]
+        if [dict(e, match=dict(e["match"], op="in")) if isinstance(e, dict) and "match" in e else e
+                for e in exprs] == _DNAT_ACCEPT:
+            return True
+        if not exprs or exprs[-1] != {"accept": None}:
+            return False
+    return False
 
 
 def nft_commands(chains: list[NftChain], want: bool) -> list[str]:
