@@ -242,3 +242,20 @@ def test_build_script_is_valid_bash_and_excludes_what_git_does_not_track() -> No
     for excluded in ("./.git", "./.venv", "./build", "./dist", "__pycache__"):
         assert f"--exclude={excluded}" in text
     assert "dpkg-buildpackage -b -us -uc" in text and "--fail-on error,warning" in text
+
+
+def test_install_and_uninstall_leave_the_packages_hooks_to_dpkg(tmp_path: Path) -> None:
+    """`virt-forward install` over the package's links would leave files that `apt remove`
+    does not take away; `uninstall` would take hooks from under an installed package."""
+    from virt_forward import engine
+    from virt_forward.install import InstallError, install, uninstall
+    hooks = tmp_path / "etc/libvirt/hooks/qemu.d"
+    hooks.mkdir(parents=True)
+    (hooks / "virt-forward").symlink_to("/usr/lib/virt-forward/hooks/qemu")
+    ctx = engine.Context(tmp_path / "etc/virt-forward", tmp_path / "run")
+    with pytest.raises(InstallError, match="Debian package's hook"):
+        install(tmp_path, ctx.config_dir, dry_run=False)
+    with pytest.raises(InstallError, match="apt remove virt-forward"):
+        uninstall(ctx, tmp_path, dry_run=True)
+    assert (hooks / "virt-forward").is_symlink()
+    assert not (tmp_path / "etc/systemd").exists()

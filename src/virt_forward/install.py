@@ -227,9 +227,24 @@ def _systemd(root: Path) -> bool:
     return root == Path("/") and Path("/run/systemd/system").is_dir()
 
 
+# The Debian package's hooks live here; /etc/libvirt/hooks holds symlinks that dpkg's scripts own.
+PACKAGE_HOOKS = "/usr/lib/virt-forward/hooks/"
+
+
+def packaged_hooks(root: Path) -> list[Path]:
+    """The hook links the Debian package made (postinst makes them, prerm removes them)."""
+    return [root / rel for rel in (QEMU_HOOK, NETWORK_HOOK)
+            if (root / rel).is_symlink() and os.readlink(root / rel).startswith(PACKAGE_HOOKS)]
+
+
 def install(root: Path, cdir: Path, dry_run: bool, dirs: tuple[str, ...] = ()) -> list[str]:
     """Write what `planned` says, after proving that the hooks run as libvirt will run them:
     a hook that cannot start would abort every guest start (and kill guests at `reconnect`)."""
+    packaged = packaged_hooks(root)
+    if packaged:
+        # replacing them would leave files that `apt remove` does not take away
+        raise InstallError(f"nothing installed: {packaged[0]} is the Debian package's hook; the package "
+                           "manages hooks and units (apt install --reinstall virt-forward)")
     specs = planned(root, cdir, dirs)
     out: list[str] = []
     if not dry_run:
@@ -286,6 +301,11 @@ def _check_hooks(hooks: list[FileSpec], cdir: Path) -> None:
 
 def uninstall(ctx: engine.Context, root: Path, dry_run: bool) -> list[str]:
     out: list[str] = []
+    packaged = packaged_hooks(root)
+    if packaged:
+        # dpkg owns those (and the units under /lib): `apt remove virt-forward` takes them
+        raise InstallError(f"{packaged[0]} is the Debian package's hook: remove the package instead "
+                           "(apt remove virt-forward; it removes every rule of ours too)")
     if _systemd(root) and not dry_run:
         subprocess.run(["systemctl", "disable", "--now", WATCH_UNIT, BOOT_UNIT], check=False)
     for rel in (QEMU_HOOK, NETWORK_HOOK, f"{UNIT_DIR}/{WATCH_UNIT}", f"{UNIT_DIR}/{BOOT_UNIT}"):
