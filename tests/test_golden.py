@@ -6,6 +6,10 @@ optional config.toml, and the expected batches:
 - apply.nft   = nft.change(None, plan, hairpin=settings.hairpin)
 - reapply.nft = nft.change(plan, plan, hairpin=settings.hairpin)
 - remove.nft  = nft.change(plan, None, hairpin=settings.hairpin, last=False)
+- full.nft    = nft.full([plan], hairpin=settings.hairpin): the rebuild (reconcile, watcher)
+- iptables4.rules, iptables6.rules = iptables.render(...) for the iptables backend: the
+  guest applied onto an empty nat table, beside libvirt 9.0's FORWARD chain (the guard goes
+  on top); a file is absent when the guest has no forward of that family
 
 Regenerate with UPDATE_GOLDEN=1, then read the diff: it is the change in what
 the kernel gets.
@@ -28,7 +32,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conftest import write_trusted
-from virt_forward import nft
+from virt_forward import guards, iptables, nft
 from virt_forward.config import GuestConfig, Settings, load_guest, load_settings
 from virt_forward.plan import Family, Forward, GuestPlan, plan_guest
 from virt_forward.ports import PROTOCOLS
@@ -49,12 +53,40 @@ def load_case(case: Path, cdir: Path) -> tuple[GuestPlan, Settings]:
     return plan_guest(guest, settings), settings
 
 
+# libvirt 9.0's filter FORWARD on a host with one NAT network (as iptables-save prints it)
+LIBVIRT_FILTER = """*filter
+:INPUT ACCEPT [0:0]
+:FORWARD ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:LIBVIRT_FWI - [0:0]
+:LIBVIRT_FWO - [0:0]
+:LIBVIRT_FWX - [0:0]
+-A FORWARD -j LIBVIRT_FWX
+-A FORWARD -j LIBVIRT_FWI
+-A FORWARD -j LIBVIRT_FWO
+COMMIT
+"""
+
+
+def _subnets(plan: GuestPlan) -> dict[str, iptables.IPNet]:
+    """Each guest address's libvirt network, as discovery would find it (/24, /64)."""
+    return {str(f.guest): ipaddress.ip_network(f"{f.guest}/{24 if f.family == 4 else 64}", strict=False)
+            for f in plan.forwards}
+
+
 def rendered(plan: GuestPlan, settings: Settings) -> dict[str, str]:
-    return {
+    out = {
         "apply.nft": nft.change(None, plan, hairpin=settings.hairpin),
         "reapply.nft": nft.change(plan, plan, hairpin=settings.hairpin),
         "remove.nft": nft.change(plan, None, hairpin=settings.hairpin, last=False),
+        "full.nft": nft.full([plan], hairpin=settings.hairpin),
     }
+    for family in (4, 6):
+        if iptables.has_family(plan, family):
+            out[f"iptables{family}.rules"] = iptables.render(
+                family, iptables.NatState(), [plan], [plan], settings.hairpin, _subnets(plan),
+                guards.parse_filter(LIBVIRT_FILTER))
+    return out
 
 
 def test_enough_cases() -> None:
@@ -77,8 +109,10 @@ def test_golden_batches_hold_this_guest_only(case: Path, cdir: Path) -> None:
     """Checks that do not depend on the exact text: what a reviewer would look for."""
     plan, settings = load_case(case, cdir)
     out = rendered(plan, settings)
-    for text in out.values():
+    for name, text in out.items():
         assert text.endswith("\n") and "\n\n" not in text
+        if not name.endswith(".nft"):
+            continue
         assert all(line.split()[1:3] == ["table", "inet"] or f" {nft.T} " in line
                    for line in text.splitlines()), "every command names our table only"
     apply = out["apply.nft"]
@@ -96,6 +130,48 @@ def test_golden_batches_hold_this_guest_only(case: Path, cdir: Path) -> None:
     assert "delete table" not in remove and "flush ruleset" not in remove
     # reapply is remove-then-add in one transaction
     assert out["reapply.nft"].endswith(nft.batch(nft.add_guest(plan)))
+    # a rebuild replaces the whole table: exactly this guest's elements, nothing of apply's lost
+    assert out["full.nft"].startswith("add table inet virt_forward\ndelete table inet virt_forward\n")
+    for fwd in plan.forwards:
+        name, key, value = nft.dnat_element(fwd)
+        assert f"{' . '.join(key)} : {' . '.join(value)}" in out["full.nft"]
+    # iptables: one DNAT rule per forward of the family, the guard first in FORWARD, no flush of
+    # a table we do not own (iptables-restore --noflush; only our chains are declared)
+    for family in (4, 6):
+        rules = out.get(f"iptables{family}.rules")
+        assert (rules is not None) is iptables.has_family(plan, family)
+        if rules is None:
+            continue
+        dnats = [ln for ln in rules.splitlines() if " -j DNAT " in ln]
+        assert len(dnats) == sum(1 for f in plan.forwards if f.family == family)
+        assert f"-I FORWARD 1 {guards.GUARD_SPEC}" in rules
+        declared = [ln[1:].split()[0] for ln in rules.splitlines() if ln.startswith(":")]
+        assert all(c.startswith("VF-") for c in declared), declared
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_golden_rebuild_and_iptables_load_in_real_tools(case: Path, tmp_path: Path) -> None:
+    """full.nft loads (twice: a rebuild over a rebuild); each iptables file goes through
+    iptables-restore --noflush beside libvirt's FORWARD chain, leaving the guard on top."""
+    why = _nft_check_possible()
+    if why:
+        pytest.skip(why)
+    (tmp_path / "filter").write_text(LIBVIRT_FILTER)
+    script = f"nft -f {shlex.quote(str(case / 'full.nft'))} && nft -f {shlex.quote(str(case / 'full.nft'))}"
+    for family, tool in ((4, "iptables"), (6, "ip6tables")):
+        rules = case / f"iptables{family}.rules"
+        if rules.exists():
+            script += (f" && {tool}-restore < {tmp_path / 'filter'} && {tool}-restore --noflush < "
+                       f"{shlex.quote(str(rules))} && {tool}-save -t filter")
+    proc = subprocess.run(["unshare", "--net", "sh", "-c", script], capture_output=True, text=True,
+                          timeout=60, env={"PATH": "/usr/sbin:/sbin:/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr
+    saved = proc.stdout.split("*filter")[1:]
+    assert len(saved) == sum((case / f"iptables{f}.rules").exists() for f in (4, 6))
+    for table in saved:
+        forward = [ln for ln in table.splitlines() if ln.startswith("-A FORWARD ")]
+        assert guards.GUARD_COMMENT in forward[0] and len(forward) == 4, forward
 
 
 def test_last_removal_deletes_the_table(cdir: Path) -> None:
