@@ -16,7 +16,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "e2e"))
 
-from container import Container, FieldUnavailable, build_root, cleanup_stale  # noqa: E402
+from field.container import Container, FieldUnavailable, build_root, cleanup_stale  # noqa: E402
 from libvirt_lab import _domain_xml, _network_xml, default_guests  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]

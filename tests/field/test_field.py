@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from admin import (FIRST_INSTALL_NOTE, GUESTS, System, booted, one_set, our_rules, qemu_pids, report, restart_libvirt,
+from field.admin import (FIRST_INSTALL_NOTE, GUESTS, System, booted, one_set, our_rules, qemu_pids, report, restart_libvirt,
                    wait_rule)
 
 pytestmark = pytest.mark.field

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from admin import System, booted, one_set, our_rules, qemu_pids, report, restart_libvirt
+from field.admin import System, booted, one_set, our_rules, qemu_pids, report, restart_libvirt
 
 pytestmark = pytest.mark.field
 
