@@ -89,7 +89,13 @@ def plan(ctx: engine.Context, domain: str) -> int:
     if want.plan is None:
         return ExitCode.OK
     if backend == "iptables":
-        print("# (iptables-restore batches are computed from the live nat table at apply time)")
+        # as apply would call it: every other applied guest stays, this one is rewritten
+        others = [p for p in (ctx.store.read(d) for d in ctx.store.domains() if d != domain) if p is not None]
+        families = want.plan.families() | (old.families() if old else set())
+        for family, batch in engine.iptables_batches(others + [want.plan], [want.plan], families,
+                                                     want.settings.hairpin):
+            tool = "iptables" if family == 4 else "ip6tables"
+            print(f"# {tool}-restore --noflush <<EOF (one transaction)\n{batch}EOF")
         return ExitCode.OK
     print(nft.change(old, want.plan, hairpin=want.settings.hairpin), end="")
     guard_cmds = guards.nft_commands(engine.nft_guard_chains(), want=True)

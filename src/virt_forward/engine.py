@@ -390,6 +390,14 @@ def connected_routes() -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
 def iptables_sync(applied: list[GuestPlan], rebuild: list[GuestPlan], families: set[Family],
                   hairpin: bool) -> None:
     """The iptables backend: one iptables-restore --noflush per family (nat and mangle chains, guard)."""
+    for family, text in iptables_batches(applied, rebuild, families, hairpin):
+        _restore(family, text)
+
+
+def iptables_batches(applied: list[GuestPlan], rebuild: list[GuestPlan], families: set[Family],
+                     hairpin: bool) -> list[tuple[Family, str]]:
+    """The iptables-restore --noflush input of each family, from the live tables (read, never
+    changed: `plan` prints these)."""
     from . import iptables
     routes = connected_routes()
     subnets = {}
@@ -398,12 +406,13 @@ def iptables_sync(applied: list[GuestPlan], rebuild: list[GuestPlan], families: 
             net = iptables.connected_subnet(guest, routes)
             if net is not None:
                 subnets[str(guest)] = net
+    batches: list[tuple[Family, str]] = []
     for family in sorted(families):
         if which(IPTABLES_TOOLS[family][1]) is None:
             raise FirewallError(f"{IPTABLES_TOOLS[family][1]}: not installed, but IPv{family} forwards are configured")
-        text = iptables.render(family, read_nat_state(family), applied, rebuild, hairpin, subnets,
-                               read_forward_chain(family))
-        _restore(family, text)
+        batches.append((family, iptables.render(family, read_nat_state(family), applied, rebuild, hairpin, subnets,
+                                                read_forward_chain(family))))
+    return batches
 
 
 def read_nat_state(family: Family) -> iptables_mod.NatState:
