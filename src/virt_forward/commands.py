@@ -166,13 +166,13 @@ def status(ctx: engine.Context, only: str | None, fmt: str = "text") -> int:
         report.append(entry)
     drift = metrics.current_problems(ctx, backend)
     if fmt == "json":
-        json.dump({"guests": report, "problems": drift}, sys.stdout, indent=1)
+        json.dump({"guests": report, "problems": [str(p) for p in drift]}, sys.stdout, indent=1)
         print()
         return ExitCode.OK
     if not report:
         print(f"no guests configured in {ctx.config_dir}")
     if ctx.store.domains():
-        print("rules and guards: " + ("in place" if not drift else "; ".join(drift) +
+        print("rules and guards: " + ("in place" if not drift else "; ".join(map(str, drift)) +
                                       " (virt-forward reconcile puts them back)"))
     paint = _painter()
     for entry in report:

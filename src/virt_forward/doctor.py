@@ -14,11 +14,15 @@ import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import engine
 from .errors import VirtForwardError
 from .plan import GuestPlan
 from .ports import IPAddress
+
+if TYPE_CHECKING:
+    from .drift import Problem
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "FAIL", "skip"
 
@@ -42,7 +46,7 @@ class Facts:
     networks: dict[str, tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]]  # libvirt network -> subnets
     plans: tuple[GuestPlan, ...]  # every configured guest
     config_errors: tuple[str, ...]
-    firewall_problems: tuple[str, ...]  # recorded vs live (watch.problems)
+    firewall_problems: tuple[Problem, ...]  # recorded vs live (drift.problems)
     applied: frozenset[str]
     docker_drop: bool
     firewalld_strict: bool | None  # None: no firewalld config
@@ -105,7 +109,7 @@ def diagnose(f: Facts) -> list[Verdict]:
         v.append(Verdict(SKIP, "guest address", "no libvirt network definitions found to check against"))
 
     if f.firewall_problems:
-        v += [Verdict(FAIL, "live rules", p, "virt-forward reconcile (and run virt-forward watch)")
+        v += [Verdict(FAIL, "live rules", str(p), "virt-forward reconcile (and run virt-forward watch)")
               for p in f.firewall_problems]
     elif f.applied:
         v.append(Verdict(OK, "live rules", f"{len(f.applied)} guest(s) applied, rules and guards in place"))
@@ -234,13 +238,13 @@ def gather(ctx: engine.Context, libvirt_dir: Path = Path("/etc/libvirt")) -> Fac
     from .commands import collect_plans
     from .config import settings_or_default
     from .runner import run, which
-    from .watch import problems
+    from .drift import Kind, Problem, problems
     plans, errors = collect_plans(ctx)
     applied = frozenset(ctx.store.domains())
     try:
         fw = tuple(problems(ctx)) if which("nft") else ()
     except VirtForwardError as exc:
-        fw = (str(exc),)
+        fw = (Problem(Kind.UNREADABLE, str(ctx.state_dir), str(exc)),)
     docker = False
     save = run(["iptables-save", "-t", "filter"], check=False) if which("iptables-save") else None
     if save is not None and save.returncode == 0:

@@ -159,10 +159,11 @@ def release(state_dir: str, stem: str) -> None:
     _save(state_dir, stem, [])
 
 
-def problems(state_dir: str) -> list[str]:
-    """Ports we put in hairpin mode that are not in it any more: a bridge port is made anew when
-    libvirt re-attaches its taps (a network restart), and the mode goes with it."""
-    found: list[str] = []
+def problems(state_dir: str) -> list[tuple[str, str]]:
+    """(guest's stem, port) of the ports we put in hairpin mode that are not in it any more: a
+    bridge port is made anew when libvirt re-attaches its taps (a network restart), and the
+    mode goes with it."""
+    found: list[tuple[str, str]] = []
     try:
         stems = sorted(os.listdir(os.path.join(state_dir, "hairpin")))
     except OSError:
@@ -170,7 +171,7 @@ def problems(state_dir: str) -> list[str]:
     for stem in stems:
         for dev, index in held(state_dir, stem):
             if _same_port(dev, index) and _read(_mode_path(dev)) == "0":
-                found.append(f"{stem}: {PROBLEM} {dev}")
+                found.append((stem, dev))
     return found
 
 

@@ -14,7 +14,7 @@ What is measured, and what is not:
   The iptables backend counts the same in the mangle table (iptables.py's accounting
   chains: one rule per forward matching the original destination).  (The nat element
   counter's `bytes` is the size of first packets alone: never exported.)
-- `virt_forward_rules_in_place`: the check `status` and the watcher run (watch.problems).
+- `virt_forward_rules_in_place`: the check `status` and the watcher run (drift.problems).
 - `virt_forward_repairs_total` / `virt_forward_last_repair_timestamp_seconds`: the watcher's
   reconciles after a failed check, kept in the state dir so that `status` shows them too.
 """
@@ -36,6 +36,7 @@ from .plan import Family, Forward
 
 if TYPE_CHECKING:
     from . import engine
+    from .drift import Problem
 
 REPAIRS_FILE = "repairs.json"  # in the state dir: {"count": N, "last": unix time or null}
 MAX_REPAIRS_FILE = 4096
@@ -116,7 +117,7 @@ class Repairs:
 @dataclass(frozen=True)
 class Snapshot:
     forwards: tuple[ForwardCount, ...]
-    problems: tuple[str, ...]
+    problems: tuple[Problem, ...]
     repairs: Repairs
 
 
@@ -295,15 +296,15 @@ def write_textfile(path: str, text: str) -> None:
 
 # ---------------------------------------------------------------- status and the watcher
 
-def current_problems(ctx: engine.Context, backend: str) -> list[str]:
-    """watch.problems (records vs. rules and guards), run when something is recorded, as
+def current_problems(ctx: engine.Context, backend: str) -> list[Problem]:
+    """drift.problems (records vs. rules and guards), run when something is recorded, as
     `status` has always run it."""
     from .runner import which
-    from .watch import problems
+    from .drift import Kind, Problem, problems
     if not ctx.store.domains():
         return []
     if backend != "iptables" and which("nft") is None:
-        return ["nft is not installed"]
+        return [Problem(Kind.TOOL, "nft", "nft is not installed")]
     return problems(ctx)
 
 

@@ -11,147 +11,34 @@ our own changes (which nft monitor reports too) cannot loop.
 
 from __future__ import annotations
 
-import json
 import queue
 import subprocess
 import threading
 import time
 from typing import Any
 
-from . import engine, hairpin, log, metrics, nft
-from .plan import Family, GuestPlan
+from . import engine, log, metrics
+from .drift import Kind, Problem, problems
 from .reconcile import libvirt_uri, reconcile, running_from_libvirt
-from .runner import SEARCH_PATH, run, which
-
-
-def expected_elements(plans: list[GuestPlan]) -> dict[str, dict[tuple[str, ...], tuple[str, ...]]]:
-    want: dict[str, dict[tuple[str, ...], tuple[str, ...]]] = {}
-    for plan in plans:
-        for fwd in plan.forwards:
-            name, key, value = nft.dnat_element(fwd)
-            want.setdefault(name, {})[key] = value
-    return want
-
-
-def _rule_counts(listing: dict[str, Any]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for item in listing.get("nftables", []):
-        rule = item.get("rule")
-        if isinstance(rule, dict):
-            counts[rule["chain"]] = counts.get(rule["chain"], 0) + 1
-    return counts
-
-
-def _expected_counts(hairpin: bool) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for cmd in nft.skeleton(hairpin):
-        if cmd.startswith(f"add rule {nft.T} "):
-            chain = cmd.split()[4]
-            counts[chain] = counts.get(chain, 0) + 1
-    return counts
-
-
-def problems(ctx: engine.Context, running: list[str] | None = None) -> list[str]:
-    """What differs between the records and the kernel (and libvirt's running guests,
-    when known); [] when all is in place."""
-    from .config import guest_names, settings_or_default
-    settings = settings_or_default(ctx.config_dir)
-    store = ctx.store
-    found: list[str] = []
-    with store.lock():
-        plans = [p for p in (store.read(d) for d in store.domains()) if p is not None]
-        waiting = [d for d in store.xml_domains() if store.read(d) is None]
-        found += [f"{d}: {WAITING}" for d in waiting
-                  if running is None or d in running]
-        if running is not None:
-            recorded = {p.domain for p in plans}
-            configured = set(guest_names(ctx.config_dir))
-            found += [f"{d}: running but not applied" for d in sorted((set(running) & configured) - recorded)
-                      if d not in waiting]
-            found += [f"{d}: applied but not running" for d in sorted(recorded - set(running))]
-        found += hairpin.problems(str(store.root))
-        try:
-            backend = engine.resolve_backend(settings)
-        except Exception:
-            backend = "nftables"
-        if backend == "iptables":
-            return found + _iptables_problems(plans, settings.hairpin)
-        got = run(["nft", "-j", "list", "table", nft.FAMILY, nft.TABLE], check=False)
-        if not plans:
-            if got.returncode == 0 and not waiting:
-                found.append("our table exists but no guest is recorded")
-            return found
-        if got.returncode != 0:
-            return found + ["table inet virt_forward is gone"]
-        listing = json.loads(got.stdout)
-        live = nft.parse_live(listing)
-        want = expected_elements(plans)
-        for name in sorted(set(want) | {n for n in live if n.startswith("dnat")}):
-            if live.get(name, {}) != want.get(name, {}):
-                found.append(f"map {name} differs from the records")
-        counts = _rule_counts(listing)
-        for chain, n in _expected_counts(settings.hairpin).items():
-            if counts.get(chain, 0) != n:
-                found.append(f"chain {chain} has {counts.get(chain, 0)} rules, not {n}")
-        for guarded in engine.nft_guard_chains():
-            if not guarded.guard_in_place():
-                found.append(f"guard not on top of nft {guarded.target.ref}")
-        found += _iptables_guard_problems(set().union(*(p.families() for p in plans)))
-    return found
-
-
-def _tool(family: Family) -> str:
-    return "iptables" if family == 4 else "ip6tables"
-
-
-def _iptables_guard_problems(families: set[Family]) -> list[str]:
-    found = []
-    for family in sorted(families):
-        fchain = engine.read_forward_chain(family)
-        if fchain is not None and fchain.needs_guard() and not fchain.guard_in_place():
-            found.append(f"guard not on top of {_tool(family)} FORWARD")
-    return found
-
-
-def _iptables_problems(plans: list[GuestPlan], hairpin: bool) -> list[str]:
-    from . import iptables
-    found: list[str] = []
-    live: set[object] = set()
-    families: tuple[Family, ...] = (4, 6)
-    for family in families:
-        state = engine.read_nat_state(family)
-        live |= iptables.live_forwards(state)
-        if any(iptables.has_family(p, family) for p in plans):
-            for chain, rule in iptables.base_jumps(family, hairpin).items():
-                if state.jumps.get(chain, ()) != (rule,):
-                    found.append(f"{_tool(family)} nat {chain}: jump to our chain missing or doubled")
-            if state.acct_jumps != (iptables.ACCT_JUMP,):
-                found.append(f"{_tool(family)} mangle FORWARD: jump to our accounting chain missing or doubled")
-    found += _iptables_guard_problems({f for p in plans for f in p.families()})
-    if live != {f for p in plans for f in p.forwards}:
-        found.append("iptables DNAT rules differ from the records")
-    return found
-
-
-WAITING = "running but not applied (waiting for its address)"
+from .runner import SEARCH_PATH, which
 
 
 def check_and_repair(ctx: engine.Context, running: list[str] | None = None,
-                     xmls: dict[str, str] | None = None) -> list[str]:
+                     xmls: dict[str, str] | None = None) -> list[Problem]:
     """`xmls`: the running guests' live XML when libvirt gave it (hairpin mode needs their taps)."""
     found = problems(ctx, running)
-    if found and all(hairpin.PROBLEM in p for p in found):
+    text = "; ".join(map(str, found))
+    if found and all(p.kind is Kind.HAIRPIN for p in found):
         # only ports that lost hairpin mode (a network restart re-made them): set it again where
         # libvirt told us the guest's taps; no firewall change, so no event to wake us again
-        log.warning("repairing: " + "; ".join(found), event="repair")
+        log.warning("repairing: " + text, event="repair")
         _repair_hairpin(ctx, xmls or {})
-    elif found and all(p.endswith(WAITING) for p in found):
+    elif found and all(p.kind is Kind.WAITING for p in found):
         # only guests waiting for a lease: try each alone, the rest of the table stays untouched
         for p in found:
-            domain = p[: -len(WAITING) - 2]
-            engine.apply(ctx, domain, ctx.store.read_xml(domain))
+            engine.apply(ctx, p.subject, ctx.store.read_xml(p.subject))
     elif found:
-        log.warning("repairing: " + "; ".join(found), event="repair")
+        log.warning("repairing: " + text, event="repair")
         reconcile(ctx, running=running, xmls=xmls)
         with ctx.store.lock():  # two watchers (a unit and one by hand) must not lose a count
             metrics.record_repair(ctx.store.root)
@@ -275,7 +162,7 @@ def watch(ctx: engine.Context, interval: float = 30.0, debounce: float = 0.2) ->
             try:
                 found = check_and_repair(ctx, running=running, xmls=asked)
                 # a guest waiting for its DHCP lease: look again soon, not at the next tick
-                pending = any(p.endswith(WAITING) for p in found)
+                pending = any(p.kind is Kind.WAITING for p in found)
             except Exception as exc:  # keep watching: the next event or tick retries
                 log.error(f"check after {reason}: {exc}")
             try:
