@@ -8,7 +8,7 @@ that bench/run made (see bench/README.md):
   debian  Debian's /usr/bin/python3, the snapshot `pip install --target` into a dist-packages dir
 
 run as libvirt runs it: argv `DOMAIN start begin -` / `DOMAIN stopped end -`, the domain
-XML on stdin, env exactly PATH=/bin:/usr/bin.  Four labs (`virt_forward.lab.Lab`: a host
+XML on stdin, env exactly PATH=/bin:/usr/bin.  Four labs (`vflab.lab.Lab`: a host
 namespace with libvirt 9.0's rules, guest1 with servers, an outside client):
 
   A   ours, grows 0 -> 1,000 -> 10,000 forwards      B   the post's, grows alike
@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from virt_forward.lab import PUBLIC4, Lab
+from vflab.lab import PUBLIC4, Lab
 
 from . import parts
 from .netns import netns
@@ -252,7 +252,7 @@ class Bench:
         `start begin`, `started begin` / `stopped end`, `release end`.  Each is a process; the
         installed hook acts on all five (it exits early only for operations not in its list)."""
         a = self.ours["A"]
-        from virt_forward.lab import domain_xml
+        from vflab.lab import domain_xml
         seq = [("prepare", "begin"), ("start", "begin"), ("started", "begin"), ("stopped", "end"), ("release", "end")]
         t: dict[str, list[float]] = {f"{ip.key} {op}": [] for ip in self.interps for op, _ in seq}
         for ip in self.interps:
@@ -279,7 +279,7 @@ class Bench:
         one real `start` (then stopped again); the full path (fast-path files removed first) and,
         `fast_too`, the start as it is after an earlier start of the guest."""
         a = self.ours["A"]
-        from virt_forward.lab import domain_xml
+        from vflab.lab import domain_xml
         for ip in self.interps:
             for variant in ("full", "fast") if fast_too and self.fast_path else ("full",):
                 if variant == "fast":  # an earlier start and stop of the guest: its fast file is there
@@ -309,7 +309,7 @@ class Bench:
         if strace is None:
             return
         a = self.ours["A"]
-        from virt_forward.lab import domain_xml
+        from vflab.lab import domain_xml
         out: dict[str, Any] = {}
         variants = [("start", "begin", False), ("stopped", "end", False)]
         if self.fast_path:
@@ -485,7 +485,7 @@ class Bench:
         if gtime is None:
             self.res["memory"] = {}
             return
-        from virt_forward.lab import domain_xml
+        from vflab.lab import domain_xml
         a.sync()
         mem: dict[str, Any] = {}
         tree = re.compile(r"Maximum resident set size \(kbytes\): (\d+)")

@@ -24,7 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from virt_forward.lab import Lab, domain_xml
+from vflab.lab import Lab, domain_xml
 
 from . import parts
 from .main import GUEST1, TESTED, TESTED_PORTS, other, say

@@ -21,8 +21,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from virt_forward import lab as labmod
-from virt_forward.lab import PUBLIC4, Lab
+from vflab import lab as labmod
+from vflab.lab import PUBLIC4, Lab
 
 from .netns import netns
 

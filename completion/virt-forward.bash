@@ -36,7 +36,7 @@ _virt_forward_ports() {  # $1: guest file, $2: prefix; the strings of its `ports
 
 _virt_forward() {
     local cur=${COMP_WORDS[COMP_CWORD]} prev=${COMP_WORDS[COMP_CWORD-1]}
-    local commands="hook check plan apply remove reconcile watch install uninstall status doctor add rm import demo"
+    local commands="hook check plan apply remove reconcile watch install uninstall status doctor add rm import"
     local globals="--config-dir --state-dir --debug --help"
     local cdir=${VIRT_FORWARD_CONFIG_DIR:-/etc/virt-forward}
     local cmd="" word i

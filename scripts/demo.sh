@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/virt-forward demo
+# the demo lives in vflab/ (repository root), not in the product: -m from here finds it
+exec .venv/bin/python -m vflab

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from virt_forward.lab import Lab, domain_xml, install_hooks
+from vflab.lab import Lab, domain_xml, install_hooks
 
 
 def need_root_and_tools() -> None:

@@ -19,8 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from netns_util import World, make_world
+from vflab.lab import CLIENT4, PUBLIC4
 from virt_forward import discovery, domainxml
-from virt_forward.lab import CLIENT4, PUBLIC4
 
 MAC = "52:54:00:aa:bb:01"
 DOMAIN = f"""<domain type='kvm'><name>guest1</name>

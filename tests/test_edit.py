@@ -224,7 +224,7 @@ def test_file_without_address(cdir: Path, write_guest: WriteFile) -> None:
 # run in a real bash with COMP_WORDS as readline would split them
 
 SCRIPT = Path(__file__).resolve().parent.parent / "completion" / "virt-forward.bash"
-COMMANDS = "hook check plan apply remove reconcile watch install uninstall status doctor add rm import demo".split()
+COMMANDS = "hook check plan apply remove reconcile watch install uninstall status doctor add rm import".split()
 
 needs_bash = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 

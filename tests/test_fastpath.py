@@ -18,8 +18,8 @@ from typing import Iterator
 import pytest
 
 from netns_util import World, lab_world
+from vflab.lab import CLIENT4, PUBLIC4, domain_xml
 from virt_forward import fastpath, guards
-from virt_forward.lab import CLIENT4, PUBLIC4, domain_xml
 
 DATA = Path(__file__).parent / "data"
 G1, G2 = "192.168.122.10", "192.168.122.11"

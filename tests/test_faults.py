@@ -19,7 +19,7 @@ from typing import Iterator
 import pytest
 
 from netns_util import Watcher, World, make_world
-from virt_forward.lab import CLIENT4, PUBLIC4
+from vflab.lab import CLIENT4, PUBLIC4
 
 pytestmark = pytest.mark.netns
 G1 = "192.168.122.10"

@@ -42,8 +42,8 @@ from typing import IO, Iterator
 import pytest
 
 from netns_util import Watcher, World, lab_world, need_root_and_tools
+from vflab.lab import CLIENT4, GUEST_NET4, PUBLIC4
 from virt_forward.guards import GUARD_COMMENT, NFT_GUARD_COMMENT
-from virt_forward.lab import CLIENT4, GUEST_NET4, PUBLIC4
 
 pytestmark = pytest.mark.netns
 

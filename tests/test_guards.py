@@ -3,7 +3,7 @@
 The .save files in tests/data/guards were produced by a real iptables-save
 (1.8.9, nf_tables) in a throwaway namespace, except nat-and-mangle-only.save
 (hand-written in the same format).  libvirt's rules are libvirt 9.0's, as
-virt_forward.lab reproduces them.
+vflab.lab reproduces them.
 """
 
 from __future__ import annotations

@@ -17,8 +17,8 @@ from typing import Iterator
 import pytest
 
 from netns_util import World, lab_world
+from vflab.lab import BRIDGE4, PUBLIC4, domain_xml
 from virt_forward import discovery, fastpath, hairpin
-from virt_forward.lab import BRIDGE4, PUBLIC4, domain_xml
 
 G1 = "192.168.122.10"
 LIVE_NIC = """<interface type='network'>

@@ -10,7 +10,7 @@ from typing import Iterator
 import pytest
 
 from netns_util import World, lab_world
-from virt_forward.lab import CLIENT4, PUBLIC4, domain_xml
+from vflab.lab import CLIENT4, PUBLIC4, domain_xml
 
 
 @pytest.fixture

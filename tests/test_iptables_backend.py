@@ -9,7 +9,7 @@ from typing import Iterator
 import pytest
 
 from netns_util import World, make_world
-from virt_forward.lab import CLIENT4, CLIENT4_OTHER, PUBLIC4, PUBLIC6
+from vflab.lab import CLIENT4, CLIENT4_OTHER, PUBLIC4, PUBLIC6
 
 pytestmark = pytest.mark.netns
 G1, G2 = "192.168.122.10", "192.168.122.11"
@@ -114,3 +114,27 @@ def test_a_second_guest_cannot_take_a_claimed_port(world: World) -> None:
     assert r.returncode == 0 and "is forwarded to guest 'guest1', which applied it first" in r.stderr, r.stderr
     assert w.probe("tcp", PUBLIC4, 80) == f"guest1:80 from {CLIENT4}"
     assert not any(G2 in ln for ln in ours(w))
+
+
+def test_plan_prints_the_exact_iptables_batches_and_changes_nothing(world: World) -> None:
+    """`plan` shows what `apply` would run on this backend too: the batches, read from the
+    live tables, that iptables-restore takes as they are and that make the forward work."""
+    w = world
+    start(w, "guest2")
+    before = ours(w)
+    out = w.cli("plan", "guest1").stdout
+    assert ours(w) == before  # read-only
+    batches = {}
+    for tool in ("iptables", "ip6tables"):
+        head = f"# {tool}-restore --noflush <<EOF (one transaction)\n"
+        assert head in out, out
+        batches[tool] = out.split(head, 1)[1].split("EOF\n", 1)[0]
+        assert batches[tool].startswith("*nat\n") and batches[tool].endswith("COMMIT\n")
+    assert "-j DNAT --to-destination 192.168.122.10:80" in batches["iptables"]
+    assert "-j DNAT --to-destination [fd00:122::a]:80" in batches["ip6tables"]
+    for tool, batch in batches.items():
+        r = w.lab.sh(w.lab.host, f"{tool}-restore", "--noflush", stdin=batch, check=False)
+        assert r.returncode == 0, r.stderr
+    assert w.probe("tcp", PUBLIC4, 80) == f"guest1:80 from {CLIENT4}"
+    assert w.probe("tcp", PUBLIC6, 80) == "guest1:80 from 2001:db8:1::2"
+    assert w.probe("tcp", PUBLIC4, 443, src=CLIENT4_OTHER) == f"guest2:443 from {CLIENT4_OTHER}"

@@ -14,8 +14,8 @@ from typing import Iterator
 import pytest
 
 from netns_util import World, lab_world
+from vflab.lab import PUBLIC4, domain_xml
 from virt_forward import fastpath, log
-from virt_forward.lab import PUBLIC4, domain_xml
 
 
 def decode(datagram: bytes) -> list[tuple[str, str]]:

@@ -25,8 +25,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import write_trusted
 from netns_util import Watcher, World, lab_world
+from vflab.lab import CLIENT4, PUBLIC4, PUBLIC6
 from virt_forward import engine, iptables, metrics, nft
-from virt_forward.lab import CLIENT4, PUBLIC4, PUBLIC6
 from virt_forward.plan import Family, Forward, GuestPlan
 
 DATA = Path(__file__).parent / "data" / "metrics"

@@ -18,7 +18,7 @@ from typing import Iterator
 import pytest
 
 from netns_util import World, lab_world
-from virt_forward.lab import PUBLIC4
+from vflab.lab import PUBLIC4
 
 G1, NIC2 = "192.168.122.10", "10.0.1.10"
 MAC1, MAC2 = "52:54:00:00:00:01", "52:54:00:00:01:0a"

@@ -14,7 +14,7 @@ from typing import Iterator
 import pytest
 
 from netns_util import World, lab_world
-from virt_forward.lab import CLIENT4, CLIENT4_OTHER, PUBLIC4, PUBLIC6
+from vflab.lab import CLIENT4, CLIENT4_OTHER, PUBLIC4, PUBLIC6
 
 pytestmark = pytest.mark.netns
 

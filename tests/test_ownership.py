@@ -13,8 +13,8 @@ from typing import Iterator
 import pytest
 
 from netns_util import World, lab_world
+from vflab.lab import CLIENT4, PUBLIC4, PUBLIC6
 from virt_forward import claims
-from virt_forward.lab import CLIENT4, PUBLIC4, PUBLIC6
 
 pytestmark = pytest.mark.netns
 

@@ -259,3 +259,32 @@ def test_install_and_uninstall_leave_the_packages_hooks_to_dpkg(tmp_path: Path) 
         uninstall(ctx, tmp_path, dry_run=True)
     assert (hooks / "virt-forward").is_symlink()
     assert not (tmp_path / "etc/systemd").exists()
+
+
+def test_the_product_package_holds_no_test_or_demo_code() -> None:
+    """The .deb installs all of src/virt_forward on every hypervisor: the namespace lab and the
+    demo live in vflab/ at the repository root, which the package neither ships nor may import."""
+    import ast
+    import tomllib
+
+    package = TOP / "src" / "virt_forward"
+    assert sorted(p.relative_to(package).as_posix() for p in package.rglob("*.py")
+                  if p.name in ("lab.py", "demo.py")) == []
+    importers = []
+    for path in sorted(package.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                modules = [node.module or ""]
+            else:
+                continue
+            importers += [f"{path.relative_to(TOP)}:{node.lineno}" for m in modules
+                          if m == "vflab" or m.startswith("vflab.")]
+        if "vflab" in path.read_text():  # import_module("vflab...") and the like
+            importers.append(f"{path.relative_to(TOP)} names vflab")
+    assert importers == []
+    # what keeps vflab/ out of the distribution, and so out of the .deb
+    find = tomllib.loads((TOP / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    assert find["where"] == ["src"]
+    assert (TOP / "vflab" / "lab.py").is_file() and not (TOP / "src" / "vflab").exists()

@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from netns_util import World, lab_world
+from vflab.lab import PUBLIC4
 from virt_forward.errors import StateError
-from virt_forward.lab import PUBLIC4
 from virt_forward.state import StateStore, stem, validate_record
 
 DNAT = "--to-destination 192.168.122.10:80"  # our iptables backend's rule for guest1's 80

@@ -64,7 +64,6 @@ def _parser() -> argparse.ArgumentParser:
     shown.add_argument("--format", choices=("text", "json", "prometheus"), default="text",
                        help="prometheus: the metrics the watcher writes to metrics_file (default text)")
     shown.add_argument("--json", dest="format", action="store_const", const="json", help="--format json")
-    sub.add_parser("demo", help="show a forward working in throw-away network namespaces (no libvirt)")
     return p
 
 
@@ -145,9 +144,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "status":
             from .commands import status
             return int(status(ctx, args.guest, args.format))
-        if args.command == "demo":
-            from .demo import run_demo
-            return int(run_demo())
     except VirtForwardError as exc:
         if args.debug:
             traceback.print_exc()

@@ -1,6 +1,6 @@
 """A hypervisor in network namespaces: host, guests on a bridge, an outside client.
 
-Used by `virt-forward demo`, the namespace tests and the benchmarks, so that all
+Used by the demo (`python -m vflab`), the namespace tests and the benchmarks, so that all
 three exercise the same topology.  It reproduces the firewall rules libvirt 9.0
 (iptables backend) puts in place for a NAT network, because getting past those
 is what the product exists for.  Everything lives in namespaces this object
@@ -312,7 +312,7 @@ def install_hooks(root: Path, config_dir: Path, state_dir: Path) -> Path:
     """`virt-forward install --root ROOT --config-dir .. --state-dir ..`, in process: the hooks
     every demo, test and benchmark runs are the files `install` writes (and has checked).
     Returns the qemu hook's path; the network hook is beside it in network.d."""
-    from . import install
+    from virt_forward import install
     install.install(root, config_dir, dry_run=False,
                     dirs=("--config-dir", str(config_dir), "--state-dir", str(state_dir)))
     return root / install.QEMU_HOOK

@@ -1,4 +1,5 @@
-"""`virt-forward demo`: the whole product in throw-away namespaces, no libvirt needed.
+"""The demo (`python -m vflab`, run by scripts/demo.sh): the whole product in throw-away
+namespaces, no libvirt needed.
 
 A host with a libvirt-like NAT network (and libvirt 9.0's reject rules), a guest
 with small servers, an outside client.  The hook is called exactly as libvirt
@@ -18,7 +19,7 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from .lab import CLIENT4, PUBLIC4, PUBLIC6, Lab, domain_xml, install_hooks
+from vflab.lab import CLIENT4, PUBLIC4, PUBLIC6, Lab, domain_xml, install_hooks
 
 GUEST_TOML = """\
 # /etc/virt-forward/guests/guest1.toml (here in a temp dir)
@@ -42,11 +43,11 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 
 def run_demo() -> int:
     if os.geteuid() != 0:
-        print("virt-forward demo: needs root (it creates network namespaces)", file=sys.stderr)
+        print("demo: needs root (it creates network namespaces)", file=sys.stderr)
         return 1
     for tool in ("nft", "ip"):
         if shutil.which(tool, path="/usr/sbin:/sbin:/usr/bin:/bin") is None:
-            print(f"virt-forward demo: {tool} is not installed (apt-get install nftables iproute2)", file=sys.stderr)
+            print(f"demo: {tool} is not installed (apt-get install nftables iproute2)", file=sys.stderr)
             return 1
     signal.signal(signal.SIGTERM, _interrupt)
     tmp = Path(tempfile.mkdtemp(prefix="virt-forward-demo-"))
