@@ -307,8 +307,10 @@ def test_metrics_loop_writes_config_tomls_file(tmp_path: Path, cdir: Path, monke
     out.parent.mkdir()
     config = write_trusted(cdir / "config.toml", f'metrics_file = "{out}"\nmetrics_interval = 1\n')
     live = metrics.live_from_listing(listing())
-    monkeypatch.setattr(metrics, "read_live", lambda backend: live)
-    monkeypatch.setattr(metrics, "current_problems", lambda ctx, backend: [])
+    from virt_forward import drift
+    from virt_forward.backends.nftables import NftablesBackend
+    monkeypatch.setattr(NftablesBackend, "read_live", lambda self: live)
+    monkeypatch.setattr(drift, "current_problems", lambda ctx, backend: [])
     ctx = engine.Context(cdir, tmp_path / "state", Path("/"))
     ctx.store.write(GUEST1, "nftables")
     stop = threading.Event()
@@ -413,13 +415,14 @@ def three_connections() -> Iterator[World]:
 
 @pytest.mark.netns
 def test_counter_survives_a_rebuild_of_the_table() -> None:
-    """nft.full's rebuild (what reconcile applies) with metrics.keep_counters: the counter stays;
+    """nft.full's rebuild (what reconcile applies) with keep_counters: the counter stays;
     without it the same rebuild resets it."""
     with three_connections() as w:
-        code = ("import sys\nfrom pathlib import Path\nfrom virt_forward import metrics, nft\n"
+        code = ("import sys\nfrom pathlib import Path\nfrom virt_forward import nft\n"
+                "from virt_forward.backends.nftables import keep_counters\n"
                 "from virt_forward.state import StateStore\nstore = StateStore(Path(sys.argv[1]))\n"
                 "batch = nft.full([store.read(d) for d in store.domains()], hairpin=True)\n"
-                "sys.stdout.write(metrics.keep_counters(batch) if sys.argv[2] == 'keep' else batch)\n")
+                "sys.stdout.write(keep_counters(batch) if sys.argv[2] == 'keep' else batch)\n")
 
         def rebuild(mode: str) -> int:
             batch = w.lab.sh(w.lab.host, sys.executable, "-c", code, str(w.state), mode).stdout

@@ -6,7 +6,7 @@ import json
 import sys
 from typing import Any
 
-from . import engine, nft
+from . import backends, engine, nft
 from .config import guest_names, guests_dir, load_guest, load_settings, settings_or_default
 from .errors import ConfigError, ExitCode, VirtForwardError
 from .plan import GuestPlan, find_conflicts, host_limit_error, plan_guest
@@ -84,31 +84,13 @@ def plan(ctx: engine.Context, domain: str) -> int:
         if want.plan.allow is not None:
             print(f"#   only from: {', '.join(map(str, want.plan.allow))}")
     print(f"# recorded as applied now: {'nothing' if old is None else f'{len(old.forwards)} forward(s)'}")
-    backend = engine.resolve_backend(want.settings)
-    print(f"# backend: {backend}")
+    backend = backends.choose(want.settings)
+    print(f"# backend: {backend.name}")
     if want.plan is None:
         return ExitCode.OK
-    if backend == "iptables":
-        # as apply would call it: every other applied guest stays, this one is rewritten
-        others = [p for p in (ctx.store.read(d) for d in ctx.store.domains() if d != domain) if p is not None]
-        families = want.plan.families() | (old.families() if old else set())
-        for family, batch in engine.iptables_batches(others + [want.plan], [want.plan], families,
-                                                     want.settings.hairpin):
-            tool = "iptables" if family == 4 else "ip6tables"
-            print(f"# {tool}-restore --noflush <<EOF (one transaction)\n{batch}EOF")
-        return ExitCode.OK
-    print(nft.change(old, want.plan, hairpin=want.settings.hairpin), end="")
-    guard_cmds = guards.nft_commands(engine.nft_guard_chains(), want=True)
-    print("# guards in nftables tables of others (same transaction):" + ("" if guard_cmds else " none needed"))
-    print("".join(c + "\n" for c in guard_cmds), end="")
-    for family in sorted(want.plan.families()):
-        chain = engine.read_forward_chain(family)
-        text = guards.render(chain, want=True) if chain is not None and chain.needs_guard() else None
-        tool = "iptables" if family == 4 else "ip6tables"
-        print(f"# {tool} filter FORWARD guard: " + ("in place or not needed" if text is None else
-                                                     f"{tool}-restore --noflush <<EOF"))
-        if text is not None:
-            print(text + "EOF")
+    print(backend.plan_text(old, want.plan, lambda: [p for p in (ctx.store.read(d) for d in ctx.store.domains())
+                                                     if p is not None and p.domain != domain],
+                            want.settings.hairpin), end="")
     return ExitCode.OK
 
 
@@ -123,20 +105,17 @@ def _painter() -> Any:
 
 def status(ctx: engine.Context, only: str | None, fmt: str = "text") -> int:
     """`fmt`: "text", "json", or "prometheus" (metrics.py: the watcher's textfile, on stdout)."""
-    from . import metrics
+    from . import drift, metrics
     settings_error = None
     try:
         settings = load_settings(ctx.config_dir)
     except VirtForwardError as exc:
         settings, settings_error = settings_or_default(ctx.config_dir), str(exc)
-    try:
-        backend = engine.resolve_backend(settings)
-    except VirtForwardError:
-        backend = "nftables"
+    backend = backends.choose(settings, fallback=True)
     if fmt == "prometheus":
-        sys.stdout.write(metrics.exposition(metrics.snapshot(ctx, backend, only)))
+        sys.stdout.write(metrics.exposition(drift.snapshot(ctx, backend, only)))
         return ExitCode.OK
-    found = metrics.read_live(backend)
+    found = backend.read_live()
     live, counters = found.elements, found.connections
     from .reconcile import running_from_libvirt
     asked = running_from_libvirt()
@@ -164,15 +143,15 @@ def status(ctx: engine.Context, only: str | None, fmt: str = "text") -> int:
         entry["config_differs"] = (applied is not None and configured is not None
                                    and applied.forwards != configured.forwards)
         report.append(entry)
-    drift = metrics.current_problems(ctx, backend)
+    problems = drift.current_problems(ctx, backend)
     if fmt == "json":
-        json.dump({"guests": report, "problems": [str(p) for p in drift]}, sys.stdout, indent=1)
+        json.dump({"guests": report, "problems": [str(p) for p in problems]}, sys.stdout, indent=1)
         print()
         return ExitCode.OK
     if not report:
         print(f"no guests configured in {ctx.config_dir}")
     if ctx.store.domains():
-        print("rules and guards: " + ("in place" if not drift else "; ".join(map(str, drift)) +
+        print("rules and guards: " + ("in place" if not problems else "; ".join(map(str, problems)) +
                                       " (virt-forward reconcile puts them back)"))
     paint = _painter()
     for entry in report:

@@ -1,35 +1,30 @@
-"""What the hook and the CLI do: read config and state, plan, render, run, record.
+"""The service the hook, the CLI and the watcher call: read config and state, plan, hold the
+lock, apply the one ownership rule (claims.py), let the backend change the firewall, record.
 
-Reading state and producing commands stay apart: nft.py and guards.py are pure
-renderers, runner.py executes; this module only sequences them.
+The firewall is the backend's (backends/: chosen once, by name); reading state and producing
+commands stay apart there too: nft.py, iptables.py and guards.py are pure renderers,
+runner.py executes.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import json
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from . import claims, fastpath, guards, hairpin, log, nft, state
-from .consts import SKELETON_MARK_PREFIX
+from . import backends, claims, fastpath, hairpin, log, nft, state
 from .config import (GuestConfig, Settings, check_domain_name, guest_from_metadata, load_guest, load_settings,
                      settings_or_default)
 from .errors import FirewallError
-from .plan import Family, GuestPlan, host_limit_error, plan_guest
-from .runner import nft_apply, run, spawn_detached_twice, which
+from .plan import GuestPlan, host_limit_error, plan_guest
+from .runner import run, spawn_detached_twice, which
 from .state import StateStore
 
-if TYPE_CHECKING:  # the iptables backend is imported only where it is used
-    from . import iptables as iptables_mod
+if TYPE_CHECKING:
     from .domainxml import Nic
     from .ports import IPAddress
-
-IPTABLES_TOOLS: dict[Family, tuple[str, str]] = {4: ("iptables-save", "iptables-restore"),
-                                                 6: ("ip6tables-save", "ip6tables-restore")}
-
 
 @dataclass(frozen=True)
 class Context:
@@ -113,16 +108,6 @@ def _macs(nics: tuple[Nic, ...]) -> str:
     return "MAC " + ", ".join(n.mac for n in nics) if nics else "no NIC of it in the domain XML"
 
 
-def resolve_backend(settings: Settings) -> str:
-    if settings.backend in ("auto", "nftables") and which("nft"):
-        return "nftables"
-    if settings.backend == "nftables":
-        raise FirewallError("backend = \"nftables\" but the nft command is not installed (apt install nftables)")
-    if which("iptables-restore"):
-        return "iptables"
-    raise FirewallError("neither nft nor iptables-restore is installed (apt install nftables)")
-
-
 def apply(ctx: Context, domain: str, xml: str | None = None, want: Desired | None = None,
           lock_timeout: float | None = None, hook: bool = False) -> str:
     """Make the kernel hold exactly this guest's current forwards.  Idempotent.
@@ -139,16 +124,17 @@ def apply(ctx: Context, domain: str, xml: str | None = None, want: Desired | Non
         return f"{domain}: {want.pending}"
     if want.plan is None:
         return remove(ctx, domain, why="no config file")
-    backend = resolve_backend(want.settings)
+    backend = backends.choose(want.settings)
     store = ctx.store
     plan, hairpin = want.plan, want.settings.hairpin
     holder = state.stem(domain)
     with store.lock(lock_timeout):
         old = store.read(domain)
         old_backend = store.read_backend(domain) if old is not None else None
-        if old is not None and old_backend != backend:
+        if old is not None and old_backend not in (None, backend.name):
             # applied with the other backend (config changed, or nft installed since): take that off first
-            _remove_locked(ctx, domain, old, old_backend or backend, want.settings.hairpin, wait=not hook)
+            _remove_locked(ctx, domain, old, backends.by_name(old_backend or backend.name), want.settings.hairpin,
+                           wait=not hook)
             old = None
         wanted, had = claims_of(plan), claims_of(old)
         clash = claims.conflicts(str(store.root), holder, wanted)
@@ -163,31 +149,22 @@ def apply(ctx: Context, domain: str, xml: str | None = None, want: Desired | Non
             raise FirewallError(f"{domain}: not applied: {over}")
         claims.update(str(store.root), holder, add=wanted, drop=[])  # before the kernel: a crash errs on refusing
         try:
-            if backend == "iptables":
-                others = [p for p in (store.read(d) for d in store.domains() if d != domain) if p is not None]
-                families = plan.families() | (old.families() if old else set())
-                iptables_sync(others + [plan], [plan], families, hairpin)
-                outdated = False
-            else:
-                outdated = _apply_nft(old, plan, hairpin)
+            if backend.apply(old, plan, lambda: _others(store, domain), hairpin):
+                # a table made by an older virt-forward (other map flags): rebuild it whole, once
+                log.warning("table inet virt_forward is from an older version: rebuilding it")
+                backend.rebuild(_others(store, domain) + [plan], hairpin)
         except BaseException:
             claims.update(str(store.root), holder, add=had, drop=[c for c in wanted if c not in had])
             raise
         claims.update(str(store.root), holder, add=[], drop=[c for c in had if c not in wanted])
-        if not outdated:
-            store.write(plan, backend)
-            forget_flows(old, plan, wait=not hook)
+        store.write(plan, backend.name)
+        forget_flows(old, plan, wait=not hook)
         bridges = hairpin_bridges(ctx, xml, plan, want.settings)
         if xml:  # without the domain XML the guest's ports are not known: left as they are
             set_hairpin(ctx, domain, xml, bridges or ())
-        if backend == "nftables" and not outdated:
-            ensure_guards(plan.families())
+        backend.after_apply(plan.families())
+        if backend.fast_path:
             write_fast(store, want, bridges)
-    if outdated:
-        # a table made by an older virt-forward (other map flags): rebuild it whole, once
-        log.warning("table inet virt_forward is from an older version: rebuilding it")
-        from .reconcile import reconcile
-        reconcile(ctx, running=sorted(set(store.domains()) | {domain}), lock_timeout=lock_timeout)
     return _done(f"{domain}: {len(want.plan.forwards)} forward(s) live" + _summary(want.plan), "apply", domain,
                  want.plan)
 
@@ -261,20 +238,6 @@ def write_fast(store: StateStore, want: Desired, bridges: tuple[str, ...] | None
         bridges=None if bridges is None else list(bridges), described=[f.describe() for f in plan.forwards]))
 
 
-def _apply_nft(old: GuestPlan | None, plan: GuestPlan, hairpin: bool) -> bool:
-    """Our change and the guards in one transaction; True when the table is of an older schema."""
-    def body(live: NftLive) -> str:
-        return nft.change(old, plan, hairpin=hairpin, with_skeleton=live.mark != nft.skeleton_mark(hairpin),
-                          stale_marks=live.marks)
-    try:
-        apply_with_nft_guards(body, want=True)
-    except FirewallError:
-        if not _old_schema(hairpin):
-            raise
-        return True
-    return False
-
-
 def claims_of(plan: GuestPlan | None) -> list[claims.Claim]:
     return [] if plan is None else [(claims.key(f.family, f.proto, f.public_port),
                                      claims.ANY if f.public is None else str(f.public)) for f in plan.forwards]
@@ -343,93 +306,25 @@ def remove(ctx: Context, domain: str, why: str = "", lock_timeout: float | None 
             return f"{domain}: nothing applied" + (f" ({why})" if why else "")
         settings = settings_or_default(ctx.config_dir)  # a broken config.toml must not block removal
         # the backend it was applied with, not the one config.toml names now
-        _remove_locked(ctx, domain, old, store.read_backend(domain) or "nftables", settings.hairpin, wait=not hook)
+        _remove_locked(ctx, domain, old, backends.by_name(store.read_backend(domain) or "nftables"), settings.hairpin,
+                       wait=not hook)
     return _done(f"{domain}: removed {len(old.forwards)} forward(s)" + (f" ({why})" if why else ""), "remove", domain,
                  old)
 
 
-def _remove_locked(ctx: Context, domain: str, old: GuestPlan, backend: str, hairpin: bool, wait: bool = True) -> None:
+def _others(store: StateStore, domain: str) -> list[GuestPlan]:
+    """Every other applied guest (the iptables backend rewrites them; nft never asks)."""
+    return [p for p in (store.read(d) for d in store.domains() if d != domain) if p is not None]
+
+
+def _remove_locked(ctx: Context, domain: str, old: GuestPlan, backend: backends.Backend, hairpin: bool,
+                   wait: bool = True) -> None:
     store = ctx.store
-    if backend == "iptables":
-        others = [p for p in (store.read(d) for d in store.domains() if d != domain) if p is not None]
-        iptables_sync(others, [], old.families(), hairpin)
-    elif not store.any_other(domain):  # the last guest: the table and every guard go
-        apply_with_nft_guards(lambda _live: nft.change(old, None, hairpin=hairpin, last=True), want=False)
-        remove_guards()
-    else:
-        try:  # the skeleton costs most of a batch: only when the table lost it
-            nft_apply(nft.change(old, None, hairpin=hairpin, with_skeleton=False))
-        except FirewallError:
-            nft_apply(nft.change(old, None, hairpin=hairpin))
+    backend.remove(old, lambda: _others(store, domain), hairpin, last=not store.any_other(domain))
     store.delete(domain)
     release_hairpin(ctx, domain)
     claims.update(str(store.root), state.stem(domain), add=[], drop=claims_of(old))
     forget_flows(old, None, wait=wait)
-
-
-def connected_routes() -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
-    """Directly connected routes of this network namespace, from /proc (no process)."""
-    routes: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
-    try:
-        for line in Path("/proc/net/route").read_text().splitlines()[1:]:
-            cols = line.split()
-            if len(cols) > 7 and int(cols[2], 16) == 0:
-                dest = ipaddress.IPv4Address(int(cols[1], 16).to_bytes(4, "little"))
-                mask = ipaddress.IPv4Address(int(cols[7], 16).to_bytes(4, "little"))
-                routes.append(ipaddress.ip_network(f"{dest}/{mask}", strict=False))
-        for line in Path("/proc/net/ipv6_route").read_text().splitlines():
-            cols = line.split()
-            if len(cols) > 9 and int(cols[4], 16) == 0 and cols[9] != "lo":
-                dest6 = ipaddress.IPv6Address(bytes.fromhex(cols[0]))
-                routes.append(ipaddress.ip_network(f"{dest6}/{int(cols[1], 16)}", strict=False))
-    except OSError:
-        pass
-    return routes
-
-
-def iptables_sync(applied: list[GuestPlan], rebuild: list[GuestPlan], families: set[Family],
-                  hairpin: bool) -> None:
-    """The iptables backend: one iptables-restore --noflush per family (nat and mangle chains, guard)."""
-    for family, text in iptables_batches(applied, rebuild, families, hairpin):
-        _restore(family, text)
-
-
-def iptables_batches(applied: list[GuestPlan], rebuild: list[GuestPlan], families: set[Family],
-                     hairpin: bool) -> list[tuple[Family, str]]:
-    """The iptables-restore --noflush input of each family, from the live tables (read, never
-    changed: `plan` prints these)."""
-    from . import iptables
-    routes = connected_routes()
-    subnets = {}
-    for plan in applied:
-        for guest in {f.guest for f in plan.forwards}:
-            net = iptables.connected_subnet(guest, routes)
-            if net is not None:
-                subnets[str(guest)] = net
-    batches: list[tuple[Family, str]] = []
-    for family in sorted(families):
-        if which(IPTABLES_TOOLS[family][1]) is None:
-            raise FirewallError(f"{IPTABLES_TOOLS[family][1]}: not installed, but IPv{family} forwards are configured")
-        batches.append((family, iptables.render(family, read_nat_state(family), applied, rebuild, hairpin, subnets,
-                                                read_forward_chain(family))))
-    return batches
-
-
-def read_nat_state(family: Family) -> iptables_mod.NatState:
-    """Our part of iptables' nat and mangle tables as they are now (empty where a table is not)."""
-    from . import iptables
-    save = IPTABLES_TOOLS[family][0]
-    text = ""
-    for table in ("nat", "mangle"):
-        got = run([save, "-t", table], check=False) if which(save) else None
-        if got is not None and got.returncode == 0:
-            text += got.stdout
-    return iptables.parse_nat(text)
-
-
-def _old_schema(hairpin: bool) -> bool:
-    """Does our fixed part alone fail against the live table (checked, not applied)?"""
-    return run(["nft", "-c", "-f", "-"], stdin=nft.batch(nft.skeleton(hairpin)), check=False).returncode != 0
 
 
 def _summary(plan: GuestPlan) -> str:
@@ -438,113 +333,10 @@ def _summary(plan: GuestPlan) -> str:
     return (": " + ", ".join(shown) + (f", +{more} more" if more > 0 else "")) if shown else ""
 
 
-# ---------------------------------------------------------------- guards
-
-@dataclass(frozen=True)
-class NftLive:
-    """What one change needs to know of the live ruleset (cheap to read: no set elements)."""
-
-    guarded: tuple[guards.NftChain, ...]  # the foreign chains that get a guard, as they are now
-    marks: tuple[str, ...]  # skeleton marks in our table (nft.skeleton_mark)
-
-    @property
-    def mark(self) -> str | None:
-        return self.marks[0] if len(self.marks) == 1 else None
-
-
-def read_nft() -> NftLive:
-    listed = run(["nft", "-j", "list", "chains"], check=False)
-    if listed.returncode != 0:
-        return NftLive((), ())
-    listing = json.loads(listed.stdout)
-    marks = tuple(sorted(c["chain"]["name"] for c in listing.get("nftables", [])
-                         if "chain" in c and c["chain"].get("family") == nft.FAMILY
-                         and c["chain"].get("table") == nft.TABLE
-                         and str(c["chain"].get("name", "")).startswith(SKELETON_MARK_PREFIX)))
-    chains = []
-    for target in guards.present_targets(listing):
-        got = run(["nft", "-a", "-j", "list", "chain", target.family, target.table, target.chain], check=False)
-        if got.returncode == 0:
-            chain = guards.parse_nft_chain(target, json.loads(got.stdout))
-            if chain is not None:
-                chains.append(chain)
-    return NftLive(tuple(chains), marks)
-
-
-def nft_guard_chains() -> list[guards.NftChain]:
-    """The foreign nftables chains that need a guard, as they are now (cheap: small tables)."""
-    return list(read_nft().guarded)
-
-
-def apply_with_nft_guards(body: str | Callable[[NftLive], str], want: bool) -> None:
-    """Our change and the guards in other nftables tables: one transaction.
-
-    `body`: our part, or a function making it from what is live (is the skeleton there?).
-    The guards are deleted by handle; if their owner rewrote the chain between
-    our read and our write the batch fails as a whole, so read again once.
-    """
-    for attempt in (1, 2):
-        live = read_nft()
-        chains = list(live.guarded)
-        # a second attempt repeats the skeleton whatever the mark says (the table may be damaged)
-        ours = body if isinstance(body, str) else body(live if attempt == 1 else replace(live, marks=()))
-        try:
-            nft_apply(ours + nft.batch(guards.nft_commands(chains, want)))
-            break
-        except FirewallError:
-            if attempt == 2 or not (chains or live.marks):
-                raise
-    placed = [c.target.ref for c in chains if want and not c.guard_in_place()]
-    if placed:
-        log.info("guard placed on top of nft " + ", ".join(placed))
-
-
-def read_forward_chain(family: Family) -> guards.ForwardChain | None:
-    save, _ = IPTABLES_TOOLS[family]
-    if which(save) is None:
-        return None
-    result = run([save, "-t", "filter"], check=False)
-    if result.returncode != 0:  # no filter table: nothing there can reject us
-        return guards.ForwardChain(exists=False)
-    return guards.parse_filter(result.stdout)
-
-
-def _restore(family: Family, text: str) -> None:
-    _, restore = IPTABLES_TOOLS[family]
-    run([restore, "-w", "5", "--noflush"], stdin=text)
-
-
-def ensure_guards(families: set[Family]) -> list[str]:
-    """Put our guard on top of iptables' FORWARD where something there rejects or drops."""
-    done = []
-    for family in sorted(families):
-        chain = read_forward_chain(family)
-        if chain is None or not chain.needs_guard():
-            continue
-        text = guards.render(chain, want=True)
-        if text is not None:
-            _restore(family, text)
-            done.append(f"ip{'6' if family == 6 else ''}tables FORWARD")
-    if done:
-        log.info("guard placed on top of " + ", ".join(done))
-    return done
-
-
-def remove_guards() -> None:
-    families: tuple[Family, ...] = (4, 6)
-    for family in families:
-        chain = read_forward_chain(family)
-        if chain is None:
-            continue
-        text = guards.render(chain, want=False)
-        if text is not None:
-            _restore(family, text)
-
-
 def default_context(config_dir: str | None = None, state_dir: str | None = None) -> Context:
     from .config import config_dir as cdir
     from .state import state_dir as sdir
     return Context(cdir(config_dir), sdir(state_dir), Path(os.environ.get("VIRT_FORWARD_LIBVIRT_ROOT", "/")))
 
 
-__all__ = ["Context", "apply", "remove", "desired", "ensure_guards", "remove_guards", "default_context"]
+__all__ = ["Context", "apply", "remove", "desired", "default_context"]

@@ -40,7 +40,8 @@ STOP_OPS = frozenset({"stopped", "release"})
 _SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-~")
 # Our modules whose output a fast file holds: a changed one (an upgrade) makes every fast file stale.
 _CODE = ("__init__.py", "consts.py", "config.py", "ports.py", "plan.py", "nft.py", "guards.py", "engine.py",
-         "state.py", "claims.py", "fastpath.py", "discovery.py", "domainxml.py")
+         "state.py", "claims.py", "fastpath.py", "discovery.py", "domainxml.py", "backends/__init__.py",
+         "backends/nftables.py", "backends/iptables.py")
 
 Fingerprint = tuple[int, int, int, int, int, int, int] | None
 

@@ -15,6 +15,8 @@ What is measured, and what is not:
   chains: one rule per forward matching the original destination).  (The nat element
   counter's `bytes` is the size of first packets alone: never exported.)
 - `virt_forward_rules_in_place`: the check `status` and the watcher run (drift.problems).
+
+This module only renders and parses; drift.snapshot reads the kernel and the records.
 - `virt_forward_repairs_total` / `virt_forward_last_repair_timestamp_seconds`: the watcher's
   reconciles after a failed check, kept in the state dir so that `status` shows them too.
 """
@@ -35,8 +37,7 @@ from . import nft
 from .plan import Family, Forward
 
 if TYPE_CHECKING:
-    from . import engine
-    from .drift import Problem
+    from .problems import Problem
 
 REPAIRS_FILE = "repairs.json"  # in the state dir: {"count": N, "last": unix time or null}
 MAX_REPAIRS_FILE = 4096
@@ -181,16 +182,6 @@ class Live:
     traffic: dict[str, dict[tuple[str, ...], tuple[int, int]]] = field(default_factory=dict)  # set: key: (p, b)
 
 
-def read_live(backend: str) -> Live:
-    from .runner import run, which
-    if backend == "iptables":
-        return _iptables_live()
-    if which("nft") is None:
-        return Live({}, {})
-    got = run(["nft", "-j", "list", "table", nft.FAMILY, nft.TABLE], check=False)
-    return live_from_listing(json.loads(got.stdout) if got.returncode == 0 else {})
-
-
 def live_from_listing(listing: dict[str, Any]) -> Live:
     """Live from `nft -j list table inet virt_forward` output."""
     counts = nft.parse_element_counts(listing)
@@ -198,19 +189,6 @@ def live_from_listing(listing: dict[str, Any]) -> Live:
     traffic = {name: {key: (c.packets, c.bytes) for key, c in elems.items()}
                for name, elems in counts.items() if name in traffic_sets}
     return Live(nft.parse_live(listing), nft.parse_counters(listing), traffic)
-
-
-def _iptables_live() -> Live:
-    """One `iptables-save -c -t nat` per family: the rules and their counters from one read."""
-    from .engine import IPTABLES_TOOLS
-    from .runner import run, which
-    saves: dict[Family, str] = {}
-    for family, (save, _) in IPTABLES_TOOLS.items():
-        for table in ("nat", "mangle"):  # the DNAT rules' counters, the accounting rules' counters
-            got = run([save, "-c", "-t", table], check=False) if which(save) else None
-            if got is not None and got.returncode == 0:
-                saves[family] = saves.get(family, "") + got.stdout
-    return iptables_live(saves)
 
 
 def iptables_live(saves: dict[Family, str]) -> Live:
@@ -292,45 +270,3 @@ def write_textfile(path: str, text: str) -> None:
     replaces the directory entry itself, never what a symlink there names."""
     from . import files
     files.replace(path, text.encode(), mode=0o644)
-
-
-# ---------------------------------------------------------------- status and the watcher
-
-def current_problems(ctx: engine.Context, backend: str) -> list[Problem]:
-    """drift.problems (records vs. rules and guards), run when something is recorded, as
-    `status` has always run it."""
-    from .runner import which
-    from .drift import Kind, Problem, problems
-    if not ctx.store.domains():
-        return []
-    if backend != "iptables" and which("nft") is None:
-        return [Problem(Kind.TOOL, "nft", "nft is not installed")]
-    return problems(ctx)
-
-
-def snapshot(ctx: engine.Context, backend: str, only: str | None = None) -> Snapshot:
-    """The recorded forwards (what should be live), their counters and the checks, now."""
-    live = read_live(backend)
-    forwards: list[ForwardCount] = []
-    for domain in ctx.store.domains():
-        if only is not None and domain != only:
-            continue
-        plan = ctx.store.read(domain)
-        if plan is not None:
-            forwards += forward_counts(domain, plan.forwards, live)
-    return Snapshot(tuple(forwards), tuple(current_problems(ctx, backend)), read_repairs(ctx.store.root))
-
-
-def keep_counters(batch: str) -> str:
-    """`batch` (nft.full: our table deleted and made anew) carrying the per-forward counters
-    of the table as it is now, so a rebuild does not reset them (nft.carry_counters).  Read
-    it under the state lock, right before applying: connections DNAT-ed between this read and
-    the batch are not counted.  A table that is gone (nft flush ruleset) has nothing left to
-    carry: Prometheus sees a counter reset, as after a reboot."""
-    from .runner import run, which
-    if which("nft") is None:
-        return batch
-    got = run(["nft", "-j", "list", "table", nft.FAMILY, nft.TABLE], check=False)
-    if got.returncode != 0:
-        return batch
-    return nft.carry_counters(batch, nft.parse_element_counts(json.loads(got.stdout)))

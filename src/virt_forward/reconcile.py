@@ -12,7 +12,7 @@ import json
 import os
 from dataclasses import dataclass
 
-from . import claims, engine, fastpath, log, metrics, nft, state
+from . import backends, claims, engine, fastpath, log, state
 from .config import load_settings
 from .errors import StateError, VirtForwardError
 from .plan import GuestPlan, within_host_limit
@@ -62,7 +62,7 @@ def reconcile(ctx: engine.Context, running: list[str] | None = None, lock_timeou
     `lock_timeout`: how long to wait for another virt-forward process (None: as long as it takes).
     `xmls`: their live domain XML, when the caller asked libvirt already."""
     settings = load_settings(ctx.config_dir)
-    backend = engine.resolve_backend(settings)
+    backend = backends.choose(settings)
     store = ctx.store
     problems: list[str] = []
     source, xmls = "caller", dict(xmls or {})
@@ -99,7 +99,7 @@ def reconcile(ctx: engine.Context, running: list[str] | None = None, lock_timeou
 
         plans: list[GuestPlan] = []
         fresh: list[engine.Desired] = []  # planned from their files just now: fast files to write
-        code_now = fastpath.code() if backend == "nftables" else None
+        code_now = fastpath.code() if backend.fast_path else None
         for domain in sorted(set(running)):
             try:
                 cached = _from_fast_file(str(ctx.config_dir), store, domain, code_now)
@@ -127,13 +127,7 @@ def reconcile(ctx: engine.Context, running: list[str] | None = None, lock_timeou
         plans, over = within_host_limit(plans, settings)  # the same order: who holds ports now keeps them
         problems += [str(e) for e in over]
 
-        if backend == "iptables":
-            engine.iptables_sync(plans, plans, {4, 6}, settings.hairpin)
-        else:
-            # the per-forward counters of the table as it is carry over into the new one (metrics.py);
-            # at 10,000 forwards listing them costs ~0.35 s, nothing when the table is gone
-            engine.apply_with_nft_guards(metrics.keep_counters(nft.full(plans, hairpin=settings.hairpin)),
-                                         want=bool(plans))
+        backend.rebuild(plans, settings.hairpin)
         wanted = {p.domain for p in plans}
         claims.rebuild(str(store.root), {state.stem(p.domain): held[p.domain] for p in plans})
         for domain in texts:
@@ -145,22 +139,16 @@ def reconcile(ctx: engine.Context, running: list[str] | None = None, lock_timeou
             if domain not in running:
                 store.delete_xml(domain)
         for plan in plans:
-            if texts.get(plan.domain) != store.record_text(plan, backend):
+            if texts.get(plan.domain) != store.record_text(plan, backend.name):
                 engine.forget_flows(recorded(plan.domain), plan)
-                store.write(plan, backend)
+                store.write(plan, backend.name)
         # hairpin mode where the domain XML says which ports are the guest's (libvirt's, or kept)
         bridges = engine.set_hairpins(ctx, plans, lambda d: xmls.get(d) or store.read_xml(d), settings)
-        if backend == "nftables":
+        if backend.fast_path:
             # the next stop and start of these guests take the hook's fast path
             for want in fresh:
                 if want.plan is not None and want.plan.domain in wanted:
                     engine.write_fast(store, want, bridges[want.plan.domain])
-        if backend == "iptables":
-            pass  # the guard went with the same iptables-restore batch
-        elif plans:
-            engine.ensure_guards(set().union(*(p.families() for p in plans)))
-        else:
-            engine.remove_guards()
     outcome = Outcome(len(plans), sum(len(p.forwards) for p in plans), source, tuple(problems))
     for p in problems:
         log.error(p, event="problem")

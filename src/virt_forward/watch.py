@@ -17,7 +17,7 @@ import threading
 import time
 from typing import Any
 
-from . import engine, log, metrics
+from . import backends, drift, engine, log, metrics
 from .drift import Kind, Problem, problems
 from .reconcile import libvirt_uri, reconcile, running_from_libvirt
 from .runner import SEARCH_PATH, which
@@ -55,11 +55,8 @@ def _repair_hairpin(ctx: engine.Context, xmls: dict[str, str]) -> None:
 def write_metrics(ctx: engine.Context, path: str) -> None:
     """`status --format prometheus`, into node_exporter's textfile collector, atomically."""
     from .config import settings_or_default
-    try:
-        backend = engine.resolve_backend(settings_or_default(ctx.config_dir))
-    except Exception:
-        backend = "nftables"
-    metrics.write_textfile(path, metrics.exposition(metrics.snapshot(ctx, backend)))
+    backend = backends.choose(settings_or_default(ctx.config_dir), fallback=True)
+    metrics.write_textfile(path, metrics.exposition(drift.snapshot(ctx, backend)))
 
 
 def metrics_loop(ctx: engine.Context, stop: threading.Event) -> None:
