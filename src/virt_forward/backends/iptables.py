@@ -11,13 +11,14 @@ import ipaddress
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from .. import guards, iptables, log
+from .. import guards, log
 from ..errors import FirewallError
 from ..plan import Family, GuestPlan
 from ..problems import Kind, Problem
 from ..runner import run, which
 
 if TYPE_CHECKING:
+    from .. import iptables
     from ..metrics import Live
 
 IPTABLES_TOOLS: dict[Family, tuple[str, str]] = {4: ("iptables-save", "iptables-restore"),
@@ -89,17 +90,17 @@ def connected_routes() -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
     return routes
 
 
-def sync(applied: list[GuestPlan], rebuild: list[GuestPlan], families: set[Family],
-                  hairpin: bool) -> None:
+def sync(applied: list[GuestPlan], rebuild: list[GuestPlan], families: set[Family], hairpin: bool) -> None:
     """The iptables backend: one iptables-restore --noflush per family (nat and mangle chains, guard)."""
     for family, text in batches(applied, rebuild, families, hairpin):
         _restore(family, text)
 
 
 def batches(applied: list[GuestPlan], rebuild: list[GuestPlan], families: set[Family],
-                     hairpin: bool) -> list[tuple[Family, str]]:
+            hairpin: bool) -> list[tuple[Family, str]]:
     """The iptables-restore --noflush input of each family, from the live tables (read, never
     changed: `plan` prints these)."""
+    from .. import iptables  # the renderer: not imported on the nftables backend's path
     routes = connected_routes()
     subnets = {}
     for plan in applied:
@@ -107,17 +108,18 @@ def batches(applied: list[GuestPlan], rebuild: list[GuestPlan], families: set[Fa
             net = iptables.connected_subnet(guest, routes)
             if net is not None:
                 subnets[str(guest)] = net
-    batches: list[tuple[Family, str]] = []
+    out: list[tuple[Family, str]] = []
     for family in sorted(families):
         if which(IPTABLES_TOOLS[family][1]) is None:
             raise FirewallError(f"{IPTABLES_TOOLS[family][1]}: not installed, but IPv{family} forwards are configured")
-        batches.append((family, iptables.render(family, read_nat_state(family), applied, rebuild, hairpin, subnets,
-                                                read_forward_chain(family))))
-    return batches
+        out.append((family, iptables.render(family, read_nat_state(family), applied, rebuild, hairpin, subnets,
+                                            read_forward_chain(family))))
+    return out
 
 
 def read_nat_state(family: Family) -> iptables.NatState:
     """Our part of iptables' nat and mangle tables as they are now (empty where a table is not)."""
+    from .. import iptables  # the renderer: not imported on the nftables backend's path
     save = IPTABLES_TOOLS[family][0]
     text = ""
     for table in ("nat", "mangle"):
@@ -183,6 +185,7 @@ def guard_problems(families: set[Family]) -> list[Problem]:
 
 
 def _iptables_problems(plans: list[GuestPlan], hairpin: bool) -> list[Problem]:
+    from .. import iptables  # the renderer: not imported on the nftables backend's path
     found: list[Problem] = []
     live: set[object] = set()
     families: tuple[Family, ...] = (4, 6)
