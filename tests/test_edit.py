@@ -326,3 +326,10 @@ def test_status_formats() -> None:
     assert complete("status", "--f") == ["--format"]
     assert complete("status", "--format", "") == ["text", "json", "prometheus"]
     assert complete("status", "--format", "p") == ["prometheus"]
+
+
+def test_completion_knows_every_command_of_the_cli_table() -> None:
+    """The CLI's table is the one list of sub-commands; completion offers each (network-hook
+    is libvirt's, not a person's)."""
+    from virt_forward.cli import COMMANDS as TABLE
+    assert sorted(c.name for c in TABLE if c.name != "network-hook") == sorted(COMMANDS)

@@ -19,10 +19,16 @@ JOURNAL_SOCKET = "/run/systemd/journal/socket"
 # syslog's priorities and facility (RFC 5424), so that neither syslog nor _socket is imported
 # when the other one serves: the hook's fast path logs a line at every guest start
 INFO, WARNING, ERR, FACILITY_DAEMON = 6, 4, 3, 3
-# The CLI prints its own result line; the hook has only stderr (libvirt logs it).
+# The hook has only stderr (libvirt logs it); a CLI command that prints its own result line
+# does not repeat it there (configure, once, at start).
 to_stderr = True
 _opened = False
 _journal: object = None  # the socket, False when journald is not there
+
+
+def configure(stderr: bool) -> None:
+    global to_stderr
+    to_stderr = stderr
 
 
 def info(message: str, **event: object) -> None:
