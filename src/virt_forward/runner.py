@@ -11,10 +11,34 @@ from __future__ import annotations
 
 import os
 import select
+from typing import TYPE_CHECKING
 
 from .consts import SEARCH_PATH
 
-__all__ = ["SEARCH_PATH", "Result", "which", "spawn", "spawn_all", "spawn_detached", "spawn_detached_twice", "run",
+if TYPE_CHECKING:
+    from typing import Protocol
+
+    class Executor(Protocol):
+        """What runs commands: the real processes, or (tests) a fake that records them."""
+
+        def which(self, name: str) -> str | None: ...
+
+        def spawn_all(self, argvs: list[list[str]], stdins: list[bytes | None],
+                      timeout: float) -> list[tuple[int, bytes, bytes] | None]: ...
+
+        def spawn_detached(self, argv: list[str]) -> bool: ...
+
+
+# None: real processes.  use() puts another executor in: the command sequences of the hook,
+# apply, remove and reconcile are tested without root against a fake (tests/test_sequences.py).
+_executor: Executor | None = None
+
+
+def use(executor: Executor | None) -> None:
+    global _executor
+    _executor = executor
+
+__all__ = ["SEARCH_PATH", "Result", "use", "which", "spawn", "spawn_all", "spawn_detached", "spawn_detached_twice", "run",
            "nft_apply",
            "first_error"]
 
@@ -35,6 +59,8 @@ class Result:
 
 
 def which(name: str) -> str | None:
+    if _executor is not None:
+        return _executor.which(name)
     if "/" in name:
         return name if os.access(name, os.X_OK) else None
     for d in (SEARCH_PATH + ":" + os.environ.get("PATH", "")).split(":"):
@@ -55,9 +81,11 @@ def spawn_all(argvs: list[list[str]], stdin: bytes | None = None, timeout: float
     """`spawn` for several commands at once (commands that do not depend on each other): they
     run side by side, so the wait is the longest one's, not the sum.  `stdins`: one input per
     command, instead of the same `stdin` for all."""
+    inputs = [stdin] * len(argvs) if stdins is None else stdins
+    if _executor is not None:
+        return _executor.spawn_all(argvs, inputs, timeout)
     import time
     deadline = time.monotonic() + timeout
-    inputs = [stdin] * len(argvs) if stdins is None else stdins
     started = [_start(argv, data) for argv, data in zip(argvs, inputs, strict=True)]
     return [None if s is None else _finish(*s, timeout=max(0.0, deadline - time.monotonic())) for s in started]
 
@@ -113,6 +141,8 @@ def spawn_detached(argv: list[str]) -> bool:
     """Start argv and do not wait for it (the hook's conntrack clean-up: a conntrack dump walks
     the host's whole flow table, ~25 ms, and libvirt must not wait for that).  It runs in a
     session of its own with nothing of ours open; False when not installed."""
+    if _executor is not None:
+        return _executor.spawn_detached(argv)
     exe = which(argv[0])
     if exe is None:
         return False

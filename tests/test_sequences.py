@@ -1,0 +1,244 @@
+"""The exact commands the hook, apply, remove and reconcile run, without root and without a kernel.
+
+A fake executor (runner.use) records every command with its input and answers listings as a
+host would: libvirt's nftables backend present or not, an iptables FORWARD chain with
+libvirt 9.0's rules or none.  The config is trusted for this test's own uid
+(config.TRUSTED_UIDS).  What the kernel then does with these batches is the namespace tests'
+business; here it is the order, the count and the content of the transactions.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from virt_forward import config, engine, fastpath, hook, nft, runner
+from virt_forward.consts import GUARD_SPEC, NFT_GUARD_RULE
+from virt_forward.plan import plan_guest
+from virt_forward.reconcile import reconcile
+
+LIBVIRT_FILTER = """*filter
+:FORWARD ACCEPT [0:0]
+:LIBVIRT_FWX - [0:0]
+-A FORWARD -j LIBVIRT_FWX
+COMMIT
+"""
+# libvirt >= 10.4's nftables backend: the chain our guard goes on top of
+LIBVIRT_NFT_CHAINS = {"nftables": [{"chain": {"family": "ip", "table": "libvirt_network", "name": "forward",
+                                              "handle": 1, "type": "filter", "hook": "forward", "prio": 0}}]}
+LIBVIRT_NFT_FORWARD = {"nftables": [
+    {"chain": {"family": "ip", "table": "libvirt_network", "name": "forward", "handle": 1}},
+    {"rule": {"family": "ip", "table": "libvirt_network", "chain": "forward", "handle": 5,
+              "expr": [{"jump": {"target": "guest_input"}}]}}]}
+XML = ("<domain type='kvm' id='1'><name>web</name><uuid>6f1c5ce0-6b8a-4a3e-9b36-000000000001</uuid>"
+       "<devices><interface type='network'><mac address='52:54:00:00:00:01'/>"
+       "<source network='default' bridge='virbr0'/><target dev='vnet0'/></interface></devices></domain>")
+
+
+@dataclass
+class Host:
+    """What the fake host answers, and every command it was asked to run."""
+
+    libvirt_nft: bool = False
+    iptables_filter: str = ""  # iptables-save -t filter; "" = no filter table
+    tools: frozenset[str] = frozenset({"nft", "iptables-save", "iptables-restore", "ip6tables-save",
+                                       "ip6tables-restore", "conntrack", "sh"})
+    calls: list[tuple[str, str]] = field(default_factory=list)  # (argv joined, stdin)
+
+    def which(self, name: str) -> str | None:
+        return f"/usr/sbin/{name}" if name in self.tools else None
+
+    def spawn_all(self, argvs: list[list[str]], stdins: list[bytes | None],
+                  timeout: float) -> list[tuple[int, bytes, bytes] | None]:
+        return [self._one(argv, data) for argv, data in zip(argvs, stdins)]
+
+    def _one(self, argv: list[str], data: bytes | None) -> tuple[int, bytes, bytes] | None:
+        if argv[0] not in self.tools:
+            return None
+        self.calls.append((" ".join(argv), (data or b"").decode()))
+        line = " ".join(argv)
+        if line == "nft -j list chains":
+            return 0, json.dumps(LIBVIRT_NFT_CHAINS if self.libvirt_nft else {"nftables": []}).encode(), b""
+        if line == "nft list chains":
+            text = "table ip libvirt_network {\n\tchain forward {\n\t}\n}\n" if self.libvirt_nft else ""
+            return 0, text.encode(), b""
+        if line == "nft -a -j list chain ip libvirt_network forward" and self.libvirt_nft:
+            return 0, json.dumps(LIBVIRT_NFT_FORWARD).encode(), b""
+        if line == "nft -a list chain ip libvirt_network forward" and self.libvirt_nft:
+            return 0, b"table ip libvirt_network {\n\tchain forward { # handle 1\n\t\tjump guest_input # handle 5\n\t}\n}\n", b""
+        if line.startswith("nft -j list table") or line.startswith("nft -a") or line.startswith("nft list"):
+            return 1, b"", b"Error: No such file or directory\n"
+        if argv[0] == "iptables-restore" and self.iptables_filter:
+            self._restore((data or b"").decode())
+        if argv[0] in ("iptables-save", "ip6tables-save") and argv[-1] == "filter":
+            return (0, self.iptables_filter.encode(), b"") if self.iptables_filter else (1, b"", b"no table\n")
+        return 0, b"", b""
+
+    def _restore(self, text: str) -> None:
+        """iptables-restore --noflush into the filter table: our guard's -I and -D lines."""
+        rules = [ln for ln in self.iptables_filter.splitlines() if ln.startswith("-A FORWARD ")]
+        section = ""
+        for line in text.splitlines():
+            if line.startswith("*"):
+                section = line
+            elif section == "*filter" and line.startswith("-I FORWARD 1 "):
+                rules.insert(0, "-A FORWARD " + line[len("-I FORWARD 1 "):])
+            elif section == "*filter" and line.startswith("-D FORWARD "):
+                rules.remove("-A FORWARD " + line[len("-D FORWARD "):])
+        head = [ln for ln in self.iptables_filter.splitlines() if not ln.startswith("-A FORWARD ") and ln != "COMMIT"]
+        self.iptables_filter = "\n".join(head + rules + ["COMMIT"]) + "\n"
+
+    def spawn_detached(self, argv: list[str]) -> bool:
+        self.calls.append((" ".join(argv), ""))
+        return True
+
+    def commands(self) -> list[str]:
+        return [c for c, _ in self.calls]
+
+    def inputs(self, prefix: str) -> list[str]:
+        return [data for c, data in self.calls if c.startswith(prefix)]
+
+
+@pytest.fixture
+def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[engine.Context, Host]]:
+    monkeypatch.setattr(config, "TRUSTED_UIDS", frozenset({0, os.getuid()}))
+    monkeypatch.setenv("VIRT_FORWARD_JOURNAL_SOCKET", str(tmp_path / "no-journal"))
+    os.chmod(tmp_path, 0o755)
+    cdir = tmp_path / "etc"
+    (cdir / "guests").mkdir(parents=True, mode=0o755)
+    for name, text in (("web", 'address = "192.168.122.10"\nports = ["8080:80", "2222:22"]\n'),
+                       ("db", 'address = "192.168.122.11"\nports = ["5432"]\n')):
+        (cdir / "guests" / f"{name}.toml").write_text(text)
+        os.chmod(cdir / "guests" / f"{name}.toml", 0o644)
+    host = Host()
+    runner.use(host)
+    try:
+        yield engine.Context(cdir, tmp_path / "run"), host
+    finally:
+        runner.use(None)
+
+
+def _plan(ctx: engine.Context, name: str) -> object:
+    guest = config.load_guest(ctx.config_dir, name)
+    assert guest is not None
+    return plan_guest(guest, config.load_settings(ctx.config_dir))
+
+
+def test_apply_is_one_nft_transaction_then_the_iptables_guard_where_libvirt_rejects(
+        world: tuple[engine.Context, Host]) -> None:
+    ctx, host = world
+    host.iptables_filter = LIBVIRT_FILTER
+    engine.apply(ctx, "web")
+    assert host.commands() == ["nft -j list chains", "nft -f -", "iptables-save -t filter",
+                               "iptables-restore -w 5 --noflush"]
+    [batch] = host.inputs("nft -f")
+    assert batch == nft.change(None, _plan(ctx, "web"), hairpin=True)  # type: ignore[arg-type]
+    assert host.inputs("iptables-restore") == [f"*filter\n-I FORWARD 1 {GUARD_SPEC}\nCOMMIT\n"]
+
+
+def test_the_guard_in_libvirts_nft_chain_goes_into_the_same_transaction(world: tuple[engine.Context, Host]) -> None:
+    ctx, host = world
+    host.libvirt_nft = True
+    engine.apply(ctx, "web")
+    assert host.commands() == ["nft -j list chains", "nft -a -j list chain ip libvirt_network forward", "nft -f -",
+                               "iptables-save -t filter"]
+    [batch] = host.inputs("nft -f")
+    assert batch.endswith(f"insert rule ip libvirt_network forward {NFT_GUARD_RULE}\n")
+    assert batch.startswith(nft.change(None, _plan(ctx, "web"), hairpin=True))  # type: ignore[arg-type]
+
+
+def test_applying_twice_replaces_the_guests_elements_in_one_transaction(world: tuple[engine.Context, Host]) -> None:
+    ctx, host = world
+    engine.apply(ctx, "web")
+    host.calls.clear()
+    engine.apply(ctx, "web")
+    plan = _plan(ctx, "web")
+    assert host.commands().count("nft -f -") == 1
+    assert host.inputs("nft -f") == [nft.change(plan, plan, hairpin=True)]  # type: ignore[arg-type]
+
+
+def test_the_last_removal_deletes_the_table_and_forgets_the_flows(world: tuple[engine.Context, Host]) -> None:
+    ctx, host = world
+    host.iptables_filter = LIBVIRT_FILTER
+    engine.apply(ctx, "web")
+    host.calls.clear()
+    engine.remove(ctx, "web")
+    cmds = host.commands()
+    assert cmds[:4] == ["nft -j list chains", "nft -f -", "iptables-save -t filter", "iptables-restore -w 5 --noflush"], cmds
+    assert host.inputs("nft -f") == ["add table inet virt_forward\ndelete table inet virt_forward\n"]
+    assert host.inputs("iptables-restore")[0].startswith("*filter\n-D FORWARD ")  # our guard, by its text
+    conntrack = [c for c in cmds if "conntrack" in c]
+    assert len(conntrack) == 1 and "--reply-src 192.168.122.10" in conntrack[0]
+
+
+def test_removing_one_of_two_guests_touches_only_its_elements(world: tuple[engine.Context, Host]) -> None:
+    ctx, host = world
+    engine.apply(ctx, "web")
+    engine.apply(ctx, "db")
+    host.calls.clear()
+    engine.remove(ctx, "web")
+    [batch] = host.inputs("nft -f")
+    assert "delete table" not in batch and "192.168.122.11" not in batch and "192.168.122.10" in batch
+
+
+def test_iptables_backend_one_restore_per_family_with_the_guard(world: tuple[engine.Context, Host]) -> None:
+    ctx, host = world
+    (ctx.config_dir / "config.toml").write_text('backend = "iptables"\n')
+    os.chmod(ctx.config_dir / "config.toml", 0o644)
+    host.iptables_filter = LIBVIRT_FILTER
+    engine.apply(ctx, "web")
+    # a v4-only guest: IPv6's tables are neither read nor written; nothing of nft
+    assert host.commands() == ["iptables-save -t nat", "iptables-save -t mangle", "iptables-save -t filter",
+                               "iptables-restore -w 5 --noflush"]
+    [batch] = host.inputs("iptables-restore")
+    assert batch.count("COMMIT") == 3 and f"-I FORWARD 1 {GUARD_SPEC}" in batch
+    assert "-j DNAT --to-destination 192.168.122.10:80" in batch
+
+
+def test_the_hook_takes_the_full_path_once_then_the_fast_path(world: tuple[engine.Context, Host],
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    ctx, host = world
+    # files written a moment ago are "racily clean" (their change may not show in their times
+    # yet) and get no fast file; a host's files are older than that window
+    monkeypatch.setattr(fastpath, "RACY_SECONDS", 0.0)
+
+    def start() -> int:
+        return hook.qemu_main(["web", "start", "begin", "-"], str(ctx.config_dir), str(ctx.state_dir),
+                              stdin=io.BytesIO(XML.encode()))
+
+    def stop() -> int:
+        return hook.qemu_main(["web", "stopped", "end", "-"], str(ctx.config_dir), str(ctx.state_dir),
+                              stdin=io.BytesIO(b""))
+
+    assert start() == 0
+    full = host.commands()
+    assert full == ["nft -j list chains", "nft -f -", "iptables-save -t filter"]
+    assert stop() == 0
+    host.calls.clear()
+    assert start() == 0
+    # the fast path: nft's chains and the guest's families' FORWARD chains read side by side
+    # (text, no JSON), then one transaction holding the guest's elements
+    assert host.commands() == ["nft list chains", "iptables-save -t filter", "nft -f -"], full
+    plan = _plan(ctx, "web")
+    [batch] = host.inputs("nft -f")
+    for fwd in plan.forwards:  # type: ignore[attr-defined]
+        name, key, value = nft.dnat_element(fwd)
+        assert f"{' . '.join(key)} : {' . '.join(value)}" in batch
+
+
+def test_reconcile_rewrites_everything_in_one_transaction(world: tuple[engine.Context, Host]) -> None:
+    ctx, host = world
+    outcome = reconcile(ctx, running=["web", "db"])
+    assert outcome.guests == 2
+    [batch] = host.inputs("nft -f")
+    assert batch == nft.full([_plan(ctx, "db"), _plan(ctx, "web")], hairpin=True)  # type: ignore[list-item]
+    host.calls.clear()
+    reconcile(ctx, running=[])  # nothing runs: the table goes, the records too
+    assert host.inputs("nft -f") == [nft.full([], hairpin=True)]
+    assert ctx.store.domains() == []
