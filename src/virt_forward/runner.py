@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import os
 import select
-from typing import TYPE_CHECKING
 
 from .consts import SEARCH_PATH
 
+# not typing.TYPE_CHECKING: importing typing (and re with it) costs the hook's fast path
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Protocol
 
