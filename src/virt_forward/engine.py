@@ -18,7 +18,7 @@ from . import backends, claims, fastpath, hairpin, log, nft, state
 from .config import (GuestConfig, Settings, check_domain_name, guest_from_metadata, load_guest, load_settings,
                      settings_or_default)
 from .errors import FirewallError
-from .plan import GuestPlan, host_limit_error, plan_guest
+from .plan import GuestPlan, claims_of, host_limit_error, plan_guest
 from .runner import run, spawn_detached_twice, which
 from .state import StateStore
 
@@ -236,11 +236,6 @@ def write_fast(store: StateStore, want: Desired, bridges: tuple[str, ...] | None
         skeleton=nft.batch(nft.skeleton(hairpin)), families=sorted(plan.families()), forwards=len(plan.forwards),
         message=message, claims=claims_of(plan), flows=flow_filters(plan), max_forwards=want.settings.max_forwards,
         bridges=None if bridges is None else list(bridges), described=[f.describe() for f in plan.forwards]))
-
-
-def claims_of(plan: GuestPlan | None) -> list[claims.Claim]:
-    return [] if plan is None else [(claims.key(f.family, f.proto, f.public_port),
-                                     claims.ANY if f.public is None else str(f.public)) for f in plan.forwards]
 
 
 def _claim_text(k: str, public: str) -> str:

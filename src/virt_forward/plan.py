@@ -255,32 +255,34 @@ def _line_of_forward(guest: GuestConfig | None, fwd: Forward) -> int | None:
 
 def find_conflicts(plans: Iterable[tuple[GuestPlan, str]],
                    guests: Mapping[str, GuestConfig] | None = None) -> list[ConfigError]:
-    """Forwards of different guests that claim the same public address, port and protocol.
+    """Forwards of different guests that claim the same public address, port and protocol, by
+    the one ownership rule (claims.py) in the order given: as reconcile would decide it with
+    nothing applied yet, the first guest keeps the port and each later one is named.
 
     `guests` (domain -> its config) lets each error name the line of the entry.
     """
-    owners: dict[tuple[Family, IPAddress | None, Proto, int], str] = {}
-    wild: dict[tuple[Family, Proto, int], str] = {}
+    from . import claims
+    ledger = claims.Ledger()
     errors: list[ConfigError] = []
-    listed = list(plans)
-    for plan, _path in listed:
-        for fwd in plan.forwards:
-            if fwd.public is None:
-                wild.setdefault((fwd.family, fwd.proto, fwd.public_port), plan.domain)
-    for plan, path in listed:
+    for plan, path in plans:
         seen: set[str] = set()
-        for fwd in plan.forwards:
-            other = owners.setdefault(fwd.key, plan.domain)
-            wild_owner = wild.get((fwd.family, fwd.proto, fwd.public_port))
-            if other == plan.domain and wild_owner not in (None, plan.domain):
-                other = wild_owner
-            if other != plan.domain and other not in seen:
+        for fwd, claim in zip(plan.forwards, claims_of(plan)):
+            other = ledger.clash(plan.domain, [claim])
+            if other is not None and other not in seen:
                 seen.add(other)
                 errors.append(ConfigError(
                     f"{fwd.describe().split(' ->')[0]} is also forwarded by guest {other!r}",
                     path=path, key="ports",
                     line=_line_of_forward((guests or {}).get(plan.domain), fwd)))
+        ledger.take(plan.domain, claims_of(plan))
     return errors
+
+
+def claims_of(plan: GuestPlan | None) -> list[tuple[str, str]]:
+    """What each forward claims (claims.py): (family-protocol-port key, public address or *)."""
+    from . import claims
+    return [] if plan is None else [(claims.key(f.family, f.proto, f.public_port),
+                                     claims.ANY if f.public is None else str(f.public)) for f in plan.forwards]
 
 
 # ---------------------------------------------------------------- the host-wide cap

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from . import backends, claims, engine, fastpath, log, state
 from .config import load_settings
 from .errors import StateError, VirtForwardError
-from .plan import GuestPlan, within_host_limit
+from .plan import GuestPlan, claims_of, within_host_limit
 
 
 @dataclass(frozen=True)
@@ -182,7 +182,7 @@ def _without_conflicts(plans: list[GuestPlan], problems: list[str],
     ledger = claims.Ledger()
     kept: list[GuestPlan] = []
     for plan in plans:
-        wanted = engine.claims_of(plan)
+        wanted = claims_of(plan)
         other = ledger.clash(plan.domain, wanted)
         if other is not None:
             problems.append(f"{plan.domain}: not applied: a forward of it is also forwarded by guest {other!r}, "
