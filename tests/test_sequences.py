@@ -242,3 +242,19 @@ def test_reconcile_rewrites_everything_in_one_transaction(world: tuple[engine.Co
     reconcile(ctx, running=[])  # nothing runs: the table goes, the records too
     assert host.inputs("nft -f") == [nft.full([], hairpin=True)]
     assert ctx.store.domains() == []
+
+
+def test_plan_prints_the_transaction_apply_then_runs(world: tuple[engine.Context, Host],
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """`plan` is read-only and shows, byte for byte, the batch `apply` runs next."""
+    from virt_forward.commands import plan
+    ctx, host = world
+    host.libvirt_nft = True
+    engine.apply(ctx, "db")  # the table exists: the fixed part is not sent again
+    host.calls.clear()
+    plan(ctx, "web")
+    assert "nft -f -" not in host.commands()  # read-only
+    shown = capsys.readouterr().out.split("(one transaction, with the guards in nftables tables of others)\n")[1]
+    shown = shown.split("EOF\n")[0]
+    engine.apply(ctx, "web")
+    assert host.inputs("nft -f") == [shown]

@@ -58,10 +58,11 @@ class NftablesBackend:
 
     def plan_text(self, old: GuestPlan | None, new: GuestPlan, others: Callable[[], list[GuestPlan]],
                   hairpin: bool) -> str:
-        out = nft.change(old, new, hairpin=hairpin)
-        guard_cmds = guards.nft_commands(nft_guard_chains(), want=True)
-        out += "# guards in nftables tables of others (same transaction):" + ("\n" if guard_cmds else " none needed\n")
-        out += "".join(c + "\n" for c in guard_cmds)
+        live = read_nft()
+        guard_cmds = guards.nft_commands(list(live.guarded), want=True)
+        out = "# nft -f - <<EOF (one transaction" + (", with the guards in nftables tables of others)\n"
+                                                     if guard_cmds else "; no guard needed in others' tables)\n")
+        out += change_batch(live, old, new, hairpin) + "EOF\n"
         for family in sorted(new.families()):
             chain = read_forward_chain(family)
             text = guards.render(chain, want=True) if chain is not None and chain.needs_guard() else None
@@ -100,6 +101,14 @@ class NftablesBackend:
             return Live({}, {})
         got = run(["nft", "-j", "list", "table", nft.FAMILY, nft.TABLE], check=False)
         return live_from_listing(json.loads(got.stdout) if got.returncode == 0 else {})
+
+
+def change_batch(live: NftLive, old: GuestPlan | None, new: GuestPlan, hairpin: bool) -> str:
+    """The transaction `apply` runs, from what is live (pure): our change, the fixed part only
+    when the table lacks it, and a guard where a chain of others needs one.  `plan` prints it."""
+    return (nft.change(old, new, hairpin=hairpin, with_skeleton=live.mark != nft.skeleton_mark(hairpin),
+                       stale_marks=live.marks)
+            + nft.batch(guards.nft_commands(list(live.guarded), want=True)))
 
 
 def _apply_nft(old: GuestPlan | None, plan: GuestPlan, hairpin: bool) -> bool:
