@@ -258,3 +258,29 @@ def test_plan_prints_the_transaction_apply_then_runs(world: tuple[engine.Context
     shown = shown.split("EOF\n")[0]
     engine.apply(ctx, "web")
     assert host.inputs("nft -f") == [shown]
+
+
+def test_reconcile_asks_libvirt_before_it_takes_the_lock(world: tuple[engine.Context, Host],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """libvirt holds a starting domain's lock while our hook runs, and the hook waits for our
+    lock: asking libvirt while holding ours deadlocks a `virsh start` (seen on these machines)."""
+    import fcntl
+
+    from virt_forward import reconcile as reconcile_mod
+    ctx, host = world
+    held: list[bool] = []
+
+    def libvirt_answers() -> dict[str, str]:
+        ctx.store.root.mkdir(parents=True, exist_ok=True)
+        with open(ctx.store.root / "lock", "a") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fh, fcntl.LOCK_UN)
+                held.append(False)
+            except BlockingIOError:
+                held.append(True)
+        return {"web": XML}
+
+    monkeypatch.setattr(reconcile_mod, "running_from_libvirt", libvirt_answers)
+    outcome = reconcile(ctx)
+    assert held == [False] and outcome.source == "libvirt" and ctx.store.domains() == ["web"]
