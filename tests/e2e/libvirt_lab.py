@@ -9,7 +9,8 @@ host's own network namespace, firewall, sysctls and ``/etc/libvirt`` are never
 touched.  It defines and starts the NAT network ``default`` (virbr0,
 192.168.122.0/24 and optionally fd00:122::/64) and boots guests made by
 ``build_guest.sh`` (direct kernel boot, TCG).  An "outside client" namespace
-linked to the lab by a veth pair plays the Internet.
+linked to the lab by a veth pair plays the Internet.  The parts it is made of
+live in lab_provision, lab_guests, lab_probes, lab_procs and lab_common.
 
 Stdlib only; run as root.  Example::
 
@@ -38,29 +39,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-__all__ = [
-    "DEFAULT_CACHE_DIR",
-    "NS_PREFIX",
-    "GuestSpec",
-    "LabError",
-    "LabUnavailable",
-    "LibvirtLab",
-    "OutsideClient",
-    "ProbeResult",
-    "build_guest",
-    "build_trixie_chroot",
-    "cleanup_stale",
-    "host_libvirt_version",
-    "libvirt_chroot_from_env",
-    "default_guests",
-    "ensure_host_packages",
-]
+from lab_common import NS_PREFIX, SBIN_PATH, LabError, LabUnavailable, lab_env, log_default, which
+from lab_guests import BRIDGE, NET_V4, NET_V6, GuestSpec, default_guests, domain_xml, nat_network_xml, network_xml
+from lab_probes import NsRunner, OutsideClient, ProbeResult
+from lab_procs import cleanup_stale, delete_netns, kill_pid, list_netns, pid_alive, terminate
+from lab_provision import (
+    DEFAULT_CACHE_DIR,
+    NEEDED_BINARIES,
+    build_guest,
+    build_trixie_chroot,
+    ensure_host_packages,
+    host_libvirt_version,
+)
 
-NS_PREFIX = "vfe2e-"
-HERE = Path(__file__).resolve().parent
-BUILD_SCRIPT = HERE / "build_guest.sh"
-CHROOT_SCRIPT = HERE / "build_trixie_chroot.sh"
-DEFAULT_CACHE_DIR = Path("/var/cache/virt-forward-e2e")
+__all__ = ["LibvirtLab"]
+
 # libvirt's nftables firewall backend exists from this version on.
 NFTABLES_BACKEND_SINCE = (10, 4, 0)
 # Inside the lab's /run tmpfs (seen by the host-side view and by a chroot alike).
@@ -68,506 +61,6 @@ LAB_BIN = "/run/vfe2e-bin"  # the tc wrapper (first in libvirtd's PATH on libvir
 LAB_BOOT = "/run/vfe2e-boot"  # guest kernel/initrd, bound here in chroot mode
 LAB_XML = "/run/vfe2e-xml"  # the lab's XML files, bound here in chroot mode
 HOLDER_PIDFILE = "/run/vfe2e-holder.pid"
-SBIN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-QEMU_BIN = "/usr/bin/qemu-system-x86_64"
-HOST_PACKAGES = (
-    "libvirt-daemon-system",
-    "libvirt-clients",
-    "qemu-system-x86",
-    "dnsmasq-base",
-    "iptables",
-    "util-linux",
-    "iproute2",
-)
-NEEDED_BINARIES = ("libvirtd", "virtlogd", "virsh", QEMU_BIN, "dnsmasq", "iptables", "nsenter", "unshare", "ip")
-
-NET_V4 = "192.168.122"
-NET_V6 = "fd00:122:"
-GATEWAY_V4 = f"{NET_V4}.1"
-GATEWAY_V6 = f"{NET_V6}:1"
-BRIDGE = "virbr0"
-
-
-class LabError(RuntimeError):
-    """Something in the lab failed (a bug, or a broken setup)."""
-
-
-class LabUnavailable(LabError):
-    """This machine cannot run the lab at all (not root, no namespaces, no qemu...)."""
-
-
-def _log_default(msg: str) -> None:
-    print(f"[libvirt_lab {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def _lab_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LIBVIRT_", "VIRSH_"))}
-    env["PATH"] = SBIN_PATH
-    env.setdefault("HOME", "/root")
-    env["LC_ALL"] = "C"
-    return env
-
-
-def _which(name: str) -> str | None:
-    if os.path.isabs(name):
-        return name if os.access(name, os.X_OK) else None
-    return shutil.which(name, path=SBIN_PATH)
-
-
-# --------------------------------------------------------------------------- host prerequisites
-
-
-def _host_netns_pids(names: Sequence[str]) -> set[int]:
-    """PIDs of processes called one of ``names`` that live in the host's network namespace."""
-    try:
-        host_ns = os.readlink("/proc/1/ns/net")
-    except OSError:
-        return set()
-    found: set[int] = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            comm = Path(f"/proc/{entry}/comm").read_text().strip()
-            if comm in names and os.readlink(f"/proc/{entry}/ns/net") == host_ns:
-                found.add(int(entry))
-        except OSError:
-            continue
-    return found
-
-
-def ensure_host_packages(log: Callable[[str], None] = _log_default) -> None:
-    """apt-get install what the lab needs, if something is missing.
-
-    The packages' postinst scripts may start libvirtd/virtlogd in the host
-    namespace (only where systemd or sysvinit scripts run); any such daemon
-    that appeared during the install is killed by PID afterwards.
-    """
-    if all(_which(b) for b in NEEDED_BINARIES):
-        return
-    if os.geteuid() != 0:
-        raise LabUnavailable("libvirt/qemu are not installed and we are not root")
-    daemons = ("libvirtd", "virtlogd", "virtlockd", "dnsmasq")
-    before = _host_netns_pids(daemons)
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    log(f"installing {' '.join(HOST_PACKAGES)}")
-    subprocess.run(["apt-get", "update", "-q"], env=env, check=False, stdout=subprocess.DEVNULL)
-    r = subprocess.run(["apt-get", "install", "-y", "-q", *HOST_PACKAGES], env=env, check=False,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    # Service starts fail without systemd; make sure dpkg ends configured anyway.
-    subprocess.run(["dpkg", "--configure", "-a"], env=env, check=False,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for pid in _host_netns_pids(daemons) - before:
-        log(f"killing host-namespace daemon started by the package install: pid {pid}")
-        _kill_pid(pid, signal.SIGTERM)
-    missing = [b for b in NEEDED_BINARIES if not _which(b)]
-    if missing:
-        raise LabUnavailable(f"still missing after apt-get install: {missing}; apt said: {r.stderr[-2000:]}")
-
-
-def build_guest(cache_dir: str | os.PathLike[str] = DEFAULT_CACHE_DIR) -> tuple[Path, Path]:
-    """Run build_guest.sh (idempotent) and return (kernel, initrd)."""
-    cache = Path(cache_dir)
-    r = subprocess.run(["bash", str(BUILD_SCRIPT), str(cache)], check=False,
-                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_lab_env())
-    if r.returncode != 0:
-        raise LabError(f"build_guest.sh failed ({r.returncode}):\n{r.stdout[-4000:]}")
-    kernel, initrd = cache / "vmlinuz", cache / "initramfs.cpio.gz"
-    if not (kernel.is_file() and initrd.is_file()):
-        raise LabError(f"build_guest.sh did not produce {kernel} and {initrd}")
-    return kernel, initrd
-
-
-def build_trixie_chroot(chroot_dir: str | os.PathLike[str] = DEFAULT_CACHE_DIR / "trixie",
-                        log: Callable[[str], None] = _log_default) -> Path:
-    """Run build_trixie_chroot.sh (idempotent; a cold build is ~1 min) and return the chroot.
-
-    A failure is a LabError, not LabUnavailable: a machine with apt access must manage it.
-    """
-    root = Path(chroot_dir)
-    t = time.monotonic()
-    r = subprocess.run(["bash", str(CHROOT_SCRIPT), str(root)], check=False,
-                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_lab_env())
-    if r.returncode != 0:
-        raise LabError(f"build_trixie_chroot.sh failed ({r.returncode}):\n{r.stdout[-4000:]}")
-    if time.monotonic() - t > 5:
-        log(f"built the trixie chroot {root} in {time.monotonic() - t:.1f}s")
-    return root
-
-
-def _parse_version(text: str) -> tuple[int, int, int] | None:
-    for word in text.replace(":", " ").split():
-        parts = word.split(".")
-        if len(parts) >= 2 and all(p.isdigit() for p in parts[:3]):
-            nums = [int(p) for p in parts[:3]] + [0] * (3 - len(parts[:3]))
-            return nums[0], nums[1], nums[2]
-    return None
-
-
-def host_libvirt_version(root: str | os.PathLike[str] | None = None) -> tuple[int, int, int] | None:
-    """libvirtd's version on the host (or in the chroot ``root``); None when not installed."""
-    if root is None:
-        exe = _which("libvirtd")
-        if exe is None:
-            return None
-        argv = [exe, "--version"]
-    else:
-        argv = ["chroot", str(root), "/usr/sbin/libvirtd", "--version"]
-    r = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, check=False,
-                       env=_lab_env())
-    return _parse_version(r.stdout) if r.returncode == 0 else None
-
-
-def libvirt_chroot_from_env(default: str | None = "auto") -> str | None:
-    """LibvirtLab's libvirt_chroot from $VF_E2E_LIBVIRT_CHROOT: "auto" (default), "none", or a
-    chroot directory ("trixie" means CACHE_DIR/trixie).  A chroot for every lab emulates a
-    Debian 13 host (libvirt 11 for both firewall backends) on Debian 12."""
-    value = os.environ.get("VF_E2E_LIBVIRT_CHROOT", "").strip()
-    if not value:
-        return default
-    if value == "none":
-        return None
-    if value == "trixie":
-        return str(Path(os.environ.get("VF_E2E_CACHE", str(DEFAULT_CACHE_DIR))) / "trixie")
-    return value
-
-
-# --------------------------------------------------------------------------- guests
-
-
-@dataclass(frozen=True)
-class GuestSpec:
-    """One guest: its domain name, static addresses (no prefix) and MAC."""
-
-    name: str
-    ip: str
-    mac: str
-    ip6: str | None = None
-    memory_mib: int = 160
-    # HOST:PORT the guest asks every second, logging the answer on its console ("vf-e2e self")
-    selfcheck: str | None = None
-    # more NICs: (libvirt network, MAC) each; the first of them (eth1) gets ip1 (ADDR/PREFIX)
-    extra_nics: tuple[tuple[str, str], ...] = ()
-    ip1: str | None = None
-
-    @property
-    def cmdline(self) -> str:
-        parts = ["console=ttyS0", "panic=-1", f"vf.name={self.name}",
-                 f"vf.ip={self.ip}/24", f"vf.gw={GATEWAY_V4}"]
-        if self.ip6:
-            parts += [f"vf.ip6={self.ip6}/64", f"vf.gw6={GATEWAY_V6}"]
-        if self.selfcheck:
-            parts.append(f"vf.self={self.selfcheck}")
-        if self.ip1:
-            parts.append(f"vf.ip1={self.ip1}")
-        return " ".join(parts)
-
-
-def default_guests(n: int, *, ipv6: bool = True, prefix: str = "vfguest") -> list[GuestSpec]:
-    """``n`` guests named vfguest1..N at 192.168.122.10+i (and fd00:122::10+i)."""
-    if not 0 <= n <= 80:
-        raise ValueError("between 0 and 80 guests")
-    return [
-        GuestSpec(
-            name=f"{prefix}{i + 1}",
-            ip=f"{NET_V4}.{10 + i}",
-            mac=f"52:54:00:e2:e0:{10 + i:02x}",
-            ip6=f"{NET_V6}:{10 + i:x}" if ipv6 else None,
-        )
-        for i in range(n)
-    ]
-
-
-def _xml_escape(s: str) -> str:
-    return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("'", "&apos;").replace('"', "&quot;")
-
-
-def _domain_xml(spec: GuestSpec, kernel: Path, initrd: Path, console: str, domain_type: str) -> str:
-    extra = "".join(f"    <interface type='network'>\n      <source network='{_xml_escape(net)}'/>\n"
-                    f"      <mac address='{mac}'/>\n      <model type='virtio'/>\n    </interface>\n"
-                    for net, mac in spec.extra_nics)
-    return f"""<domain type='{domain_type}'>
-  <name>{_xml_escape(spec.name)}</name>
-  <memory unit='MiB'>{spec.memory_mib}</memory>
-  <vcpu>1</vcpu>
-  <os>
-    <type arch='x86_64' machine='pc'>hvm</type>
-    <kernel>{_xml_escape(str(kernel))}</kernel>
-    <initrd>{_xml_escape(str(initrd))}</initrd>
-    <cmdline>{_xml_escape(spec.cmdline)}</cmdline>
-  </os>
-  <features><acpi/></features>
-  <on_poweroff>destroy</on_poweroff>
-  <on_reboot>restart</on_reboot>
-  <on_crash>destroy</on_crash>
-  <devices>
-    <emulator>{QEMU_BIN}</emulator>
-    <interface type='network'>
-      <source network='default'/>
-      <mac address='{spec.mac}'/>
-      <model type='virtio'/>
-    </interface>
-{extra}    <serial type='file'>
-      <source path='{_xml_escape(console)}'/>
-      <target port='0'/>
-    </serial>
-    <console type='file'>
-      <source path='{_xml_escape(console)}'/>
-      <target type='serial' port='0'/>
-    </console>
-    <memballoon model='none'/>
-  </devices>
-</domain>
-"""
-
-
-def _network_xml(ipv6: bool) -> str:
-    v6 = f"  <ip family='ipv6' address='{GATEWAY_V6}' prefix='64'/>\n" if ipv6 else ""
-    return f"""<network>
-  <name>default</name>
-  <forward mode='nat'/>
-  <bridge name='{BRIDGE}' stp='on' delay='0'/>
-  <mac address='52:54:00:e2:e0:01'/>
-  <ip address='{GATEWAY_V4}' netmask='255.255.255.0'>
-    <dhcp><range start='{NET_V4}.100' end='{NET_V4}.254'/></dhcp>
-  </ip>
-{v6}</network>
-"""
-
-
-# --------------------------------------------------------------------------- probes
-
-# Runs inside a namespace (``python3 -c``): one TCP or UDP exchange, JSON on stdout.
-_PROBE_CODE = r"""
-import errno, json, socket, sys, time
-proto, host, port, timeout, payload, read_idle, src = sys.argv[1:8]
-port = int(port); timeout = float(timeout); read_idle = float(read_idle)
-payload = bytes.fromhex(payload)
-fam = socket.AF_INET6 if ":" in host else socket.AF_INET
-out = {"status": "error", "data": "", "detail": ""}
-def classify(e):
-    if isinstance(e, ConnectionRefusedError): return "refused"
-    if isinstance(e, (socket.timeout, TimeoutError)): return "timeout"
-    if getattr(e, "errno", None) in (errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EACCES, errno.EPERM): return "unreachable"
-    if isinstance(e, ConnectionResetError): return "reset"
-    return "error"
-s = socket.socket(fam, socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM)
-data = b""
-try:
-    if src:
-        s.bind((src, 0))
-    s.settimeout(timeout)
-    if proto == "tcp":
-        s.connect((host, port))
-        out["status"] = "ok"
-        if payload:
-            s.sendall(payload)
-        deadline = time.monotonic() + timeout
-        s.settimeout(read_idle)
-        while time.monotonic() < deadline:
-            try:
-                chunk = s.recv(65536)
-            except (socket.timeout, TimeoutError):
-                break
-            if not chunk:
-                break
-            data += chunk
-    else:
-        s.connect((host, port))
-        s.send(payload)
-        data = s.recv(65536)
-        out["status"] = "ok"
-except Exception as e:
-    if out["status"] != "ok":
-        out["status"] = classify(e)
-    out["detail"] = f"{type(e).__name__}: {e}"
-finally:
-    s.close()
-out["data"] = data.hex()
-print(json.dumps(out))
-"""
-
-
-@dataclass(frozen=True)
-class ProbeResult:
-    """Outcome of one probe: status is ok, refused, timeout, unreachable, reset or error."""
-
-    status: str
-    data: bytes = b""
-    detail: str = ""
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "ok"
-
-    @property
-    def text(self) -> str:
-        return self.data.decode("utf-8", "replace")
-
-
-class _NsRunner:
-    """Runs commands with a fixed argv prefix that enters some namespaces."""
-
-    def _prefix(self) -> list[str]:
-        raise NotImplementedError
-
-    def exec_in_ns(self, argv: Sequence[str], **kwargs: Any) -> subprocess.CompletedProcess[Any]:
-        """subprocess.run(argv) inside the namespace; kwargs go to subprocess.run (no check by default)."""
-        kwargs.setdefault("env", _lab_env())
-        return subprocess.run([*self._prefix(), *argv], **kwargs)
-
-    def run(self, argv: Sequence[str], *, check: bool = True, timeout: float | None = 120,
-            input: str | None = None, env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-        """Run argv inside the namespace, capture text output; raise LabError on failure if check.
-
-        env defaults to this process's environment with PATH including the sbin dirs.
-        """
-        r = subprocess.run([*self._prefix(), *argv], input=input, text=True, timeout=timeout,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           env=dict(env) if env is not None else _lab_env(), check=False)
-        if check and r.returncode != 0:
-            raise LabError(f"{' '.join(argv)} -> {r.returncode}\nstdout: {r.stdout}\nstderr: {r.stderr}")
-        return r
-
-    def popen(self, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
-        kwargs.setdefault("env", _lab_env())
-        return subprocess.Popen([*self._prefix(), *argv], **kwargs)
-
-    def _probe(self, proto: str, host: str, port: int, payload: bytes, timeout: float,
-               read_idle: float, source: str | None) -> ProbeResult:
-        r = self.run([sys.executable, "-c", _PROBE_CODE, proto, host, str(port), str(timeout),
-                      payload.hex(), str(read_idle), source or ""], check=False, timeout=timeout * 3 + 10)
-        try:
-            d = json.loads(r.stdout.strip().splitlines()[-1])
-        except (ValueError, IndexError):
-            return ProbeResult("error", b"", f"probe crashed: rc={r.returncode} {r.stderr.strip()}")
-        return ProbeResult(str(d["status"]), bytes.fromhex(d["data"]), str(d["detail"]))
-
-    def probe_tcp(self, host: str, port: int, payload: bytes = b"", *, timeout: float = 3.0,
-                  read_idle: float = 0.5, source: str | None = None) -> ProbeResult:
-        """Connect to host:port, send payload, read until EOF/idle.  ok means the connection was made."""
-        return self._probe("tcp", host, port, payload, timeout, read_idle, source)
-
-    def probe_udp(self, host: str, port: int, payload: bytes = b"ping", *, timeout: float = 3.0,
-                  source: str | None = None) -> ProbeResult:
-        """Send one datagram and wait for one answer; ok means an answer came."""
-        return self._probe("udp", host, port, payload, timeout, 0.0, source)
-
-    def http_get(self, host: str, port: int = 80, path: str = "/", *, timeout: float = 5.0) -> str:
-        """GET over plain HTTP/1.0; returns the body.  Raises LabError unless the reply is 200."""
-        hosthdr = f"[{host}]" if ":" in host else host
-        req = f"GET {path} HTTP/1.0\r\nHost: {hosthdr}\r\nConnection: close\r\n\r\n".encode()
-        r = self.probe_tcp(host, port, req, timeout=timeout, read_idle=timeout)
-        if not r.ok:
-            raise LabError(f"http://{hosthdr}:{port}{path}: {r.status} {r.detail}")
-        head, _, body = r.text.partition("\r\n\r\n")
-        if " 200 " not in head.split("\r\n", 1)[0] + " ":
-            raise LabError(f"http://{hosthdr}:{port}{path}: unexpected reply {head[:200]!r}")
-        return body
-
-
-@dataclass
-class OutsideClient(_NsRunner):
-    """A namespace on the 'Internet' side of the lab host, linked by a veth pair."""
-
-    ns: str
-    lab_if: str
-    client_if: str
-    lab_addr: str  # with prefix, e.g. 198.51.100.1/24
-    client_addr: str
-    lab_addr6: str | None = None
-    client_addr6: str | None = None
-
-    def _prefix(self) -> list[str]:
-        return ["ip", "netns", "exec", self.ns]
-
-    @property
-    def lab_ip(self) -> str:
-        """The lab host's 'public' address as seen from this client (no prefix)."""
-        return self.lab_addr.split("/")[0]
-
-    @property
-    def client_ip(self) -> str:
-        return self.client_addr.split("/")[0]
-
-    @property
-    def lab_ip6(self) -> str | None:
-        return self.lab_addr6.split("/")[0] if self.lab_addr6 else None
-
-
-# --------------------------------------------------------------------------- process helpers
-
-
-def _kill_pid(pid: int, sig: signal.Signals) -> bool:
-    try:
-        os.kill(pid, sig)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return False
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie counts as gone
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def _terminate(pids: Sequence[int], grace: float = 5.0) -> None:
-    live = [p for p in pids if _kill_pid(p, signal.SIGTERM)]
-    deadline = time.monotonic() + grace
-    while live and time.monotonic() < deadline:
-        live = [p for p in live if _pid_alive(p)]
-        if live:
-            time.sleep(0.05)
-    for p in live:
-        _kill_pid(p, signal.SIGKILL)
-
-
-def _netns_pids(ns: str) -> list[int]:
-    r = subprocess.run(["ip", "netns", "pids", ns], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                       text=True, check=False)
-    return [int(x) for x in r.stdout.split() if x.isdigit() and int(x) != os.getpid()]
-
-
-def _list_netns() -> list[str]:
-    r = subprocess.run(["ip", "netns", "list"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                       text=True, check=False)
-    return [line.split()[0] for line in r.stdout.splitlines() if line.strip()]
-
-
-def _delete_netns(ns: str) -> None:
-    for _ in range(3):
-        pids = _netns_pids(ns)
-        if not pids:
-            break
-        _terminate(pids, grace=3.0)
-    subprocess.run(["ip", "netns", "del", ns], check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def cleanup_stale(log: Callable[[str], None] = _log_default) -> list[str]:
-    """Kill the processes in, and delete, every leftover ``vfe2e-*`` namespace (from a crashed run).
-
-    Do not call while another lab is running on this machine.
-    """
-    gone = []
-    for ns in _list_netns():
-        if ns.startswith(NS_PREFIX):
-            log(f"removing stale namespace {ns}")
-            _delete_netns(ns)
-            gone.append(ns)
-    return gone
-
-
-# --------------------------------------------------------------------------- the lab
 
 
 _QEMU_CONF_EXTRA = """
@@ -613,7 +106,7 @@ class _Timings:
         self.values[key] = round(seconds, 3)
 
 
-class LibvirtLab(_NsRunner):
+class LibvirtLab(NsRunner):
     """Context manager: libvirtd + NAT network ``default`` + guests, all in namespaces.
 
     Parameters:
@@ -686,7 +179,7 @@ class LibvirtLab(_NsRunner):
         self.share_qemu_caps_cache = share_qemu_caps_cache
         self.daemon_path = daemon_path
         self._workdir_parent = workdir_parent
-        self.log: Callable[[str], None] = log or _log_default
+        self.log: Callable[[str], None] = log or log_default
         self.token = secrets.token_hex(3)
         self.ns = f"{NS_PREFIX}{self.token}-lab"
         self.kernel: Path = self.cache_dir / "vmlinuz"
@@ -766,7 +259,7 @@ class LibvirtLab(_NsRunner):
         """Like run(), but in libvirt's root: the chroot's programs when libvirt runs in one."""
         r = subprocess.run([*self._libvirt_prefix(), *argv], input=input, text=True, timeout=timeout,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           env=dict(env) if env is not None else _lab_env(), check=False)
+                           env=dict(env) if env is not None else lab_env(), check=False)
         if check and r.returncode != 0:
             raise LabError(f"{' '.join(argv)} -> {r.returncode}\nstdout: {r.stdout}\nstderr: {r.stderr}")
         return r
@@ -876,7 +369,7 @@ class LibvirtLab(_NsRunner):
         needed = NEEDED_BINARIES if self.chroot is None else ("nsenter", "unshare", "ip", "chroot")
         if self.uses_nftables_backend:
             needed = (*needed, "nft")
-        missing = [b for b in needed if not _which(b)]
+        missing = [b for b in needed if not which(b)]
         if missing:
             raise LabUnavailable(f"missing binaries: {missing} (see ensure_host_packages())")
         probe = f"{NS_PREFIX}{self.token}-probe"
@@ -953,7 +446,7 @@ exec sleep infinity
             ["ip", "netns", "exec", self.ns, "unshare", "--mount", "--propagation", "private", "--",
              "sh", "-c", script],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(w / "holder.err", "wb"),
-            env=_lab_env(), start_new_session=True,
+            env=lab_env(), start_new_session=True,
         )
         deadline = time.monotonic() + 15
         while not ready.exists():
@@ -989,7 +482,7 @@ mount --rbind /run {r}/run
 """
 
     def _start_daemons(self) -> None:
-        exe = "/usr/sbin/virtlogd" if self.chroot is not None else (_which("virtlogd") or "virtlogd")
+        exe = "/usr/sbin/virtlogd" if self.chroot is not None else (which("virtlogd") or "virtlogd")
         self.libvirt_run([exe, "-d", "-p", "/run/libvirt/lab-virtlogd.pid"], env=self._daemon_env())
         self._start_libvirtd()
 
@@ -1003,7 +496,7 @@ mount --rbind /run {r}/run
         return {"PATH": path, "LC_ALL": "C", "HOME": "/root"}
 
     def _start_libvirtd(self) -> None:
-        exe = "/usr/sbin/libvirtd" if self.chroot is not None else (_which("libvirtd") or "libvirtd")
+        exe = "/usr/sbin/libvirtd" if self.chroot is not None else (which("libvirtd") or "libvirtd")
         self.libvirt_run([exe, "-d", "-p", "/run/libvirt/lab-libvirtd.pid"], env=self._daemon_env())
         self._wait_libvirtd()
 
@@ -1028,10 +521,7 @@ mount --rbind /run {r}/run
         """Define and start another NAT network (/24 around `gateway`), with static DHCP hosts
         (mac, ip): what discovery reads for a NIC's address on it."""
         xml = self.workdir / "xml" / f"network-{name}.xml"
-        entries = "".join(f"<host mac='{mac}' ip='{ip}'/>" for mac, ip in hosts)
-        xml.write_text(f"<network><name>{_xml_escape(name)}</name><forward mode='nat'/>"
-                       f"<bridge name='{bridge}' stp='on' delay='0'/><ip address='{gateway}' netmask='255.255.255.0'>"
-                       f"<dhcp>{entries}</dhcp></ip></network>\n")
+        xml.write_text(nat_network_xml(name, bridge, gateway, hosts))
         self.virsh("net-define", self._xml_path(xml))
         self.virsh("net-start", name)
 
@@ -1041,7 +531,7 @@ mount --rbind /run {r}/run
 
     def _start_network(self) -> None:
         xml = self.workdir / "xml" / "network-default.xml"
-        xml.write_text(_network_xml(self.ipv6))
+        xml.write_text(network_xml(self.ipv6))
         self.virsh("net-define", self._xml_path(xml))
         self.virsh("net-start", "default")
         self.virsh("net-autostart", "default")
@@ -1066,7 +556,7 @@ mount --rbind /run {r}/run
         xml = self.workdir / "xml" / f"{spec.name}.xml"
         console = f"/var/log/libvirt/qemu/{spec.name}.console"
         kernel, initrd = self._kernel_paths()
-        xml.write_text(_domain_xml(spec, Path(kernel), Path(initrd), console, self.domain_type))
+        xml.write_text(domain_xml(spec, Path(kernel), Path(initrd), console, self.domain_type))
         self.guests[spec.name] = spec
         self.virsh("define", self._xml_path(xml))
         t = time.monotonic()
@@ -1184,7 +674,7 @@ mount --rbind /run {r}/run
         t = time.monotonic()
         pid = self.libvirtd_pid
         if pid is not None:
-            _terminate([pid], grace=15.0)
+            terminate([pid], grace=15.0)
         self._start_libvirtd()
         took = time.monotonic() - t
         self.timings.add("libvirtd_restart", took)
@@ -1206,7 +696,7 @@ mount --rbind /run {r}/run
     def sighup_libvirtd(self) -> None:
         """Send SIGHUP to libvirtd (it reloads and re-applies network firewall rules)."""
         pid = self.libvirtd_pid
-        if pid is None or not _kill_pid(pid, signal.SIGHUP):
+        if pid is None or not kill_pid(pid, signal.SIGHUP):
             raise LabError("libvirtd is not running")
 
     def add_client(
@@ -1294,7 +784,7 @@ mount --rbind /run {r}/run
         t = time.monotonic()
         holder_alive = self._holder is not None and self._holder.poll() is None
         lv_pid = self.libvirtd_pid if self.workdir != Path() else None
-        if holder_alive and lv_pid is not None and _pid_alive(lv_pid):
+        if holder_alive and lv_pid is not None and pid_alive(lv_pid):
             for name in list(self.guests):
                 try:
                     self.destroy_guest(name)
@@ -1305,21 +795,21 @@ mount --rbind /run {r}/run
             except Exception as e:  # noqa: BLE001
                 self.log(f"teardown: net-destroy: {e}")
         daemons = [p for p in (lv_pid, self.virtlogd_pid if self.workdir != Path() else None) if p]
-        _terminate([p for p in daemons if _pid_alive(p)], grace=10.0)
+        terminate([p for p in daemons if pid_alive(p)], grace=10.0)
         # Everything else that runs in our namespaces (dnsmasq, qemu, the holder, probes).
         for ns in reversed(self._namespaces):
             try:
-                _delete_netns(ns)
+                delete_netns(ns)
             except Exception as e:  # noqa: BLE001
                 self.log(f"teardown: delete {ns}: {e}")
         if self._holder is not None:
             if self._holder.poll() is None:
-                _kill_pid(self._holder.pid, signal.SIGKILL)
+                kill_pid(self._holder.pid, signal.SIGKILL)
             try:
                 self._holder.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 self.log(f"teardown: holder {self._holder.pid} did not exit")
-        left = [ns for ns in self._namespaces if ns in _list_netns()]
+        left = [ns for ns in self._namespaces if ns in list_netns()]
         if left:
             self.log(f"teardown: namespaces still there: {left}")
         if self.workdir != Path() and self.workdir.exists():

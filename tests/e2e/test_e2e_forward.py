@@ -28,16 +28,11 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from libvirt_lab import (  # noqa: E402
-    DEFAULT_CACHE_DIR,
-    LabUnavailable,
-    LibvirtLab,
-    libvirt_chroot_from_env,
-    GuestSpec,
-    OutsideClient,
-    default_guests,
-    ensure_host_packages,
-)
+from lab_common import LabUnavailable  # noqa: E402
+from lab_guests import GuestSpec, default_guests  # noqa: E402
+from lab_probes import OutsideClient  # noqa: E402
+from lab_provision import DEFAULT_CACHE_DIR, ensure_host_packages, libvirt_chroot_from_env  # noqa: E402
+from libvirt_lab import LibvirtLab  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 PUBLIC = "198.51.100.1"
@@ -429,6 +424,28 @@ def _recovered(e2e: E2E, fault: str, limit: float = 10.0) -> float:
     raise AssertionError(f"[{e2e.backend}] no forward {limit} s after {fault}")
 
 
+def _nft_monitor_listening(watcher_pid: int) -> bool:
+    """Has the watcher's `nft monitor` child joined an nftables netlink group?  Before that a
+    ruleset change wakes nobody: the watcher would see it only at its next timer tick."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            comm, after = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 1:].split()
+            if comm != "nft" or after[1] != str(watcher_pid):
+                continue
+            fds = {os.readlink(f"/proc/{entry}/fd/{fd}") for fd in os.listdir(f"/proc/{entry}/fd")}
+            # this process's netns: sk Eth Pid Groups Rmem Wmem Dump Locks Drops Inode
+            for line in Path(f"/proc/{entry}/net/netlink").read_text().splitlines()[1:]:
+                cols = line.split()
+                if cols[1] == "12" and int(cols[3], 16) and f"socket:[{cols[9]}]" in fds:  # NETLINK_NETFILTER
+                    return True
+        except (OSError, IndexError, ValueError):  # gone meanwhile, or not ours to read
+            continue
+    return False
+
+
 def test_watcher_against_real_libvirt(e2e: E2E) -> None:
     """`virt-forward watch` (libvirt-python events + nft monitor) in the lab, then the resets
     nobody tells a hook about.  Recovery is measured from the fault to the first good answer."""
@@ -436,7 +453,11 @@ def test_watcher_against_real_libvirt(e2e: E2E) -> None:
     watcher = e2e.lab.popen([e2e.user.cli, "watch", "--interval", "30"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        time.sleep(2)
+        t0 = time.monotonic()
+        while not _nft_monitor_listening(watcher.pid) and watcher.poll() is None and time.monotonic() - t0 < 15:
+            time.sleep(0.05)
+        assert _nft_monitor_listening(watcher.pid), f"the watcher's nft monitor does not listen (exit {watcher.poll()})"
+        print(f"[{e2e.backend}] watcher listening {time.monotonic() - t0:.2f} s after its start")
         assert e2e.forward_ok() and watcher.poll() is None
         # someone flushes everything: libvirt's rules and ours
         e2e.lab.run(["nft", "flush", "ruleset"])

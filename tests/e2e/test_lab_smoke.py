@@ -23,16 +23,11 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from libvirt_lab import (  # noqa: E402
-    DEFAULT_CACHE_DIR,
-    NS_PREFIX,
-    GuestSpec,
-    LabUnavailable,
-    LibvirtLab,
-    libvirt_chroot_from_env,
-    OutsideClient,
-    ensure_host_packages,
-)
+from lab_common import NS_PREFIX, LabUnavailable  # noqa: E402
+from lab_guests import GuestSpec  # noqa: E402
+from lab_probes import OutsideClient  # noqa: E402
+from lab_provision import DEFAULT_CACHE_DIR, ensure_host_packages, libvirt_chroot_from_env  # noqa: E402
+from libvirt_lab import LibvirtLab  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 

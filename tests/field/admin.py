@@ -17,7 +17,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "e2e"))
 
 from field.container import Container, FieldUnavailable, build_root, cleanup_stale  # noqa: E402
-from libvirt_lab import _domain_xml, _network_xml, default_guests  # noqa: E402
+from lab_guests import default_guests, domain_xml, network_xml  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 BOOT_DIR = "/var/lib/libvirt/boot"
@@ -100,11 +100,11 @@ class System:
 def _provision(c: Container, kernel: Path, initrd: Path) -> None:
     c.put(f"{BOOT_DIR}/vf-guest.vmlinuz", kernel.read_bytes())
     c.put(f"{BOOT_DIR}/vf-guest.initrd", initrd.read_bytes())
-    c.put("/root/net.xml", _network_xml(True))
+    c.put("/root/net.xml", network_xml(True))
     for name, spec in GUESTS.items():
-        c.put(f"/root/{name}.xml", _domain_xml(spec, Path(f"{BOOT_DIR}/vf-guest.vmlinuz"),
-                                                 Path(f"{BOOT_DIR}/vf-guest.initrd"),
-                                                 f"/var/log/libvirt/qemu/{name}.console", "qemu"))
+        c.put(f"/root/{name}.xml", domain_xml(spec, Path(f"{BOOT_DIR}/vf-guest.vmlinuz"),
+                                                Path(f"{BOOT_DIR}/vf-guest.initrd"),
+                                                f"/var/log/libvirt/qemu/{name}.console", "qemu"))
     c.run("cd /root && virsh net-define net.xml && virsh net-autostart default && virsh net-start default"
           " && virsh define vfguest1.xml && virsh define vfguest2.xml")
     # what the admin writes before installing: one file per guest

@@ -14,7 +14,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "e2e"))
 
-from libvirt_lab import build_guest  # noqa: E402
+from lab_provision import build_guest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 
