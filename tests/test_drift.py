@@ -10,6 +10,8 @@ import pytest
 from virt_forward import engine, watch
 from virt_forward.drift import Kind, Problem
 
+pytestmark = pytest.mark.noroot
+
 
 def _run(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, found: list[Problem]) -> list[tuple[str, Any]]:
     calls: list[tuple[str, Any]] = []

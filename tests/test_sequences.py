@@ -23,6 +23,8 @@ from virt_forward.consts import GUARD_SPEC, NFT_GUARD_RULE
 from virt_forward.plan import plan_guest
 from virt_forward.reconcile import reconcile
 
+pytestmark = pytest.mark.noroot
+
 LIBVIRT_FILTER = """*filter
 :FORWARD ACCEPT [0:0]
 :LIBVIRT_FWX - [0:0]
