@@ -247,9 +247,11 @@ def full(plans: Iterable[GuestPlan], *, hairpin: bool) -> str:
     dnat: dict[str, list[str]] = {}
     for plan in listed:
         cmds += _acl_cmds(plan)
-        for groups in (_dnat_elements(plan), _traffic_elements(plan.forwards)):
-            for name, elems in groups.items():
-                dnat.setdefault(name, []).extend(elems)
+        for fwd in plan.forwards:  # each element's text made once: 10,000 of them at a rebuild
+            name, key, value = dnat_element(fwd)
+            joined = " . ".join(key)
+            dnat.setdefault(name, []).append(f"{joined} : {' . '.join(value)}")
+            dnat.setdefault(traffic_set(fwd), []).append(joined)
     return batch(cmds + _elements("add", dnat))
 
 
