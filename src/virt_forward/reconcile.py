@@ -99,12 +99,16 @@ def reconcile(ctx: engine.Context, running: list[str] | None = None, lock_timeou
 
         plans: list[GuestPlan] = []
         fresh: list[engine.Desired] = []  # planned from their files just now: fast files to write
+        # recorded exactly as their fast file says: their record need not be rendered again to compare
+        as_recorded: set[str] = set()
         code_now = fastpath.code() if backend.fast_path else None
         for domain in sorted(set(running)):
             try:
                 cached = _from_fast_file(str(ctx.config_dir), store, domain, code_now)
                 if cached is not None:
-                    plans.append(cached)
+                    plans.append(cached[0])
+                    if cached[1] == texts.get(domain):
+                        as_recorded.add(domain)
                     continue
                 want = engine.desired(ctx, domain, xmls.get(domain) or store.read_xml(domain), settings)
                 if want.plan is not None:
@@ -139,7 +143,7 @@ def reconcile(ctx: engine.Context, running: list[str] | None = None, lock_timeou
             if domain not in running:
                 store.delete_xml(domain)
         for plan in plans:
-            if texts.get(plan.domain) != store.record_text(plan, backend.name):
+            if plan.domain not in as_recorded and texts.get(plan.domain) != store.record_text(plan, backend.name):
                 engine.forget_flows(recorded(plan.domain), plan)
                 store.write(plan, backend.name)
         # hairpin mode where the domain XML says which ports are the guest's (libvirt's, or kept)
@@ -157,9 +161,10 @@ def reconcile(ctx: engine.Context, running: list[str] | None = None, lock_timeou
 
 
 def _from_fast_file(config_dir: str, store: state.StateStore, domain: str,
-                    code_now: dict[str, fastpath.Fingerprint] | None) -> GuestPlan | None:
-    """The plan the guest's fast file recorded, when none of the files it came from (nor our
-    code) changed since: what `engine.desired` would compute again, at a third of the cost."""
+                    code_now: dict[str, fastpath.Fingerprint] | None) -> tuple[GuestPlan, str] | None:
+    """The plan the guest's fast file recorded, and its record text, when none of the files it
+    came from (nor our code) changed since: what `engine.desired` would compute again, at a
+    third of the cost."""
     if code_now is None:
         return None
     text = fastpath.unchanged_record(config_dir, str(store.root), domain, code_now)
@@ -171,7 +176,7 @@ def _from_fast_file(config_dir: str, store: state.StateStore, domain: str,
         plan = GuestPlan.from_record(json.loads(text)["plan"])
     except (ValueError, KeyError, TypeError):
         return None
-    return plan if plan.domain == domain else None
+    return (plan, text) if plan.domain == domain else None
 
 
 def _without_conflicts(plans: list[GuestPlan], problems: list[str],
