@@ -51,6 +51,8 @@ def test_a_healthy_host_has_no_failure() -> None:
     ({"sysctl": {"net.ipv4.ip_forward": "1", "net.bridge.bridge-nf-call-iptables": "1"}, "hairpin": False},
      "br_netfilter", WARN, "hairpin = true in config.toml"),
     ({"hook_installed": False}, "hook", FAIL, "virt-forward install"),
+    ({"hook_installed": False, "packaged": True}, "hook", FAIL, "apt install --reinstall virt-forward"),
+    ({"hook_problem": "/x: exit 1", "packaged": True}, "hook", FAIL, "apt install --reinstall virt-forward"),
     ({"hook_mtime": 300.0}, "hook", FAIL, "restart libvirtd"),
     ({"hook_problem": "/x: its interpreter /opt/vf/bin/python is gone"}, "hook", FAIL, "virt-forward install"),
     ({"unit_problems": ("/etc/systemd/system/virt-forward-watch.service: its interpreter /x is gone",)}, "units",

@@ -56,6 +56,7 @@ class Facts:
     daemon_started: float | None  # libvirtd/virtqemud start time (epoch), None: not running
     nft_installed: bool
     hook_problem: str | None = None  # the hook run as libvirt runs it failed: why
+    packaged: bool = False  # the Debian package is installed: apt, not `virt-forward install`, puts hooks back
     unit_problems: tuple[str, ...] = ()
     hairpin: bool = True  # config.toml's `hairpin`: hairpin mode on the ports of guests with forwards
     extra: dict[str, str] = field(default_factory=dict)
@@ -135,11 +136,12 @@ def diagnose(f: Facts) -> list[Verdict]:
             v.append(Verdict(WARN, "br_netfilter", "bridge-nf-call-iptables = 1 and hairpin = false: a guest calling "
                              "its own public port gets no answer", "hairpin = true in config.toml"))
 
+    reinstall = ("apt install --reinstall virt-forward" if f.packaged else
+                 "virt-forward install (run with the Python virt-forward is installed in)")
     if not f.hook_installed:
-        v.append(Verdict(FAIL, "hook", f"{f.hook_path} is missing or not executable", "virt-forward install"))
+        v.append(Verdict(FAIL, "hook", f"{f.hook_path} is missing or not executable", reinstall))
     elif f.hook_problem is not None:
-        v.append(Verdict(FAIL, "hook", f"it does not run: {f.hook_problem}; guests start without forwards",
-                         "virt-forward install (run with the Python virt-forward is installed in)"))
+        v.append(Verdict(FAIL, "hook", f"it does not run: {f.hook_problem}; guests start without forwards", reinstall))
     elif f.daemon_started is None:
         v.append(Verdict(WARN, "hook", "installed, but no libvirtd/virtqemud is running"))
     elif f.hook_mtime is not None and f.hook_mtime > f.daemon_started:
@@ -148,7 +150,7 @@ def diagnose(f: Facts) -> list[Verdict]:
     else:
         v.append(Verdict(OK, "hook", f"{f.hook_path} installed, runs, and libvirt started after it"))
     for problem in f.unit_problems:
-        v.append(Verdict(FAIL, "units", problem, "virt-forward install"))
+        v.append(Verdict(FAIL, "units", problem, reinstall))
     return v
 
 
@@ -252,7 +254,7 @@ def gather(ctx: engine.Context, libvirt_dir: Path = Path("/etc/libvirt")) -> Fac
     conf = _read(Path("/etc/firewalld/firewalld.conf"))
     strict = None if conf is None else bool(re.search(r"^\s*StrictForwardPorts\s*=\s*yes", conf, re.M | re.I))
     hook = libvirt_dir / "hooks" / "qemu.d" / "virt-forward"
-    from .install import installed_hook_problem, unit_problems
+    from .install import PACKAGE_HOOKS, installed_hook_problem, unit_problems
     try:
         # The time the entry appeared in qemu.d, which is what libvirt notices: the Debian
         # package's hook is a symlink, and its target keeps the package's build time.
@@ -267,7 +269,8 @@ def gather(ctx: engine.Context, libvirt_dir: Path = Path("/etc/libvirt")) -> Fac
                  hook_path=str(hook), hook_installed=installed, hook_mtime=mtime,
                  daemon_started=_daemon_started(), nft_installed=which("nft") is not None,
                  hook_problem=hook_problem, unit_problems=tuple(unit_problems(root)),
-                 hairpin=settings_or_default(ctx.config_dir).hairpin)
+                 hairpin=settings_or_default(ctx.config_dir).hairpin,
+                 packaged=(root / PACKAGE_HOOKS.lstrip("/") / "qemu").is_file())
 
 
 def doctor(ctx: engine.Context, libvirt_dir: Path = Path("/etc/libvirt")) -> int:
