@@ -129,26 +129,38 @@ class Container:
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         log.close()
         deadline = time.monotonic() + timeout
-        while not self.leader:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"nspawn exited {self.proc.returncode}: {self.console_tail()}")
-            try:
-                kids = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
-            except OSError:
-                kids = []
-            if kids:
-                self.leader = int(kids[0])
-            elif time.monotonic() > deadline:
-                raise RuntimeError("no init in the container")
-            else:
-                time.sleep(0.05)
+        self.leader = self._find_init(deadline)
         while True:
+            if not os.path.exists(f"/proc/{self.leader}"):
+                self.leader = self._find_init(deadline)
             state = self.run("systemctl is-system-running", check=False).stdout.strip()
             if state in ("running", "degraded"):
                 break
             if time.monotonic() > deadline:
                 raise RuntimeError(f"system not up after {timeout:g} s ({state}): {self.console_tail()}")
             time.sleep(0.2)
+
+    def _find_init(self, deadline: float) -> int:
+        """The container's PID 1: nspawn's child that runs systemd.  nspawn forks an outer child
+        first, which exits once the container runs: taking that one (seen once, at a reboot)
+        leaves nsenter pointing at a process that is gone."""
+        assert self.proc is not None
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"nspawn exited {self.proc.returncode}: {self.console_tail()}")
+            try:
+                kids = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+            except OSError:
+                kids = []
+            for kid in kids:
+                try:
+                    if Path(f"/proc/{kid}/comm").read_text().strip() == "systemd":
+                        return int(kid)
+                except OSError:
+                    continue
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no systemd in the container: {self.console_tail()}")
+            time.sleep(0.05)
 
     def poweroff(self, timeout: float = 60) -> None:
         """`systemctl poweroff` and wait; a system that does not go down in time is killed
