@@ -88,9 +88,8 @@ def plan(ctx: engine.Context, domain: str) -> int:
     print(f"# backend: {backend.name}")
     if want.plan is None:
         return ExitCode.OK
-    print(backend.plan_text(old, want.plan, lambda: [p for p in (ctx.store.read(d) for d in ctx.store.domains())
-                                                     if p is not None and p.domain != domain],
-                            want.settings.hairpin), end="")
+    print(backend.plan_text(old, want.plan, lambda: engine.others_applied(ctx.store, domain), want.settings.hairpin),
+          end="")
     return ExitCode.OK
 
 

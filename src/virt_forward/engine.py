@@ -149,10 +149,10 @@ def apply(ctx: Context, domain: str, xml: str | None = None, want: Desired | Non
             raise FirewallError(f"{domain}: not applied: {over}")
         claims.update(str(store.root), holder, add=wanted, drop=[])  # before the kernel: a crash errs on refusing
         try:
-            if backend.apply(old, plan, lambda: _others(store, domain), hairpin):
+            if backend.apply(old, plan, lambda: others_applied(store, domain), hairpin):
                 # a table made by an older virt-forward (other map flags): rebuild it whole, once
                 log.warning("table inet virt_forward is from an older version: rebuilding it")
-                backend.rebuild(_others(store, domain) + [plan], hairpin)
+                backend.rebuild(others_applied(store, domain) + [plan], hairpin)
         except BaseException:
             claims.update(str(store.root), holder, add=had, drop=[c for c in wanted if c not in had])
             raise
@@ -307,7 +307,7 @@ def remove(ctx: Context, domain: str, why: str = "", lock_timeout: float | None 
                  old)
 
 
-def _others(store: StateStore, domain: str) -> list[GuestPlan]:
+def others_applied(store: StateStore, domain: str) -> list[GuestPlan]:
     """Every other applied guest (the iptables backend rewrites them; nft never asks)."""
     return [p for p in (store.read(d) for d in store.domains() if d != domain) if p is not None]
 
@@ -315,7 +315,7 @@ def _others(store: StateStore, domain: str) -> list[GuestPlan]:
 def _remove_locked(ctx: Context, domain: str, old: GuestPlan, backend: backends.Backend, hairpin: bool,
                    wait: bool = True) -> None:
     store = ctx.store
-    backend.remove(old, lambda: _others(store, domain), hairpin, last=not store.any_other(domain))
+    backend.remove(old, lambda: others_applied(store, domain), hairpin, last=not store.any_other(domain))
     store.delete(domain)
     release_hairpin(ctx, domain)
     claims.update(str(store.root), state.stem(domain), add=[], drop=claims_of(old))
