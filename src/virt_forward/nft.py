@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 from .consts import FAMILY, MARK_FORWARDED, MARK_HAIRPIN, SKELETON_MARK_PREFIX, TABLE, T
-from .plan import Family, Forward, GuestPlan
+from .plan import Family, Forward, GuestPlan, address_text
 
 __all__ = ["FAMILY", "MARK_FORWARDED", "MARK_HAIRPIN", "SKELETON_MARK_PREFIX", "TABLE", "T", "NAMES", "skeleton", "skeleton_mark", "change",
            "full", "batch", "add_guest", "remove_guest", "delete_table", "parse_live", "parse_counters",
@@ -138,10 +138,10 @@ Element = tuple[str, tuple[str, ...], tuple[str, ...]]  # (map, key parts, value
 
 def dnat_element(fwd: Forward) -> Element:
     n = NAMES[fwd.family]
-    value = (str(fwd.guest), str(fwd.guest_port))
+    value = (address_text(fwd.guest), str(fwd.guest_port))
     if fwd.public is None:
         return n.dnat_any, (fwd.proto, str(fwd.public_port)), value
-    return n.dnat, (str(fwd.public), fwd.proto, str(fwd.public_port)), value
+    return n.dnat, (address_text(fwd.public), fwd.proto, str(fwd.public_port)), value
 
 
 def _map_and_key(fwd: Forward) -> tuple[str, str, str, str]:

@@ -101,10 +101,10 @@ def reconcile(ctx: engine.Context, running: list[str] | None = None, lock_timeou
         fresh: list[engine.Desired] = []  # planned from their files just now: fast files to write
         # recorded exactly as their fast file says: their record need not be rendered again to compare
         as_recorded: set[str] = set()
-        code_now = fastpath.code() if backend.fast_path else None
+        unchanged = fastpath.Unchanged(str(ctx.config_dir), str(store.root)) if backend.fast_path else None
         for domain in sorted(set(running)):
             try:
-                cached = _from_fast_file(str(ctx.config_dir), store, domain, code_now)
+                cached = _from_fast_file(unchanged, domain)
                 if cached is not None:
                     plans.append(cached[0])
                     if cached[1] == texts.get(domain):
@@ -160,14 +160,11 @@ def reconcile(ctx: engine.Context, running: list[str] | None = None, lock_timeou
     return outcome
 
 
-def _from_fast_file(config_dir: str, store: state.StateStore, domain: str,
-                    code_now: dict[str, fastpath.Fingerprint] | None) -> tuple[GuestPlan, str] | None:
+def _from_fast_file(unchanged: fastpath.Unchanged | None, domain: str) -> tuple[GuestPlan, str] | None:
     """The plan the guest's fast file recorded, and its record text, when none of the files it
     came from (nor our code) changed since: what `engine.desired` would compute again, at a
     third of the cost."""
-    if code_now is None:
-        return None
-    text = fastpath.unchanged_record(config_dir, str(store.root), domain, code_now)
+    text = None if unchanged is None else unchanged.record(domain)
     if text is None:
         return None
     try:
