@@ -224,14 +224,46 @@ def test_the_hook_takes_the_full_path_once_then_the_fast_path(world: tuple[engin
     assert stop() == 0
     host.calls.clear()
     assert start() == 0
-    # the fast path: nft's chains and the guest's families' FORWARD chains read side by side
-    # (text, no JSON), then one transaction holding the guest's elements
-    assert host.commands() == ["nft list chains", "iptables-save -t filter", "nft -f -"], full
+    # the fast path: one round of processes side by side: the transaction holding the guest's
+    # elements (with the table's skeleton: no other guest has any, so the last stop took the
+    # table away), nft's chains and the guest's families' FORWARD chains (text, no JSON)
+    assert host.commands() == ["nft -f -", "nft list chains", "iptables-save -t filter"], full
     plan = _plan(ctx, "web")
     [batch] = host.inputs("nft -f")
+    assert batch.startswith("add table inet virt_forward\n")
     for fwd in plan.forwards:  # type: ignore[attr-defined]
         name, key, value = nft.dnat_element(fwd)
         assert f"{' . '.join(key)} : {' . '.join(value)}" in batch
+
+
+def test_a_fast_start_beside_other_guests_is_one_round(world: tuple[engine.Context, Host],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    ctx, host = world
+    monkeypatch.setattr(fastpath, "RACY_SECONDS", 0.0)
+    host.iptables_filter = LIBVIRT_FILTER
+    engine.apply(ctx, "db")  # another guest of ours runs: our table and the guard are there
+
+    def hook_call(op: str, sub: str) -> int:
+        return hook.qemu_main(["web", op, sub, "-"], str(ctx.config_dir), str(ctx.state_dir),
+                              stdin=io.BytesIO(XML.encode()))
+
+    assert hook_call("start", "begin") == 0 and hook_call("stopped", "end") == 0  # the fast file
+    host.calls.clear()
+    assert hook_call("start", "begin") == 0
+    # the elements behind a check that the table holds this skeleton's mark (an empty chain:
+    # flushing it deletes nothing), side by side with the reads; the guard is on top: no more
+    assert host.commands() == ["nft -f -", "nft list chains", "iptables-save -t filter"]
+    [batch] = host.inputs("nft -f")
+    assert batch.startswith(f"flush chain inet virt_forward {nft.skeleton_mark(True)}\n")
+    assert "add table" not in batch and "insert rule" not in batch
+    # the guard gone (libvirt re-made its rules): a second round puts it back, the elements stay
+    host.iptables_filter = LIBVIRT_FILTER
+    assert hook_call("stopped", "end") == 0
+    host.calls.clear()
+    assert hook_call("start", "begin") == 0
+    assert host.commands() == ["nft -f -", "nft list chains", "iptables-save -t filter",
+                               "iptables-restore -w 5 --noflush"]
+    assert host.inputs("iptables-restore") == [f"*filter\n-I FORWARD 1 {GUARD_SPEC}\nCOMMIT\n"]
 
 
 def test_reconcile_rewrites_everything_in_one_transaction(world: tuple[engine.Context, Host]) -> None:

@@ -8,7 +8,7 @@ record, a *fast file*: the fingerprints of every file its plan came from (and of
 our own code), the record text, and the rendered nft batches that add and remove
 this guest's elements (in the state dir's fast/); it outlives the guest's stop.  The next start or stop
 of that guest replays them when every fingerprint still matches; anything else -- a changed or racily fresh file,
-a missing table, a guard not on top, nft refusing -- returns None and the hook
+a table of another version, a guard not on top, nft refusing -- returns None and the hook
 takes the full path, which stays the reference.  Imports: os, sys, marshal,
 fcntl, select and our dependency-free modules only.
 
@@ -212,19 +212,17 @@ def _start(config_dir: str, guests: str, state_dir: str, name: str, domain: str,
             raise Miss("a port is held by another guest: the full path refuses and says by whom")
         if record is None and claims.total(state_dir) + len(fast.claims) > fast.max_forwards:
             raise Miss("over the host's max_forwards: the full path refuses and says so")
-        batch, restores = _start_batch(fast)
         claims.update(state_dir, name, add=fast.claims, drop=[])
-        # The guard accepts only what our DNAT marked: placed before our table exists, or
-        # beside an nft batch that fails, it lets nothing else through.  So both side by side.
-        status, restored = _write(batch, restores)
-        if status != 0:
+        try:
+            problem = _apply_start(fast, first=not _another_guest(guests, name))
+        except BaseException:  # nothing of this guest applied
             if record is None:
                 claims.update(state_dir, name, add=[], drop=fast.claims)
-            raise Miss("nft refused: the full path will say why")
+            raise
         if record is None:
             files.replace(record_path, fast.record.encode())
-        if not restored:  # after the record: the full path finds the guard missing and places it
-            raise Miss("iptables-restore refused the guard: the full path repairs it")
+        if problem is not None:  # after the record: the full path finds the guard wrong and repairs it
+            raise Miss(problem)
         _hairpin(state_dir, name, domain, xml, bridges)
     from . import log
     log.info(fast.message, event="apply", guest=domain, forwards=fast.described)
@@ -297,20 +295,21 @@ def _nothing_configured(config_dir: str, name: str) -> bool:
     return b"metadata" not in text and b"\\" not in text
 
 
-def _read_live(families: list[int]) -> tuple[set[tuple[str, str, str]], list[tuple[tuple[str, str, str], str]],
-                                              list[tuple[int, str]]]:
-    """(every chain, the guard targets present with their `nft -a` listing, each family's
-    iptables-save -t filter text).  `nft list chains` and the iptables-saves run side by side;
-    then, side by side again, the listing of each guard target that exists: on a host where
+def _saves(families: list[int]) -> list[list[str]]:
+    return [["iptables-save" if family == 4 else "ip6tables-save", "-t", "filter"] for family in families]
+
+
+def _save_texts(families: list[int], saved: list[tuple[int, bytes, bytes] | None]) -> list[tuple[int, str]]:
+    # None: not installed; non-zero: no filter table: nothing there to guard (as the full path)
+    return [(family, save[1].decode("utf-8", "replace")) for family, save in zip(families, saved)
+            if save is not None and save[0] == 0]
+
+
+def _list_targets(chains: set[tuple[str, str, str]]) -> list[tuple[tuple[str, str, str], str]]:
+    """The `nft -a` listing of each guard target that exists, side by side: on a host where
     libvirt uses iptables and firewalld is absent there is none, and listing targets that
     do not exist cost three processes at every guest start."""
     from .runner import spawn_all
-    saves = [["iptables-save" if family == 4 else "ip6tables-save", "-t", "filter"] for family in families]
-    got = spawn_all([["nft", "list", "chains"]] + saves, timeout=10.0)
-    listed, saved = got[0], got[1:]
-    if listed is None or listed[0] != 0:
-        raise Miss("nft list chains failed")
-    chains = _chains(listed[1].decode("utf-8", "replace"))
     present = [t for t in NFT_GUARD_TARGETS if t in chains]
     guarded = spawn_all([["nft", "-a", "list", "chain", *t] for t in present], timeout=10.0) if present else []
     targets = []
@@ -318,45 +317,89 @@ def _read_live(families: list[int]) -> tuple[set[tuple[str, str, str]], list[tup
         if chain is None or chain[0] != 0:
             raise Miss(f"cannot list {' '.join(target)}")
         targets.append((target, chain[1].decode("utf-8", "replace")))
-    # None: not installed; non-zero: no filter table: nothing there to guard (as the full path)
-    texts = [(family, save[1].decode("utf-8", "replace")) for family, save in zip(families, saved)
-             if save is not None and save[0] == 0]
-    return chains, targets, texts
+    return targets
 
 
-def _start_batch(fast: Fast) -> tuple[str, list[tuple[int, str]]]:
-    """The nft batch for this start and the iptables-restore inputs to run after it: the
-    guest's elements; the skeleton too when our table is gone (the last guest's stop removed
-    it: into an empty table it costs ~2 ms, unlike over a live one); a guard where a chain
-    has none.  A guard of another version or not on top, a table without this skeleton's
-    mark: the full path (it deletes by handle what it replaces)."""
-    chains, targets, saves = _read_live(fast.families)
-    ours = {c for f, t, c in chains if (f, t) == ("inet", TABLE)}
-    if fast.mark in ours:
-        batch = fast.add
-    elif not ours:
-        batch = fast.skeleton + fast.add
-    else:
-        raise Miss("our table lacks this skeleton's mark")
+def _read_live(families: list[int]) -> tuple[list[tuple[tuple[str, str, str], str]], list[tuple[int, str]]]:
+    """(the guard targets present with their `nft -a` listing, each family's iptables-save -t
+    filter text).  `nft list chains` and the iptables-saves run side by side."""
+    from .runner import spawn_all
+    got = spawn_all([["nft", "list", "chains"]] + _saves(families), timeout=10.0)
+    listed = got[0]
+    if listed is None or listed[0] != 0:
+        raise Miss("nft list chains failed")
+    return _list_targets(_chains(listed[1].decode("utf-8", "replace"))), _save_texts(families, got[1:])
+
+
+def _apply_start(fast: Fast, first: bool) -> str | None:
+    """Put the guest's elements in, and every guard that is missing; None when all is in place,
+    else what the full path must repair (the elements are in).  Miss when the elements are not.
+
+    One round of processes side by side: the elements, with the skeleton when no other guest
+    of ours has any (the last one's stop took our table away; into an empty table it costs
+    ~2 ms, unlike over a live one), else behind `flush chain` of this skeleton's mark (empty:
+    it deletes nothing, and fails the batch when the table lacks the mark); and the reads of
+    where guards go.  A second round only when something is missing: the skeleton after all
+    (a table flushed away), a guard.  The guard accepts only what our DNAT marked: placed
+    before our table exists, or beside an nft batch that fails, it lets nothing else through,
+    so both go side by side.  A guard of another version or not on top, a table without this
+    skeleton's mark: the full path (it deletes by handle what it replaces)."""
+    from .runner import spawn_all
+    head = fast.skeleton if first else f"flush chain inet {TABLE} {fast.mark}\n"
+    saves = _saves(fast.families)
+    stdins: list[bytes | None] = [(head + fast.add).encode(), None] + [None] * len(saves)
+    got = spawn_all([["nft", "-f", "-"], ["nft", "list", "chains"]] + saves, stdins=stdins, timeout=10.0)
+    wrote, listed = got[0], got[1]
+    if wrote is None:
+        raise Miss("nft is not installed")
+    applied = wrote[0] == 0
+    if listed is None or listed[0] != 0:
+        if not applied:
+            raise Miss("nft refused, and nft list chains failed")
+        return "nft list chains failed: where guards go is not known"
+    chains = _chains(listed[1].decode("utf-8", "replace"))
+    batch = ""
+    if not applied:
+        ours = {c for f, t, c in chains if (f, t) == ("inet", TABLE)}
+        if ours and fast.mark not in ours:
+            raise Miss("our table lacks this skeleton's mark")
+        if first or ours:
+            raise Miss("nft refused: the full path will say why")
+        batch = fast.skeleton + fast.add  # our table went away (a flush): made again
+    problem = None
+    try:
+        targets = _list_targets(chains)
+    except Miss as exc:
+        if not applied:
+            raise
+        return str(exc)
     for target, listing in targets:
         state = nft_guard_state(listing)
         if state == "absent":
             batch += f"insert rule {' '.join(target)} {NFT_GUARD_RULE}\n"
         elif state != "ok":
-            raise Miss(f"guard not on top of {' '.join(target)}")
+            problem = f"guard not on top of {' '.join(target)}"
     restores = []
-    for family, save in saves:
+    for family, save in _save_texts(fast.families, got[2:]):
         state = iptables_guard_state(save)
         if state == "absent":
             restores.append((family, f"*filter\n-I FORWARD 1 {GUARD_SPEC}\nCOMMIT\n"))
         elif state != "ok":
-            raise Miss("guard not on top of iptables FORWARD")
-    return batch, restores
+            problem = "guard not on top of iptables FORWARD"
+    if batch or restores:
+        status, restored = _write(batch, restores)
+        if status != 0:
+            if not applied:
+                raise Miss("nft refused: the full path will say why")
+            problem = "nft refused a guard: the full path repairs it"
+        if not restored:
+            problem = "iptables-restore refused the guard: the full path repairs it"
+    return problem
 
 
 def _teardown_batch() -> tuple[str, list[tuple[int, str]]]:
     """The last guest's stop: our table and every guard go (what engine.remove does then)."""
-    _, targets, saves = _read_live([4, 6])
+    targets, saves = _read_live([4, 6])
     batch = "add table inet virt_forward\ndelete table inet virt_forward\n"
     for target, listing in targets:
         batch += "".join(f"delete rule {' '.join(target)} handle {h}\n" for h in nft_guard_handles(listing))
@@ -370,14 +413,18 @@ def _teardown_batch() -> tuple[str, list[tuple[int, str]]]:
 
 
 def _write(batch: str, restores: list[tuple[int, str]]) -> tuple[int, bool]:
-    """Run the nft batch and the iptables-restore inputs side by side (they touch different
-    tables); (nft's status, whether every restore succeeded).  Miss when nft is missing."""
+    """Run the nft batch (when there is one) and the iptables-restore inputs side by side (they
+    touch different tables); (nft's status, whether every restore succeeded).  Miss when nft
+    is missing."""
     from .runner import spawn_all
-    argvs = [["nft", "-f", "-"]] + [["iptables-restore" if family == 4 else "ip6tables-restore", "-w", "5",
-                                     "--noflush"] for family, _ in restores]
-    stdins: list[bytes | None] = [batch.encode()]
+    argvs = [["nft", "-f", "-"]] if batch else []
+    argvs += [["iptables-restore" if family == 4 else "ip6tables-restore", "-w", "5", "--noflush"]
+              for family, _ in restores]
+    stdins: list[bytes | None] = [batch.encode()] if batch else []
     stdins += [text.encode() for _, text in restores]
     got = spawn_all(argvs, stdins=stdins, timeout=10.0)
+    if not batch:
+        return 0, all(r is not None and r[0] == 0 for r in got)
     if got[0] is None:
         raise Miss("nft is not installed")
     return got[0][0], all(r is not None and r[0] == 0 for r in got[1:])
