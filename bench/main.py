@@ -159,7 +159,7 @@ class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.res: dict[str, Any] = {"hook": {}, "reconcile": {}, "packet": {}, "memory": {}, "breakdown": {},
-                                    "trace": {}, "importtime": {}, "importtime_fast": {}}
+                                    "trace": {}, "importtime": {}, "importtime_fast": {}, "settle": args.settle}
         self.labs: dict[str, Lab] = {}
 
     # -------------------------------------------------------------- setup
@@ -236,10 +236,13 @@ class Bench:
         say(f"hook latency with {size} other forwards: {self.args.runs} rounds of (start, stop) of each of "
             f"{', '.join(k for k, _ in sides)}")
         t: dict[str, list[float]] = {f"{k} {op}": [] for k, _ in sides for op in ("start", "stop")}
-        # each side's start then its stop (the two interpreters' hooks share lab A's guest)
+        # each side's start then its stop (the two interpreters' hooks share lab A's guest), each
+        # after the pause (--settle): see back_to_back() for a start that gets none
         for i in range(self.args.runs):
             for k, fn in rotated(sides, i):
+                self.settle()
                 t[f"{k} start"].append(fn("start", "begin"))
+                self.settle()
                 t[f"{k} stop"].append(fn("stopped", "end"))
         self.res["hook"][size] = t
         self.res.setdefault("installed", {})[size] = {"ours": a.count(), "post": b.count()}
@@ -262,6 +265,7 @@ class Bench:
             f"{runs} rounds per interpreter, interleaved")
         for i in range(runs):
             for ip in rotated(self.interps, i):
+                self.settle()
                 for op, sub in seq:
                     with netns(a.lab.host):
                         r = timed([str(a.hooks[ip.key]), TESTED, op, sub, "-"], HOOK_ENV, domain_xml(TESTED))
@@ -272,6 +276,34 @@ class Bench:
                         raise RuntimeError(f"after {op}: {a.count()} elements, not {size + len(TESTED_PORTS)}")
                 t[f"bare-{ip.key}"].append(self.bare(ip))
         self.res["lifecycle"] = {"size": size, "ops": [op for op, _ in seq], "t": t}
+
+    def settle(self) -> None:
+        """The pause before a timed hook process.  A stop's deletions are finished by the kernel
+        after the stop's hook has its answer (one RCU grace period, 10-20 ms here), and the next
+        process to touch nftables in that network namespace waits for it: timed back to back, a
+        start would carry the previous stop's cost.  back_to_back() measures that case itself."""
+        time.sleep(self.args.settle)
+
+    def back_to_back(self, size: int) -> None:
+        """A start right after a stop, no pause (a guest restarted, or another guest stopped a
+        moment before), next to a start after the pause, in the same rounds, lab A."""
+        a = self.ours["A"]
+        runs = max(5, self.args.runs // 2)
+        say(f"start right after a stop, and after a pause, with {size} others: {runs} rounds per interpreter")
+        t: dict[str, list[float]] = {f"{ip.key} {case}": [] for ip in self.interps
+                                     for case in ("paused", "back-to-back", "bare")}
+        for i in range(runs):
+            for ip in rotated(self.interps, i):
+                self.settle()
+                t[f"{ip.key} paused"].append(a.hook(TESTED, "start", "begin", ip.key).seconds)
+                self.settle()
+                a.hook(TESTED, "stopped", "end", ip.key)
+                t[f"{ip.key} back-to-back"].append(a.hook(TESTED, "start", "begin", ip.key).seconds)
+                self.settle()
+                a.hook(TESTED, "stopped", "end", ip.key)
+                self.settle()
+                t[f"{ip.key} bare"].append(self.bare(ip))
+        self.res["back_to_back"] = {"size": size, "runs": runs, "t": t}
 
     # -------------------------------------------------------------- where the hook's time goes
     def importtime(self, fast_too: bool = False) -> None:
@@ -712,6 +744,7 @@ class Bench:
         self.hook_latency(10 * n)
         self.importtime(fast_too=True)
         self.lifecycle(10 * n)
+        self.back_to_back(10 * n)
         self.trace(10 * n)
         self.breakdown(10 * n)
         self.packet(10 * n)
@@ -772,6 +805,13 @@ def summary(res: dict[str, Any]) -> list[str]:
     row(f"hook `stopped`, {n} others (ms)", lambda k: fmt_ms(p50(t[f"ours-{k} stop"])))
     row(f"`start` + `stopped`, {n} others (ms)", lambda k: fmt_ms(p50(both(k, f"ours-{k}"))))
     row("... / bare (goal <= 6x)", lambda k: goal(p50(both(k, f"ours-{k}")) / bare(k), GOALS["start+stop/bare"]))
+    bb = res.get("back_to_back")
+    if bb:
+        b = bb["t"]
+        row(f"hook `start` right after a stop, no pause (a restart), {bb['size']:,} others: ms, / bare "
+            "(no goal: it carries the stop's kernel clean-up)",
+            lambda k: f"{fmt_ms(p50(b[f'{k} back-to-back']))} = {p50(b[f'{k} back-to-back']) / p50(b[f'{k} bare']):.2f}x"
+                      f" (after the pause: {fmt_ms(p50(b[f'{k} paused']))})")
     lc = res.get("lifecycle")
     if lc:
         def seq(k: str) -> list[float]:
@@ -836,7 +876,10 @@ def report(res: dict[str, Any]) -> str:
     L.append(f"{len(hook[sizes[0]]['post start'])} runs per cell, p50 / p90. 'others' = forwards of other guests "
              "installed. In each stage every side below ran in the same rounds (rotating order): the hooks of "
              "both interpreters in lab A, their bare `python -I -S -c pass`, the post's hook in lab B and, at "
-             "stages with others, labs A1/B1 with 0 others (@0).\n")
+             "stages with others, labs A1/B1 with 0 others (@0). Each process started after a pause of "
+             f"{res.get('settle', 0) * 1000:.0f} ms: a stop's deletions are finished by the kernel after the stop "
+             "has its answer (an RCU grace period), and the next process touching nftables waits for that; a "
+             "start right after a stop is measured on its own (summary).\n")
     for s_ in sizes:
         t = hook[s_]
         L.append(f"### {int(s_):,} others (kernel: ours {res['installed'][s_]['ours']:,} elements, "
@@ -1209,6 +1252,8 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--guests", type=int, default=1000, help="background guests x 10 forwards (default 1000)")
     ap.add_argument("--runs", type=int, default=20, help="hook runs per cell (default 20)")
+    ap.add_argument("--settle", type=float, default=0.05,
+                    help="seconds of pause before each timed hook process (default 0.05; see Bench.settle)")
     ap.add_argument("--rounds", type=int, default=3, help="traffic rounds per lab and stage (default 3)")
     ap.add_argument("--seconds", type=float, default=2.0, help="seconds per traffic measurement (default 2)")
     ap.add_argument("--conns", type=int, default=32, help="wrk connections (default 32)")
