@@ -132,9 +132,10 @@ class Unchanged:
         except (Miss, OSError):
             self.trusted = False
 
-    def record(self, domain: str) -> str | None:
-        """The record text of the guest's fast file, None when there is no such file or
-        anything it came from changed."""
+    def record(self, domain: str) -> tuple[str, list[tuple[str, str]]] | None:
+        """The record text of the guest's fast file and the claims of its plan (what
+        plan.claims_of computed from it), None when there is no such file or anything it came
+        from changed."""
         name = file_name(domain)
         if name is None or not self.trusted:
             return None
@@ -147,7 +148,11 @@ class Unchanged:
             return None
         if data.get("code") != self.code or data.get("inputs") != inputs(self.config_dir, domain, self.shared):
             return None
-        return str(data["record"])
+        held = data.get("claims")
+        if not (isinstance(held, list)
+                and all(isinstance(c, list) and len(c) == 2 and all(isinstance(x, str) for x in c) for c in held)):
+            return None
+        return str(data["record"]), [(c[0], c[1]) for c in held]
 
 
 # ---------------------------------------------------------------- the hook's side

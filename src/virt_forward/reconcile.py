@@ -102,11 +102,13 @@ def reconcile(ctx: engine.Context, running: list[str] | None = None, lock_timeou
         # recorded exactly as their fast file says: their record need not be rendered again to compare
         as_recorded: set[str] = set()
         unchanged = fastpath.Unchanged(str(ctx.config_dir), str(store.root)) if backend.fast_path else None
+        known_claims: dict[str, list[tuple[str, str]]] = {}  # of the plans from fast files: computed before
         for domain in sorted(set(running)):
             try:
                 cached = _from_fast_file(unchanged, domain)
                 if cached is not None:
                     plans.append(cached[0])
+                    known_claims[domain] = cached[2]
                     if cached[1] == texts.get(domain):
                         as_recorded.add(domain)
                     continue
@@ -127,7 +129,8 @@ def reconcile(ctx: engine.Context, running: list[str] | None = None, lock_timeou
                     plans.append(kept)
         # a port stays with the guest that holds it now: recorded guests are served first
         held: dict[str, list[tuple[str, str]]] = {}  # each guest's claims, computed once
-        plans = _without_conflicts(sorted(plans, key=lambda p: (p.domain not in texts, p.domain)), problems, held)
+        plans = _without_conflicts(sorted(plans, key=lambda p: (p.domain not in texts, p.domain)), problems, held,
+                                   known_claims)
         plans, over = within_host_limit(plans, settings)  # the same order: who holds ports now keeps them
         problems += [str(e) for e in over]
 
@@ -160,31 +163,33 @@ def reconcile(ctx: engine.Context, running: list[str] | None = None, lock_timeou
     return outcome
 
 
-def _from_fast_file(unchanged: fastpath.Unchanged | None, domain: str) -> tuple[GuestPlan, str] | None:
-    """The plan the guest's fast file recorded, and its record text, when none of the files it
-    came from (nor our code) changed since: what `engine.desired` would compute again, at a
-    third of the cost."""
-    text = None if unchanged is None else unchanged.record(domain)
-    if text is None:
+def _from_fast_file(unchanged: fastpath.Unchanged | None,
+                    domain: str) -> tuple[GuestPlan, str, list[tuple[str, str]]] | None:
+    """The plan the guest's fast file recorded, its record text and its claims, when none of the
+    files it came from (nor our code) changed since: what `engine.desired` would compute again,
+    at a third of the cost."""
+    cached = None if unchanged is None else unchanged.record(domain)
+    if cached is None:
         return None
+    text, held = cached
     try:
         # the full path wrote this text from a validated plan into a file only root may write,
         # and the hook's fast path trusts it as it is: not validated again here
         plan = GuestPlan.from_record(json.loads(text)["plan"])
     except (ValueError, KeyError, TypeError):
         return None
-    return (plan, text) if plan.domain == domain else None
+    return (plan, text, held) if plan.domain == domain else None
 
 
-def _without_conflicts(plans: list[GuestPlan], problems: list[str],
-                       held: dict[str, list[tuple[str, str]]]) -> list[GuestPlan]:
+def _without_conflicts(plans: list[GuestPlan], problems: list[str], held: dict[str, list[tuple[str, str]]],
+                       known: dict[str, list[tuple[str, str]]]) -> list[GuestPlan]:
     """The ownership rule (claims.py) among all guests at once: who comes first keeps a port,
     a guest that would overlap is left out whole, with a problem naming the holder.  `held`
-    gets each kept guest's claims."""
+    gets each kept guest's claims; `known`: claims already computed, by guest."""
     ledger = claims.Ledger()
     kept: list[GuestPlan] = []
     for plan in plans:
-        wanted = claims_of(plan)
+        wanted = known.get(plan.domain) or claims_of(plan)
         other = ledger.clash(plan.domain, wanted)
         if other is not None:
             problems.append(f"{plan.domain}: not applied: a forward of it is also forwarded by guest {other!r}, "

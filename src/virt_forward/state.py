@@ -271,8 +271,15 @@ def _read_file(path: Path) -> bytes:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_RECORD:
             raise StateError(f"{path}: not a regular file of at most {MAX_RECORD} bytes")
-        with os.fdopen(os.dup(fd), "rb") as fh:
-            return fh.read(MAX_RECORD + 1)
+        # os.read, not a file object: reconcile reads 1,000 records, and a buffered reader each
+        # cost more than the read
+        data = b""
+        while len(data) <= MAX_RECORD:
+            chunk = os.read(fd, MAX_RECORD + 1 - len(data))
+            if not chunk:
+                break
+            data += chunk
+        return data
     finally:
         os.close(fd)
 
