@@ -104,18 +104,3 @@ def test_an_nft_transaction_is_done_at_its_commit(netns: str) -> None:
     assert out["nothing_to_commit"]["status"] == 0
     # the processes taken at their commit are reaped by a later call
     assert out["unreaped_at_the_end"] == []
-
-
-def test_detached_clean_up_runs_idle_and_so_do_its_children(tmp_path: Path) -> None:
-    """The conntrack clean-up of a stop yields the CPU to the next guest's start."""
-    import shutil
-    import time
-    from virt_forward import runner
-    if shutil.which("chrt") is None:
-        pytest.skip("chrt (util-linux) is not installed")
-    out = tmp_path / "policy"
-    assert runner.spawn_detached(["sh", "-c", f"sleep 0.05; chrt -p $$ > {out}.tmp; mv {out}.tmp {out}"])
-    deadline = time.monotonic() + 10
-    while not out.exists() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert "SCHED_IDLE" in out.read_text()

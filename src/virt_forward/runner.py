@@ -259,9 +259,7 @@ def newgen_pids(data: bytes) -> list[int]:
 def spawn_detached(argv: list[str]) -> bool:
     """Start argv and do not wait for it (the hook's conntrack clean-up: a conntrack dump walks
     the host's whole flow table, ~25 ms, and libvirt must not wait for that).  It runs in a
-    session of its own with nothing of ours open, under SCHED_IDLE: the walk is kernel work
-    done in its process, and on a small host it competed for the CPU with the next guest's
-    start (a restart is a stop, then a start); False when not installed."""
+    session of its own with nothing of ours open; False when not installed."""
     if _executor is not None:
         return _executor.spawn_detached(argv)
     exe = which(argv[0])
@@ -269,15 +267,9 @@ def spawn_detached(argv: list[str]) -> bool:
         return False
     null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
     try:
-        pid = os.posix_spawn(exe, [exe, *argv[1:]], {**os.environ, "PATH": SEARCH_PATH, "LC_ALL": "C"},
-                             file_actions=[(os.POSIX_SPAWN_DUP2, null, 0), (os.POSIX_SPAWN_DUP2, null, 1),
-                                           (os.POSIX_SPAWN_DUP2, null, 2)], setsid=True)
-        # not posix_spawn's scheduler= (glibc takes only OTHER, FIFO and RR there): set at once,
-        # before the command starts children of its own (which inherit it)
-        try:
-            os.sched_setscheduler(pid, os.SCHED_IDLE, os.sched_param(0))
-        except OSError:
-            pass  # it has exited already
+        os.posix_spawn(exe, [exe, *argv[1:]], {**os.environ, "PATH": SEARCH_PATH, "LC_ALL": "C"},
+                       file_actions=[(os.POSIX_SPAWN_DUP2, null, 0), (os.POSIX_SPAWN_DUP2, null, 1),
+                                     (os.POSIX_SPAWN_DUP2, null, 2)], setsid=True)
     finally:
         os.close(null)
     return True
