@@ -28,22 +28,24 @@ def _message(kind: int, attrs: bytes) -> bytes:
     return (16 + len(body)).to_bytes(4, "little") + kind.to_bytes(2, "little") + b"\0" * 10 + body
 
 
-def newgen(pid: int, gen: int = 7) -> bytes:
+def newgen(pid: int, gen: int = 7, comm: bytes = b"nft") -> bytes:
     return _message(Commits._NEWGEN, _attr(1, gen.to_bytes(4, "big")) + _attr(2, pid.to_bytes(4, "big"))
-                    + _attr(3, b"nft\0"))
+                    + _attr(3, comm + b"\0"))
 
 
 def test_newgen_pids_finds_the_committing_processes() -> None:
     delsetelem = _message((10 << 8) | 14, _attr(1, b"virt_forward\0"))
-    assert newgen_pids(newgen(4242)) == [4242]
-    assert newgen_pids(delsetelem + newgen(17) + newgen(99)) == [17, 99]
-    assert newgen_pids(delsetelem) == []
+    assert newgen_pids(newgen(4242), b"nft") == [4242]
+    assert newgen_pids(delsetelem + newgen(17) + newgen(99), b"nft") == [17, 99]
+    assert newgen_pids(delsetelem, b"nft") == []
+    # another program's commit is not nft's, whatever its pid
+    assert newgen_pids(newgen(17, comm=b"iptables-nft-re") + newgen(18), b"nft") == [18]
 
 
 @pytest.mark.parametrize("data", [b"", b"\x00" * 8, newgen(5)[:-6], b"\x14\x00\x00\x00" + b"\xff" * 30,
                                   b"\x00\x00\x00\x00" * 8])
 def test_newgen_pids_survives_truncated_or_odd_data(data: bytes) -> None:
-    assert newgen_pids(data) == []
+    assert newgen_pids(data, b"nft") == []
 
 
 # Runs inside the namespace: what the runner returned, whether the elements were already gone
@@ -68,6 +70,7 @@ PROBE = textwrap.dedent("""
     runner.spawn(["true"])
     import time; time.sleep(0.3); runner.spawn(["true"])
     out["unreaped_at_the_end"] = runner._unreaped
+    out["own_pids"] = runner._own_pids()
     print(json.dumps(out))
 """)
 
@@ -104,3 +107,21 @@ def test_an_nft_transaction_is_done_at_its_commit(netns: str) -> None:
     assert out["nothing_to_commit"]["status"] == 0
     # the processes taken at their commit are reaped by a later call
     assert out["unreaped_at_the_end"] == []
+    assert out["own_pids"] is True
+
+
+def test_in_a_pid_namespace_nft_is_waited_for_to_its_exit(netns: str) -> None:
+    """NEWGEN names the initial namespace's pid: in a container's, a pid we gave could be
+    another process's there, so nothing is taken at a commit."""
+    import shutil
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare (util-linux) is not installed")
+    got = subprocess.run(["ip", "netns", "exec", netns, "unshare", "--pid", "--fork", "--mount-proc",
+                          sys.executable, "-c", PROBE], capture_output=True, text=True, cwd=REPO, timeout=60,
+                         env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONPATH": str(REPO / "src")})
+    assert got.returncode == 0, got.stderr
+    out = json.loads(got.stdout)
+    assert out["delete"]["status"] == 0 and "203.0.113.9" not in out["delete"]["listed"]
+    assert out["own_pids"] is False
+    assert not any(out[step]["taken_at_commit"] for step in ("create", "add", "delete"))
+    assert out["refused"]["status"] == 1

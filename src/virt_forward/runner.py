@@ -108,6 +108,24 @@ def spawn_all(argvs: list[list[str]], stdin: bytes | None = None, timeout: float
 # rebuild of 10,000 forwards that costs more than the wait it saves (measured: +60 ms).
 COMMIT_WATCH_LIMIT = 1 << 16
 
+_pids_are_global: bool | None = None
+
+
+def _own_pids() -> bool:
+    """Whether our pids are the ones the kernel names in NEWGEN (the initial pid namespace's).
+    In a container's pid namespace they are not, and a number we gave could name another
+    process there: then every nft is waited for to its exit."""
+    global _pids_are_global
+    if _pids_are_global is None:
+        try:
+            with open("/proc/self/status", "rb") as fh:
+                lines = [ln for ln in fh.read().splitlines() if ln.startswith(b"NSpid:")]
+            _pids_are_global = len(lines) == 1 and len(lines[0].split()) == 2
+        except OSError:
+            _pids_are_global = False
+    return _pids_are_global
+
+
 # children whose result was taken at their commit: reaped by a later call (a watcher lives long)
 _unreaped: list[int] = []
 
@@ -129,7 +147,8 @@ def _start(argv: list[str], stdin: bytes | None) -> tuple[int, int, int, Commits
     exe = which(argv[0])
     if exe is None:
         return None
-    commits = Commits.open() if argv[0] == "nft" and "-f" in argv[1:] and len(stdin or b"") <= COMMIT_WATCH_LIMIT else None
+    watch = argv[0] == "nft" and "-f" in argv[1:] and len(stdin or b"") <= COMMIT_WATCH_LIMIT and _own_pids()
+    commits = Commits.open() if watch else None
     fds: list[int] = []  # ours, closed whatever happens (the child has its copies)
     keep: list[int] = []
     try:
@@ -192,6 +211,7 @@ class Commits:
     # AF_NETLINK, SOCK_RAW, NETLINK_NETFILTER; SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, NFNLGRP_NFTABLES
     _NEWGEN = (10 << 8) | 15  # NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_NEWGEN
     _GEN_PROC_PID = 2  # NFTA_GEN_PROC_PID (big-endian u32)
+    _GEN_PROC_NAME = 3  # NFTA_GEN_PROC_NAME (the process's comm, NUL-terminated)
 
     def __init__(self, sock: Socket) -> None:
         self.sock = sock
@@ -230,12 +250,13 @@ class Commits:
                 return None
             if not data:
                 return False
-            if pid in newgen_pids(data):
+            if pid in newgen_pids(data, b"nft"):
                 return True
 
 
-def newgen_pids(data: bytes) -> list[int]:
-    """The committing pids of the NEWGEN messages in one netlink datagram (pure)."""
+def newgen_pids(data: bytes, name: bytes) -> list[int]:
+    """The committing pids of the NEWGEN messages in one netlink datagram whose process is
+    called `name` (pure)."""
     pids = []
     at = 0
     while at + 20 <= len(data):
@@ -245,13 +266,19 @@ def newgen_pids(data: bytes) -> list[int]:
             break
         if kind == Commits._NEWGEN:
             attr = at + 20  # nlmsghdr (16) + nfgenmsg (4)
+            pid, comm = None, None
             while attr + 4 <= at + length:
                 size = int.from_bytes(data[attr:attr + 2], "little")
                 if size < 4:
                     break
-                if int.from_bytes(data[attr + 2:attr + 4], "little") & 0x3fff == Commits._GEN_PROC_PID and size == 8:
-                    pids.append(int.from_bytes(data[attr + 4:attr + 8], "big"))
+                kind_of = int.from_bytes(data[attr + 2:attr + 4], "little") & 0x3fff
+                if kind_of == Commits._GEN_PROC_PID and size == 8:
+                    pid = int.from_bytes(data[attr + 4:attr + 8], "big")
+                elif kind_of == Commits._GEN_PROC_NAME:
+                    comm = data[attr + 4:attr + size].rstrip(b"\0")
                 attr += (size + 3) & ~3
+            if pid is not None and comm == name:
+                pids.append(pid)
         at += (length + 3) & ~3
     return pids
 
