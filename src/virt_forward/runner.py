@@ -117,10 +117,8 @@ def _own_pids() -> bool:
     process there: then every nft is waited for to its exit."""
     global _pids_are_global
     if _pids_are_global is None:
-        try:
-            with open("/proc/self/status", "rb") as fh:
-                lines = [ln for ln in fh.read().splitlines() if ln.startswith(b"NSpid:")]
-            _pids_are_global = len(lines) == 1 and len(lines[0].split()) == 2
+        try:  # the initial pid namespace's inode is fixed: PROC_PID_INIT_INO (include/linux/proc_ns.h)
+            _pids_are_global = os.stat("/proc/self/ns/pid").st_ino == 0xEFFFFFFC
         except OSError:
             _pids_are_global = False
     return _pids_are_global
