@@ -185,3 +185,15 @@ def make_world(libvirt_rules: bool = True, guests: int = 2, backend: str = "ipta
     world.cfg.mkdir(mode=0o755)
     install_hooks(world.fsroot, world.cfg, world.state)  # the very files `install` writes
     return world, lab
+
+
+@contextmanager
+def empty_netns(prefix: str) -> Iterator[str]:
+    """A network namespace with nothing in it, removed afterwards (also on failure)."""
+    import secrets
+    name = f"{prefix}{secrets.token_hex(4)}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)

@@ -7,7 +7,6 @@ does.  Calls that could touch a firewall run inside a network namespace made her
 from __future__ import annotations
 
 import os
-import secrets
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from virt_forward.errors import StateError
 from virt_forward.state import StateStore
 
 from conftest import write_trusted
+from netns_util import empty_netns
 
 BARE = {"PATH": "/bin:/usr/bin"}
 
@@ -35,12 +35,8 @@ def installed(cdir: Path, tmp_path: Path) -> tuple[Path, Path, Path]:
 
 @pytest.fixture
 def netns() -> Iterator[str]:
-    name = f"vfhook{secrets.token_hex(3)}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
+    with empty_netns("vfhook") as name:
         yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 def run(hook: Path, *argv: str | bytes, stdin: bytes | None = b"", ns: str | None = None,

@@ -6,14 +6,13 @@ import json
 import subprocess
 import sys
 import textwrap
-import uuid
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
 from virt_forward.runner import Commits, newgen_pids
-from tests.netns_util import need_root_and_tools
+from netns_util import empty_netns, need_root_and_tools
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -78,12 +77,8 @@ PROBE = textwrap.dedent("""
 @pytest.fixture
 def netns() -> Iterator[str]:
     need_root_and_tools()
-    name = f"vfrun-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
+    with empty_netns("vfrun-") as name:
         yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 def test_an_nft_transaction_is_done_at_its_commit(netns: str) -> None:
