@@ -42,8 +42,8 @@ BLOCK = 256
 
 
 def _file(k: str) -> str:
-    family, proto, port = k.split("-")
-    return f"{family}-{proto}-{int(port) // BLOCK}"
+    head, _, port = k.rpartition("-")  # "family-proto"; a rebuild calls this for 10,000 claims
+    return f"{head}-{int(port) // BLOCK}"
 
 
 def _read_raw(state_dir: str, name: str) -> bytes | None:

@@ -149,10 +149,15 @@ class Unchanged:
         if data.get("code") != self.code or data.get("inputs") != inputs(self.config_dir, domain, self.shared):
             return None
         held = data.get("claims")
-        if not (isinstance(held, list)
-                and all(isinstance(c, list) and len(c) == 2 and all(isinstance(x, str) for x in c) for c in held)):
+        if not isinstance(held, list):
             return None
-        return str(data["record"]), [(c[0], c[1]) for c in held]
+        try:  # one pass over 10,000 claims at a reconcile: no nested all()
+            pairs = [(k, p) for k, p in held if type(k) is str and type(p) is str]
+        except (TypeError, ValueError):
+            return None
+        if len(pairs) != len(held):
+            return None
+        return str(data["record"]), pairs
 
 
 # ---------------------------------------------------------------- the hook's side

@@ -94,8 +94,14 @@ def reconcile(ctx: engine.Context, running: list[str] | None = None, lock_timeou
                 problems.append(str(exc))
                 return None
 
+        # the domain XMLs kept for guests (hook's start): listed once, read only where there is one
+        kept_xml = set(store.xml_domains())
+
+        def xml_of(domain: str) -> str | None:
+            return xmls.get(domain) or (store.read_xml(domain) if domain in kept_xml else None)
+
         if running is None:
-            running, source = sorted(set(texts) | set(store.xml_domains())), "records (libvirt not reachable)"
+            running, source = sorted(set(texts) | kept_xml), "records (libvirt not reachable)"
 
         plans: list[GuestPlan] = []
         fresh: list[engine.Desired] = []  # planned from their files just now: fast files to write
@@ -112,7 +118,7 @@ def reconcile(ctx: engine.Context, running: list[str] | None = None, lock_timeou
                     if cached[1] == texts.get(domain):
                         as_recorded.add(domain)
                     continue
-                want = engine.desired(ctx, domain, xmls.get(domain) or store.read_xml(domain), settings)
+                want = engine.desired(ctx, domain, xml_of(domain), settings)
                 if want.plan is not None:
                     plans.append(want.plan)
                     fresh.append(want)
@@ -142,7 +148,7 @@ def reconcile(ctx: engine.Context, running: list[str] | None = None, lock_timeou
                 engine.forget_flows(recorded(domain), None)
                 store.delete(domain)
                 engine.release_hairpin(ctx, domain)
-        for domain in store.xml_domains():
+        for domain in kept_xml:
             if domain not in running:
                 store.delete_xml(domain)
         for plan in plans:
@@ -150,7 +156,7 @@ def reconcile(ctx: engine.Context, running: list[str] | None = None, lock_timeou
                 engine.forget_flows(recorded(plan.domain), plan)
                 store.write(plan, backend.name)
         # hairpin mode where the domain XML says which ports are the guest's (libvirt's, or kept)
-        bridges = engine.set_hairpins(ctx, plans, lambda d: xmls.get(d) or store.read_xml(d), settings)
+        bridges = engine.set_hairpins(ctx, plans, xml_of, settings)
         if backend.fast_path:
             # the next stop and start of these guests take the hook's fast path
             for want in fresh:
