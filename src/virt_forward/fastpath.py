@@ -148,16 +148,18 @@ class Unchanged:
             return None
         if data.get("code") != self.code or data.get("inputs") != inputs(self.config_dir, domain, self.shared):
             return None
-        held = data.get("claims")
-        if not isinstance(held, list):
-            return None
-        try:  # one pass over 10,000 claims at a reconcile: no nested all()
-            pairs = [(k, p) for k, p in held if type(k) is str and type(p) is str]
-        except (TypeError, ValueError):
-            return None
-        if len(pairs) != len(held):
-            return None
-        return str(data["record"]), pairs
+        held = claim_pairs(data.get("claims"))
+        return None if held is None else (str(data["record"]), held)
+
+
+def claim_pairs(value: object) -> list[tuple[str, str]] | None:
+    """A fast file's claims ([key, public] lists, as plan.claims_of made them) as pairs; None
+    when they are not that.  One pass, no nested all(): reconcile checks 10,000 of them."""
+    if not isinstance(value, list):
+        return None
+    pairs = [(c[0], c[1]) for c in value if type(c) is list and len(c) == 2 and type(c[0]) is str
+             and type(c[1]) is str]
+    return pairs if len(pairs) == len(value) else None
 
 
 # ---------------------------------------------------------------- the hook's side
@@ -546,7 +548,8 @@ class Fast:
                           ("claims", list), ("flows", list), ("max_forwards", int), ("described", list)):
             if not isinstance(data.get(key), kind):
                 raise Miss(f"bad {key}")
-        if not all(isinstance(c, list) and len(c) == 2 and all(isinstance(x, str) for x in c) for c in data["claims"]):
+        claims = claim_pairs(data["claims"])
+        if claims is None:
             raise Miss("bad claims")
         if not all(isinstance(f, list) and all(isinstance(x, str) for x in f) for f in data["flows"]):
             raise Miss("bad flows")
@@ -560,7 +563,7 @@ class Fast:
         self.families: list[int] = [f for f in data["families"] if f in (4, 6)]
         self.forwards: int = data["forwards"]
         self.message: str = data["message"]
-        self.claims: list[tuple[str, str]] = [(c[0], c[1]) for c in data["claims"]]
+        self.claims: list[tuple[str, str]] = claims
         self.flows: list[list[str]] = data["flows"]
         self.max_forwards: int = data["max_forwards"]  # config.toml's, as it was (its fingerprint is checked)
         # where its ports need hairpin mode (engine.hairpin_bridges); None: not known (no XML)

@@ -245,22 +245,13 @@ def full(plans: Iterable[GuestPlan], *, hairpin: bool) -> str:
         return batch(delete_table())
     cmds = delete_table() + skeleton(hairpin)
     dnat: dict[str, list[str]] = {}
-    # an address's text by the object's id: the plans hold every address while this runs, and
-    # hashing an ipaddress object (address_text's cache) costs more than the lookup saves here
-    texts: dict[int, str] = {}
     for plan in listed:
         cmds += _acl_cmds(plan)
         for fwd in plan.forwards:  # each element's text made once: 10,000 of them at a rebuild
-            n = NAMES[fwd.family]
-            guest = texts.get(id(fwd.guest)) or texts.setdefault(id(fwd.guest), str(fwd.guest))
-            value = f"{guest} . {fwd.guest_port}"
-            if fwd.public is None:
-                joined, name, traffic = f"{fwd.proto} . {fwd.public_port}", n.dnat_any, n.traffic_any
-            else:
-                public = texts.get(id(fwd.public)) or texts.setdefault(id(fwd.public), str(fwd.public))
-                joined, name, traffic = f"{public} . {fwd.proto} . {fwd.public_port}", n.dnat, n.traffic
-            dnat.setdefault(name, []).append(f"{joined} : {value}")
-            dnat.setdefault(traffic, []).append(joined)
+            name, key, value = dnat_element(fwd)
+            joined = " . ".join(key)
+            dnat.setdefault(name, []).append(f"{joined} : {' . '.join(value)}")
+            dnat.setdefault(traffic_set(fwd), []).append(joined)
     return batch(cmds + _elements("add", dnat))
 
 

@@ -105,7 +105,8 @@ def spawn_all(argvs: list[list[str]], stdin: bytes | None = None, timeout: float
 
 # Batches up to this size are taken at their commit (a guest's start or stop: a few KiB).  A
 # listener makes the kernel write a notification for each element of a transaction: for a
-# rebuild of 10,000 forwards that costs more than the wait it saves (measured: +60 ms).
+# rebuild of 10,000 forwards that cost more than the wait it saves (measured: reconcile ~50-60 ms
+# slower).
 COMMIT_WATCH_LIMIT = 1 << 16
 
 _pids_are_global: bool | None = None
