@@ -24,7 +24,7 @@ from . import consts, log
 # a whole fast-path hook call.  mypy treats any TYPE_CHECKING name as true.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import BinaryIO
+    from typing import BinaryIO, Callable
 
     from . import engine
 
@@ -59,7 +59,7 @@ def qemu_main(argv: list[str], config_dir: str | None = None, state_dir: str | N
             return done
         return _qemu(_context(config_dir, state_dir), domain, op, argv[2], xml)
     except BaseException as exc:  # the hook must not take a guest down, whatever went wrong
-        log.error(f"{domain}: {op}: hook failed, guest left as it is: {_describe(exc)}", event="error", guest=domain)
+        _last_word(lambda: f"{domain}: {op}: hook failed, guest left as it is: {_describe(exc)}", domain)
         return 0
 
 
@@ -74,13 +74,24 @@ def network_main(argv: list[str], config_dir: str | None = None, state_dir: str 
         _drain(stdin)  # libvirt writes the network XML; we do not need it
         ctx = _context(config_dir, state_dir)
         from .reconcile import reconcile
-        domains = ctx.store.domains()
+        # Not libvirt (it waits for this hook) but what we know runs: the recorded guests, and
+        # those whose start kept their domain XML while they wait for a DHCP lease (no record
+        # yet): left out, reconcile would delete their XML and they would never get forwards.
+        domains = sorted(set(ctx.store.domains()) | set(ctx.store.xml_domains()))
         if domains:
-            # the records, not libvirt: libvirt waits for this hook
             reconcile(ctx, running=domains, lock_timeout=LOCK_DEADLINE)
     except BaseException as exc:
-        log.error(f"network {name}: {op}: hook failed: {_describe(exc)}")
+        _last_word(lambda: f"network {name}: {op}: hook failed: {_describe(exc)}", None)
     return 0
+
+
+def _last_word(message: Callable[[], str], guest: str | None) -> None:
+    """The catch-all's log line, which must not raise either (building the message included):
+    past this point nothing catches, and a non-zero exit at `reconnect` kills the guest."""
+    try:
+        log.error(message(), event="error", guest=guest)
+    except BaseException:
+        pass
 
 
 def _context(config_dir: str | None, state_dir: str | None) -> engine.Context:

@@ -82,21 +82,40 @@ import os, sys
 if len(sys.argv) < 3 or sys.argv[2] not in {ops!r}:
     sys.exit(0)  # not an operation we act on; print nothing (libvirt reads stdout at migrate/restore)
 sys.path.append({location!r})
+status = 0
 try:
-    from virt_forward.hook import {entry}
-except BaseException as exc:
-    import syslog
-    msg = ("virt-forward: hook not run (no forwards changed): cannot import virt_forward from "
-           + {location!r} + " with " + sys.executable + ": " + type(exc).__name__ + ": " + str(exc)
-           + "; run `virt-forward doctor`")
-    syslog.openlog("virt-forward", syslog.LOG_PID, syslog.LOG_DAEMON)
-    syslog.syslog(syslog.LOG_ERR, msg.encode("utf-8", "backslashreplace").decode())
-    sys.stderr.write(msg + "\\n")
-    sys.exit(0)
-status = {entry}(sys.argv[1:], {dirs})
-sys.stdout.flush()
-sys.stderr.flush()
-os._exit(status)  # nothing left to finalize: skip the interpreter's teardown (libvirt is waiting)
+    # fd 0, 1 or 2 closed: the next file opened (the lock, a record) would get that number and
+    # receive what is meant for stdout/stderr, ours or a child's; /dev/null takes the place
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.set_inheritable(os.open(os.devnull, os.O_RDWR), True)
+    try:
+        from virt_forward.hook import {entry}
+    except BaseException as exc:
+        msg = ("virt-forward: hook not run (no forwards changed): cannot import virt_forward from "
+               + {location!r} + " with " + sys.executable + ": " + type(exc).__name__ + ": " + str(exc)
+               + "; run `virt-forward doctor`")
+        try:
+            import syslog
+            syslog.openlog("virt-forward", syslog.LOG_PID, syslog.LOG_DAEMON)
+            syslog.syslog(syslog.LOG_ERR, msg.encode("utf-8", "backslashreplace").decode())
+        finally:
+            sys.stderr.write(msg + "\\n")
+    else:
+        status = {entry}(sys.argv[1:], {dirs})
+except BaseException:
+    pass  # the entry logs its own failures; nothing else may take the guest down
+finally:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()  # None when its fd was closed at start; a closed pipe raises
+        except BaseException:
+            pass
+    # nothing left to finalize: skip the interpreter's teardown (libvirt is waiting), and exit 0
+    # unless the entry refused a start on purpose (strict = true)
+    os._exit(status if type(status) is int and 0 <= status < 256 else 0)
 """
 
 

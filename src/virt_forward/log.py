@@ -94,16 +94,61 @@ def _send_journal(pairs: list[tuple[str, str]]) -> bool:
 
 
 def _emit(priority: int, message: str, event: dict[str, object]) -> None:
-    shown = printable(message)
-    if not _send_journal(fields(priority, shown, event)):
+    """Never raises: a log line that cannot be written must not turn into a failed hook (with
+    stderr a closed pipe, libvirt killed the guest at `reconnect` over a log line)."""
+    try:
+        shown = printable(message)
+    except Exception:  # a message whose str() or escape failed: say so rather than nothing
+        shown = "(a log line that could not be rendered)"
+    try:
+        sent = _send_journal(fields(priority, shown, event))
+    except Exception:
+        sent = False
+    if not sent:
+        _syslog(priority, shown)
+    if to_stderr:
+        _stderr(f"virt-forward: {shown}\n")
+
+
+def _syslog(priority: int, shown: str) -> None:
+    global _opened
+    try:
         import syslog
-        global _opened
         if not _opened:
             syslog.openlog("virt-forward", syslog.LOG_PID, syslog.LOG_DAEMON)
             _opened = True
         syslog.syslog(priority, shown)
-    if to_stderr:
-        print(f"virt-forward: {shown}", file=sys.stderr)
+    except Exception:  # no syslog module, a NUL in the line, ...: the journal and stderr are all we have
+        pass
+
+
+def _stderr(line: str) -> None:
+    """To stderr if there is one: fd 2 closed at start (sys.stderr None), a pipe whose reader went
+    away (BrokenPipeError; Python ignores SIGPIPE), a full disk: the line is dropped, not raised.
+    Never `print(file=None)`: that writes to stdout, which libvirt reads at migrate/restore."""
+    stream = sys.stderr
+    if stream is None:
+        return
+    try:
+        stream.write(line)
+        stream.flush()
+    except Exception:
+        _drop_pending(stream)
+
+
+def _drop_pending(stream: object) -> None:
+    """A failed write leaves its bytes in the stream's buffer, and every later flush (the
+    interpreter's own at exit too) would fail on them again: point fd 2 at /dev/null instead."""
+    try:
+        fd = stream.fileno()  # type: ignore[attr-defined]
+        null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.dup2(null, fd)
+        finally:
+            os.close(null)
+        stream.flush()  # type: ignore[attr-defined]  # the pending bytes go to /dev/null now
+    except Exception:
+        pass
 
 
 def printable(text: str) -> str:
