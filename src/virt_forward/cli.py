@@ -234,8 +234,40 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+# libvirt's hooks: every word after the command is libvirt's (a domain may be named `-h`)
+HOOK_COMMANDS = frozenset({"hook", "network-hook"})
+_GLOBAL_WITH_VALUE = frozenset({"--config-dir", "--state-dir"})
+
+
+def _split_hook(argv: list[str]) -> tuple[list[str], list[str]] | None:
+    """(the words up to a hook command, what follows it) when the command is a hook entry:
+    argparse would take a `-h` or `--debug` among libvirt's arguments as ours."""
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        if word in HOOK_COMMANDS:
+            return argv[:i + 1], argv[i + 1:]
+        if word in _GLOBAL_WITH_VALUE:
+            i += 2
+        elif word.startswith("-") and word != "-":
+            i += 1  # --debug, --config-dir=X, or a mistake argparse will name
+        else:
+            return None  # another command
+    return None
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    words = sys.argv[1:] if argv is None else list(argv)
+    split = _split_hook(words)
+    if split is None:
+        return _parser().parse_args(words)
+    args = _parser().parse_args(split[0])
+    args.args = split[1]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parse(argv)
     command = _BY_NAME[args.command]
     from . import engine, log  # after parsing: --help stays cheap
     log.configure(stderr=not command.prints_result)
