@@ -11,6 +11,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -160,15 +161,77 @@ def test_addresses_outside_the_subnet_are_ignored(tmp_path: Path) -> None:
     assert _find(root) == (ip("192.168.122.200"),)
 
 
-def test_the_newest_lease_wins(tmp_path: Path) -> None:
+def test_two_leases_for_one_mac_are_a_wait_not_a_guess(tmp_path: Path) -> None:
+    """Was: the later expiry won, so a guest asking DHCP with another guest's MAC steered its
+    forwards (issue 19, item 9).  Now neither is taken, and both are named."""
     older, newer = _lease("192.168.122.150", NOW + 60), _lease("192.168.122.151", NOW + 3600)
     root = _libvirt_root(tmp_path, network=_network(), leases=[older, newer])
-    assert _find(root) == (ip("192.168.122.151"),)
-    _libvirt_root(tmp_path, leases=[newer, older])
-    assert _find(root) == (ip("192.168.122.151"),)
-    # expiry-time 0 is an infinite lease (libvirt: `expirytime > 0 && expirytime < now` is expired)
-    _libvirt_root(tmp_path, leases=[newer, _lease("192.168.122.152", 0), older])
-    assert _find(root) == (ip("192.168.122.152"),)
+    found = discovery.find(NIC, root, now=NOW)
+    assert found.addresses == () and _find(root) == ()
+    assert found.ambiguous == (
+        "network 'default': two unexpired leases for MAC 52:54:00:aa:bb:01: 192.168.122.150 for MAC "
+        "52:54:00:aa:bb:01 (expires 2023-11-14 22:14:20 UTC), 192.168.122.151 for MAC 52:54:00:aa:bb:01 "
+        "(expires 2023-11-14 23:13:20 UTC)",)
+    for order in ([newer, older], [newer, _lease("192.168.122.152", 0), older]):  # 0: an infinite lease
+        _libvirt_root(tmp_path, leases=order)
+        assert _find(root) == () and discovery.find(NIC, root, now=NOW).ambiguous
+    assert "192.168.122.152 for MAC 52:54:00:aa:bb:01 (never expires)" in " ".join(
+        discovery.find(NIC, root, now=NOW).ambiguous)
+    assert discovery.find(NIC, root, now=NOW + 61).addresses == ()  # the infinite one and the newer one
+    # once the older one expired the newer one is the only lease: taken
+    _libvirt_root(tmp_path, leases=[older, newer])
+    assert discovery.find(NIC, root, now=NOW + 61) == discovery.Found((ip("192.168.122.151"),))
+    # a static DHCP host settles it (the fix doctor names)
+    _libvirt_root(tmp_path, network=_network(hosts=f"<host mac='{MAC}' ip='192.168.122.10'/>"))
+    assert discovery.find(NIC, root, now=NOW) == discovery.Found((ip("192.168.122.10"),))
+
+
+def test_one_address_leased_to_two_macs_is_a_wait_for_both(tmp_path: Path) -> None:
+    root = _libvirt_root(tmp_path, network=_network(), leases=[
+        _lease("192.168.122.150", NOW + 60), _lease("192.168.122.150", NOW + 3600, mac=OTHER_MAC)])
+    for mac in (MAC, OTHER_MAC):
+        found = discovery.find((domainxml.Nic(mac, "default", "virbr0"),), root, now=NOW)
+        assert found.addresses == () and len(found.ambiguous) == 1, found
+        assert found.ambiguous[0].startswith("network 'default': 192.168.122.150 is leased to two MACs: "
+                                             f"192.168.122.150 for MAC {MAC} (expires ")
+        assert f"192.168.122.150 for MAC {OTHER_MAC} (expires " in found.ambiguous[0]
+
+
+def test_what_is_not_ambiguous(tmp_path: Path) -> None:
+    # one lease of each family for a MAC (dual stack), the same lease listed twice, an expired second
+    # lease, another MAC's own lease: none of them is a guess
+    root = _libvirt_root(tmp_path, network=_network(), leases=[
+        _lease("192.168.122.150", NOW + 60), _lease("fd00:122::99", NOW + 60), _lease("192.168.122.150", NOW + 90),
+        _lease("192.168.122.151", NOW - 5), _lease("192.168.122.160", NOW + 60, mac=OTHER_MAC)])
+    assert discovery.find(NIC, root, now=NOW) == discovery.Found((ip("192.168.122.150"), ip("fd00:122::99")))
+    assert discovery.ambiguous_leases(root, now=NOW) == []
+
+
+def test_an_ambiguous_family_empties_the_whole_answer(tmp_path: Path) -> None:
+    """A dual-stack guest whose IPv4 lease is a guess gets no address at all: a half-applied guest
+    would look applied."""
+    root = _libvirt_root(tmp_path, network=_network(), leases=[
+        _lease("192.168.122.150", NOW + 60), _lease("192.168.122.151", NOW + 60), _lease("fd00:122::99", NOW + 60)])
+    found = discovery.find(NIC, root, now=NOW)
+    assert found.addresses == () and len(found.ambiguous) == 1
+
+
+def test_doctor_names_every_ambiguous_lease(tmp_path: Path) -> None:
+    from virt_forward.doctor import FAIL, diagnose
+    from test_doctor import GOOD
+    root = _libvirt_root(tmp_path, network=_network(), leases=[
+        _lease("192.168.122.150", NOW + 60), _lease("192.168.122.151", NOW + 60),
+        _lease("192.168.122.160", NOW + 60, mac=OTHER_MAC)])
+    # the live state and the definition name the same network: it is read once
+    _write(tmp_path, "var/lib/libvirt/network/default.xml", _network())
+    found = discovery.ambiguous_leases(root, now=NOW)
+    assert found == ["network 'default': two unexpired leases for MAC 52:54:00:aa:bb:01: 192.168.122.150 for MAC "
+                     "52:54:00:aa:bb:01 (expires 2023-11-14 22:14:20 UTC), 192.168.122.151 for MAC "
+                     "52:54:00:aa:bb:01 (expires 2023-11-14 22:14:20 UTC)"]
+    verdicts = [v for v in diagnose(replace(GOOD, ambiguous_leases=tuple(found))) if v.check == "leases"]
+    assert [v.level for v in verdicts] == [FAIL]
+    assert found[0] in verdicts[0].line() and "static DHCP host" in verdicts[0].fix
+    assert "ip-dhcp-host" in verdicts[0].fix
 
 
 def test_expired_and_malformed_leases_are_ignored(tmp_path: Path) -> None:

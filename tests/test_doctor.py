@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import shutil
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -60,6 +63,7 @@ def test_a_healthy_host_has_no_failure() -> None:
     ({"daemon_started": None}, "hook", WARN, "no libvirtd"),
     ({"config_errors": ("/etc/virt-forward/guests/a.toml:2: ports: bad",)}, "config", FAIL, "a.toml:2"),
     ({"nft_installed": False}, "nftables", FAIL, "apt-get install nftables"),
+    ({"conntrack_installed": False}, "conntrack", FAIL, "-- fix: apt-get install conntrack"),
     ({"docker_drop": True}, "docker", OK, "policy is DROP"),
 ])
 def test_each_classic_cause(change: dict[str, object], check: str, level: str, words: str) -> None:
@@ -104,3 +108,28 @@ def test_doctor_on_a_lab_host(tmp_path: Path) -> None:
     finally:
         lab.close()
         shutil.rmtree(w.root, ignore_errors=True)
+
+
+@pytest.mark.netns
+def test_doctor_fails_where_conntrack_is_missing(cdir: Path, tmp_path: Path) -> None:
+    """A venv install may lack conntrack (the .deb depends on it): doctor must say so, with the fix.
+    Hidden by a bind mount of /dev/null (not executable) in a mount namespace of the test's own,
+    and run in a network namespace of its own (doctor reads the firewall)."""
+    from virt_forward.runner import which
+    found = which("conntrack")
+    if found is None or shutil.which("unshare") is None:
+        pytest.skip("needs conntrack and unshare to hide it")
+    args = ["-m", "virt_forward", "--config-dir", str(cdir), "--state-dir", str(tmp_path / "state"), "doctor",
+            "--libvirt-dir", str(tmp_path / "libvirt")]
+
+    def doctor(hide: bool) -> subprocess.CompletedProcess[str]:
+        script = (f"mount --bind /dev/null {os.path.realpath(found)} && " if hide else "") + 'exec "$@"'
+        return subprocess.run(["unshare", "--mount", "--net", "sh", "-c", script, "sh", sys.executable, *args],
+                              capture_output=True, text=True, timeout=120)
+
+    hidden = doctor(hide=True)
+    assert hidden.returncode == 1, hidden.stderr
+    assert ("FAIL conntrack: the conntrack command is missing: the flows of a forward that was removed or now leads "
+            "elsewhere keep reaching the old guest (a steady UDP sender for ever) -- fix: apt-get install conntrack"
+            in hidden.stdout.splitlines()), hidden.stdout
+    assert "ok   conntrack: conntrack is installed" in doctor(hide=False).stdout.splitlines()

@@ -7,6 +7,11 @@ NIC's own network and its address lies inside that network's subnets.  Every fil
 is read so that a FIFO, a device, a symlink or a huge file is skipped, never
 waited on: the hook runs at every guest start.
 
+Nor does it guess (issue 19): two unexpired leases for one MAC, or one address leased
+to two MACs, may be another guest asking DHCP with this guest's MAC; no address is
+taken then (the forwards wait) and the pair is named, until one expires or a static
+DHCP host settles it.
+
 Never waits for a lease either: an address not known yet is simply not found,
 and the watcher applies the forwards once a lease appears.
 """
@@ -20,6 +25,7 @@ import os
 import stat
 import time
 import xml.etree.ElementTree as ET
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -235,18 +241,29 @@ def static_hosts(net: ET.Element, ifaces: tuple[_Interface, ...]) -> dict[str, l
     return found
 
 
-def leases(bridge: str, ifaces: tuple[_Interface, ...], root: Path,
-           now: float | None = None) -> dict[str, dict[int, IPAddress]]:
-    """mac -> {IP version: address} from the bridge's lease file: unexpired leases
-    inside the subnets only, the newest (largest expiry-time) of each family."""
+@dataclass(frozen=True)
+class Lease:
+    mac: str  # lower case
+    address: IPAddress
+    expiry: float  # math.inf: an infinite lease (expiry-time 0)
+
+    def describe(self) -> str:
+        until = "never expires" if self.expiry == math.inf else \
+            time.strftime("expires %Y-%m-%d %H:%M:%S UTC", time.gmtime(self.expiry))
+        return f"{self.address} for MAC {self.mac} ({until})"
+
+
+def unexpired_leases(bridge: str, ifaces: tuple[_Interface, ...], root: Path,
+                     now: float | None = None) -> list[Lease]:
+    """The bridge's lease file: its unexpired leases inside the subnets, in file order."""
     now = time.time() if now is None else now
     name = _safe_name(bridge)
     data = read_small(root / LEASE_DIR / f"{name}.status") if name else None
     try:
         entries = json.loads(data) if data and data.strip() else []
     except (ValueError, RecursionError):  # RecursionError: "[[[[..." nested too deep
-        return {}
-    best: dict[str, dict[int, tuple[float, IPAddress]]] = {}
+        return []
+    found: list[Lease] = []
     for entry in entries if isinstance(entries, list) else []:
         if not isinstance(entry, dict):
             continue
@@ -258,17 +275,56 @@ def leases(bridge: str, ifaces: tuple[_Interface, ...], root: Path,
         rank = math.inf if expiry == 0 else float(expiry)
         if math.isnan(rank) or rank <= now:
             continue
-        mine = best.setdefault(mac.lower(), {})
-        if addr.version not in mine or rank > mine[addr.version][0]:
-            mine[addr.version] = (rank, addr)
-    return {mac: {v: a for v, (_, a) in fam.items()} for mac, fam in best.items()}
+        lease = Lease(mac.lower(), addr, rank)
+        if lease not in found:
+            found.append(lease)
+    return found
 
 
-def discover(nics: tuple[Nic, ...], root: Path = Path("/"), now: float | None = None) -> tuple[IPAddress, ...]:
-    """At most one address per family: static hosts first (stable), then leases;
-    each NIC looked up only in its own network."""
+def ambiguities(found: list[Lease]) -> dict[tuple[str, int], list[tuple[Lease, Lease]]]:
+    """(mac, IP version) -> the pairs of leases that make its address a guess: two leases of
+    one MAC with different addresses, or one address leased to two MACs.
+
+    Any guest may ask DHCP with another guest's MAC (or take its address), and which of
+    two unexpired leases is the real guest's cannot be told from the file: picking the
+    later expiry let the other guest steer its forwards (issue 19).  Neither is taken."""
+    out: dict[tuple[str, int], list[tuple[Lease, Lease]]] = {}
+    by_mac: dict[tuple[str, int], Lease] = {}
+    by_address: dict[IPAddress, Lease] = {}
+    for lease in found:
+        family = (lease.mac, lease.address.version)
+        first = by_mac.setdefault(family, lease)
+        if first.address != lease.address:
+            out.setdefault(family, []).append((first, lease))
+        holder = by_address.setdefault(lease.address, lease)
+        if holder.mac != lease.mac:
+            for mac in (holder.mac, lease.mac):
+                out.setdefault((mac, lease.address.version), []).append((holder, lease))
+    return out
+
+
+def describe_ambiguity(network: str, pair: tuple[Lease, Lease]) -> str:
+    first, second = pair
+    what = (f"two unexpired leases for MAC {first.mac}" if first.mac == second.mac
+            else f"{first.address} is leased to two MACs")
+    return f"network {network!r}: {what}: {first.describe()}, {second.describe()}"
+
+
+@dataclass(frozen=True)
+class Found:
+    addresses: tuple[IPAddress, ...]  # at most one per family
+    # why no address was taken although leases exist: ambiguous leases, each named (a wait)
+    ambiguous: tuple[str, ...] = ()
+
+
+def find(nics: tuple[Nic, ...], root: Path = Path("/"), now: float | None = None) -> Found:
+    """At most one address per family: static hosts first (stable), then leases; each NIC
+    looked up only in its own network.  A family whose lease is ambiguous (two for the MAC,
+    or its address leased to another MAC too) and that no static host gives makes the
+    whole answer empty: forwards to a guess could serve another guest."""
     static: list[IPAddress] = []
     leased: list[IPAddress] = []
+    unclear: dict[int, list[str]] = {}
     for nic in nics:
         net = _network_xml(nic.network, root) if nic.network else _network_of_bridge(nic.bridge, root)
         if net is None:
@@ -279,8 +335,39 @@ def discover(nics: tuple[Nic, ...], root: Path = Path("/"), now: float | None = 
         # live <source bridge=> only when the network XML lacks one
         bridge = _bridge(net) or nic.bridge
         if bridge:
-            leased += leases(bridge, ifaces, root, now).get(mac, {}).values()
+            found = unexpired_leases(bridge, ifaces, root, now)
+            name = net.findtext("name") or bridge
+            for (owner, family), pairs in ambiguities(found).items():
+                if owner == mac:
+                    texts = unclear.setdefault(family, [])
+                    texts += [d for d in dict.fromkeys(describe_ambiguity(name, p) for p in pairs) if d not in texts]
+            leased += [lease.address for lease in found
+                       if lease.mac == mac and lease.address.version not in unclear]
     chosen: dict[int, IPAddress] = {}
-    for addr in static + leased:
+    for addr in static:
         chosen.setdefault(addr.version, addr)
-    return tuple(chosen[v] for v in sorted(chosen))
+    problems = [text for family, texts in sorted(unclear.items()) if family not in chosen for text in texts]
+    if problems:
+        return Found((), tuple(problems))
+    for addr in leased:
+        chosen.setdefault(addr.version, addr)
+    return Found(tuple(chosen[v] for v in sorted(chosen)))
+
+
+def discover(nics: tuple[Nic, ...], root: Path = Path("/"), now: float | None = None) -> tuple[IPAddress, ...]:
+    """find()'s addresses: () while a lease is ambiguous."""
+    return find(nics, root, now).addresses
+
+
+def ambiguous_leases(root: Path = Path("/"), now: float | None = None) -> list[str]:
+    """Every ambiguous lease of every libvirt network under `root` (doctor): each pair named."""
+    out: list[str] = []
+    seen: set[str] = set()
+    for net in _all_networks(root):  # the live state first: its bridge is what dnsmasq serves
+        bridge, name = _bridge(net), net.findtext("name")
+        if not bridge or not name or name in seen:
+            continue
+        seen.add(name)
+        for pairs in ambiguities(unexpired_leases(bridge, _interfaces(net), root, now)).values():
+            out += [text for text in (describe_ambiguity(name, p) for p in pairs) if text not in out]
+    return out
