@@ -70,14 +70,28 @@ def test_only_names_that_need_no_quoting(name: str, stem: str | None) -> None:
     assert fastpath.file_name(name) == stem
 
 
-@pytest.mark.parametrize("data", [b"", b"\x00garbage", marshal.dumps([1, 2]), marshal.dumps({"format": 99}),
-                                  marshal.dumps({"format": fastpath.FORMAT, "record": 1})])
+KEY = bytes(range(fastpath.KEY_SIZE))
+
+
+@pytest.mark.parametrize("data", [
+    b"", b"\x00garbage", marshal.dumps([1, 2]), marshal.dumps({"format": 99}),
+    marshal.dumps({"format": fastpath.FORMAT, "record": 1}),
+    # sealed right, but not what the full path writes
+    fastpath.seal(KEY, "web", b"\x00garbage"), fastpath.seal(KEY, "web", marshal.dumps({"format": 99})),
+    # not sealed with this key, or for this guest, or cut short
+    fastpath.seal(bytes(fastpath.KEY_SIZE), "web", marshal.dumps({"format": fastpath.FORMAT})),
+    fastpath.seal(KEY, "db", marshal.dumps({"format": fastpath.FORMAT})),
+    fastpath.seal(KEY, "web", marshal.dumps({"format": fastpath.FORMAT}))[:fastpath.MAC_SIZE],
+])
 def test_a_bad_fast_file_is_a_miss(tmp_path: Path, data: bytes) -> None:
-    path = tmp_path / "web.fast"
+    (tmp_path / "fast").mkdir(mode=0o700)
+    (tmp_path / "fast" / fastpath.KEY).write_bytes(KEY)
+    (tmp_path / "fast" / fastpath.KEY).chmod(0o600)
+    path = tmp_path / "fast" / "web.fast"
     path.write_bytes(data)
     path.chmod(0o600)
     with pytest.raises((fastpath.Miss, ValueError, EOFError, TypeError)):
-        fastpath._load(str(path))
+        fastpath._load(str(tmp_path), "web")
 
 
 # ---------------------------------------------------------------- in namespaces
@@ -272,7 +286,7 @@ def test_reconcile_plans_from_unchanged_fast_files_and_rereads_edited_ones() -> 
         w.guest_file("guest2", f'address = "{G2}"\nports = ["443"]\n')
         settle()
         w.cli("reconcile", "--running", "guest1", "guest2")
-        assert sorted(p.name for p in (w.state / "fast").iterdir()) == ["guest1.fast", "guest2.fast"]
+        assert sorted(p.name for p in (w.state / "fast").glob("*.fast")) == ["guest1.fast", "guest2.fast"]
         before = snapshot(w)
         assert hook(w, "guest1", "stopped")[0] == "fast"  # what reconcile left serves the hook
         # reconcile had no domain XML (no libvirt here): where hairpin mode goes is not known, so

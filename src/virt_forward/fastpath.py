@@ -10,7 +10,15 @@ this guest's elements (in the state dir's fast/); it outlives the guest's stop. 
 of that guest replays them when every fingerprint still matches; anything else -- a changed or racily fresh file,
 a table of another version, a guard not on top, nft refusing -- returns None and the hook
 takes the full path, which stays the reference.  Imports: os, sys, marshal,
-fcntl, select and our dependency-free modules only.
+fcntl, select, _blake2 and our dependency-free modules only.
+
+A fast file is derived, never trusted: owner and mode prove nothing about its content (a
+root process tricked into writing one through a path it was given would pass them).  So
+each carries a keyed MAC (BLAKE2b, the key in fast/.key, 0600, made by the full path) over
+the guest's name and the marshal payload, checked before marshal ever reads the payload;
+the fingerprints (code included, at a stop too) are compared under the lock, so a change
+made by another process that held it is seen.  Every file is opened without following a
+symlink and without blocking (a FIFO), and must be a regular file only we may write.
 
 What it does not cover (full path every time): plans taken from the domain XML
 (metadata, address by MAC), the iptables backend, a guard of another version or
@@ -30,18 +38,19 @@ from . import claims, files
 from .consts import (GUARD_COMMENT, GUARD_SPEC, HOOK_LOCK_DEADLINE, NFT_GUARD_COMMENT, NFT_GUARD_RULE, NFT_GUARD_TARGETS,
                      TABLE)
 
-FORMAT = 6
+FORMAT = 7
 SUFFIX = ".fast"
+KEY = ".key"  # in fast/; no guest's fast file is named so (file_name refuses a leading dot)
+KEY_SIZE = 32
+MAC_SIZE = 32
+MAX_FAST = 1 << 22
+PENDING = ".pending"  # a start in progress (state.PENDING): written before its claims, gone after its record
 # A file modified this recently may change again within the same timestamp tick without
 # its fingerprint changing ("racily clean", as git says): no fast file is written for it.
 RACY_SECONDS = 2.0
 START_OPS = frozenset({"start", "started", "reconnect"})
 STOP_OPS = frozenset({"stopped", "release"})
 _SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-~")
-# Our modules whose output a fast file holds: a changed one (an upgrade) makes every fast file stale.
-_CODE = ("__init__.py", "consts.py", "config.py", "ports.py", "plan.py", "nft.py", "guards.py", "engine.py",
-         "state.py", "claims.py", "fastpath.py", "discovery.py", "domainxml.py", "backends/__init__.py",
-         "backends/nftables.py", "backends/iptables.py")
 
 Fingerprint = tuple[int, int, int, int, int, int, int] | None
 
@@ -82,9 +91,27 @@ def code() -> dict[str, Fingerprint]:
     """The fingerprints of our modules, taken once per process: they describe the code this
     process runs (a long-lived watcher keeps describing its own, not an upgrade's)."""
     if not _code:
-        here = os.path.dirname(os.path.abspath(__file__))
-        _code.update({name: fingerprint(os.path.join(here, name)) for name in _CODE})
+        _code.update(code_now())
     return _code
+
+
+def code_now() -> dict[str, Fingerprint]:
+    """The fingerprints of every .py file of the package and of its subpackages (backends/),
+    as they are on disk now: found by listing, not by a hand-kept list that a new module
+    misses.  An upgrade changes them, and with them every fast file's match."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    found: dict[str, Fingerprint] = {}
+    with os.scandir(here) as top:
+        subs = []
+        for entry in top:
+            if entry.name.endswith(".py"):
+                found[entry.name] = fingerprint(entry.path)
+            elif entry.name != "__pycache__" and not entry.name.startswith(".") and entry.is_dir(follow_symlinks=False):
+                subs.append(entry)
+    for sub in subs:
+        with os.scandir(sub.path) as it:
+            found.update({f"{sub.name}/{e.name}": fingerprint(e.path) for e in it if e.name.endswith(".py")})
+    return found
 
 
 def racy(taken: dict[str, Fingerprint], now: float | None = None) -> bool:
@@ -104,15 +131,73 @@ def file_name(domain: str) -> str | None:
     return None
 
 
-def compile_fast(*, taken: dict[str, Fingerprint], record: str, add: str, remove: str, mark: str, skeleton: str,
-                 families: list[int], forwards: int, message: str, claims: list[tuple[str, str]],
-                 flows: list[list[str]], max_forwards: int, bridges: list[str] | None, described: list[str]) -> bytes:
-    """The fast file's content (written by the full path after it applied the guest)."""
-    return marshal.dumps({"format": FORMAT, "code": code(), "inputs": taken, "record": record, "add": add,
-                          "remove": remove, "mark": mark, "skeleton": skeleton, "families": sorted(families),
-                          "forwards": forwards,
-                          "message": message, "claims": [list(c) for c in claims],
-                          "flows": flows, "max_forwards": max_forwards, "bridges": bridges, "described": described})
+def compile_fast(*, state_dir: str, domain: str, taken: dict[str, Fingerprint], record: str, add: str, remove: str,
+                 mark: str, skeleton: str, families: list[int], forwards: int, message: str,
+                 claims: list[tuple[str, str]], flows: list[list[str]], max_forwards: int, bridges: list[str] | None,
+                 described: list[str]) -> bytes:
+    """The fast file's content (written by the full path after it applied the guest, under
+    the lock): sealed with the state dir's key (made when missing), bound to `domain`."""
+    payload = marshal.dumps({"format": FORMAT, "code": code(), "inputs": taken, "record": record, "add": add,
+                             "remove": remove, "mark": mark, "skeleton": skeleton, "families": sorted(families),
+                             "forwards": forwards,
+                             "message": message, "claims": [list(c) for c in claims],
+                             "flows": flows, "max_forwards": max_forwards, "bridges": bridges,
+                             "described": described})
+    return seal(make_key(state_dir), domain, payload)
+
+
+def key_file(state_dir: str) -> str:
+    return os.path.join(state_dir, "fast", KEY)
+
+
+def read_key(state_dir: str) -> bytes:
+    """The key that seals fast files; Miss (or OSError) unless it is a regular file of
+    KEY_SIZE bytes only we may read and write."""
+    key = _read_trusted(key_file(state_dir), KEY_SIZE, private=True)
+    if len(key) != KEY_SIZE:
+        raise Miss(f"{key_file(state_dir)}: not a key of {KEY_SIZE} bytes")
+    return key
+
+
+def make_key(state_dir: str) -> bytes:
+    """The key, made (random, 0600, through a fresh O_EXCL|O_NOFOLLOW temp file renamed over:
+    never torn, never written through a symlink) when missing or in any doubt.  A new key
+    makes every fast file sealed with the old one a miss: each is written again by the
+    guest's next full path."""
+    try:
+        return read_key(state_dir)
+    except (Miss, OSError):
+        key = os.urandom(KEY_SIZE)
+        files.replace(key_file(state_dir), key, 0o600)
+        return key
+
+
+def _mac(key: bytes, domain: str, payload: bytes) -> bytes:
+    # _blake2, not hashlib (which loads OpenSSL: ~3 ms) nor hmac: ~0.3 ms on the hook's path
+    try:
+        from _blake2 import blake2b
+    except ImportError:  # an interpreter built without it
+        from hashlib import blake2b
+    # the name is inside the MAC: a guest's genuine fast file copied to another's name is refused
+    h = blake2b(key=key, digest_size=MAC_SIZE, person=b"virt-forward.fst")
+    h.update(domain.encode("utf-8", "surrogateescape") + b"\0")
+    h.update(payload)
+    return h.digest()
+
+
+def seal(key: bytes, domain: str, payload: bytes) -> bytes:
+    """A fast file's bytes: the MAC, then the payload."""
+    return _mac(key, domain, payload) + payload
+
+
+def unseal(key: bytes, domain: str, data: bytes) -> object:
+    """The payload of a fast file sealed with `key` for `domain`, unmarshalled only once its
+    MAC is right (marshal is not safe on bytes someone else chose); Miss otherwise."""
+    tag, payload = data[:MAC_SIZE], data[MAC_SIZE:]
+    from _operator import _compare_digest as same  # hmac.compare_digest, without hmac's imports
+    if len(tag) != MAC_SIZE or not payload or not same(tag, _mac(key, domain, payload)):
+        raise Miss(f"{domain}: the fast file's MAC does not match (not written by us with this state dir's key)")
+    return marshal.loads(payload)
 
 
 class Unchanged:
@@ -126,8 +211,10 @@ class Unchanged:
         self.state_dir = state_dir
         self.code = code()
         self.shared = shared_inputs(config_dir)
+        self.key = b""
         try:
             _trusted_dir(os.path.join(state_dir, "fast"))
+            self.key = read_key(state_dir)
             self.trusted = True
         except (Miss, OSError):
             self.trusted = False
@@ -141,7 +228,7 @@ class Unchanged:
             return None
         try:
             # only the three fields this needs are checked (Fast checks all of them for the hook)
-            data = _load_data(fast_file(self.state_dir, name))
+            data = _load_data(self.state_dir, name, self.key)
         except (Miss, OSError, ValueError, KeyError, TypeError, EOFError):
             return None
         if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("record"), str):
@@ -201,17 +288,30 @@ def _trace(what: str) -> None:
         sys.stderr.write(f"virt-forward: trace: {what}\n")
 
 
+def _current(state_dir: str, config_dir: str, name: str, domain: str) -> Fast:
+    """The guest's fast file, when nothing it came from (its files, our code) changed since."""
+    fast = _load(state_dir, name)
+    if fast.code != code_now() or fast.inputs != inputs(config_dir, domain):
+        raise Miss("changed since the fast file was written")
+    return fast
+
+
 def _start(config_dir: str, guests: str, state_dir: str, name: str, domain: str, op: str, xml: str) -> int:
     record_path = os.path.join(guests, name + ".json")
-    fast = _load(fast_file(state_dir, name))
-    if fast.code != code() or fast.inputs != inputs(config_dir, domain):
-        raise Miss("changed since the fast file was written")
+    pending = os.path.join(guests, name + PENDING)
     if op == "prepare":
-        return 0  # the files validated when the fast file was written and have not changed since
-    bridges = fast.bridges
-    if bridges is None:
-        raise Miss("written by reconcile without the domain XML: where hairpin mode goes is not known")
+        # the files validated when the fast file was written and have not changed since;
+        # nothing changes here, so no lock
+        _current(state_dir, config_dir, name, domain)
+        return 0
     with files.lock(os.path.join(state_dir, "lock"), HOOK_LOCK_DEADLINE):
+        # under the lock: an edit (`rm`) applied by a process that held it is seen here
+        fast = _current(state_dir, config_dir, name, domain)
+        bridges = fast.bridges
+        if bridges is None:
+            raise Miss("written by reconcile without the domain XML: where hairpin mode goes is not known")
+        if os.path.lexists(pending):
+            raise Miss("a start of it did not finish: the full path takes back what it may have applied")
         record = _read(record_path)
         if record is not None and record != fast.record:
             raise Miss("the record differs")
@@ -224,15 +324,22 @@ def _start(config_dir: str, guests: str, state_dir: str, name: str, domain: str,
             raise Miss("a port is held by another guest: the full path refuses and says by whom")
         if record is None and claims.total(state_dir) + len(fast.claims) > fast.max_forwards:
             raise Miss("over the host's max_forwards: the full path refuses and says so")
+        if record is None:
+            # before the claims and the kernel: a start killed from here on leaves it, and the
+            # guest's `stopped` (the full path) takes back what it may have applied and its claims.
+            # With a record (a reconnect) the claims and the kernel already hold exactly this.
+            files.replace(pending, fast.record.encode())
         claims.update(state_dir, name, add=fast.claims, drop=[])
         try:
             problem = _apply_start(fast, first=not _another_guest(guests, name))
         except BaseException:  # nothing of this guest applied
             if record is None:
                 claims.update(state_dir, name, add=[], drop=fast.claims)
+                os.unlink(pending)  # only once the claims are back: else `stopped` still finds it
             raise
         if record is None:
             files.replace(record_path, fast.record.encode())
+            os.unlink(pending)
         if problem is not None:  # after the record: the full path finds the guard wrong and repairs it
             raise Miss(problem)
         _hairpin(state_dir, name, domain, xml, bridges)
@@ -244,10 +351,14 @@ def _start(config_dir: str, guests: str, state_dir: str, name: str, domain: str,
 def _stop(guests: str, state_dir: str, name: str, domain: str, why: str) -> int:
     record_path = os.path.join(guests, name + ".json")
     with files.lock(os.path.join(state_dir, "lock"), HOOK_LOCK_DEADLINE):
+        if os.path.lexists(os.path.join(guests, name + PENDING)):
+            raise Miss("a start of it did not finish: the full path takes back what it may have applied")
         record = _read(record_path)
         if record is None:
             raise Miss("no record (a domain XML to clean up)")
-        fast = _load(fast_file(state_dir, name))
+        fast = _load(state_dir, name)
+        if fast.code != code_now():  # an upgrade since: its removal batch may not be the old one's
+            raise Miss("our code changed since the fast file was written")
         if record != fast.record:
             raise Miss("the record differs")
         last = not _another_guest(guests, name)
@@ -288,8 +399,10 @@ def _hairpin(state_dir: str, name: str, domain: str, xml: str, bridges: tuple[st
 
 
 def _applied(state_dir: str, guests: str, name: str) -> bool:
-    """A record, or a domain XML kept for a guest waiting for its address."""
+    """A record, a start that did not finish (its pending record), or a domain XML kept for a
+    guest waiting for its address."""
     return (os.path.lexists(os.path.join(guests, name + ".json"))
+            or os.path.lexists(os.path.join(guests, name + PENDING))
             or os.path.lexists(os.path.join(state_dir, "xml", name + ".xml")))
 
 
@@ -300,8 +413,9 @@ def _nothing_configured(config_dir: str, name: str) -> bool:
     if fingerprint(os.path.join(config_dir, "guests", name + ".toml")) is not None:
         return False
     try:
-        with open(os.path.join(config_dir, "config.toml"), "rb") as fh:
-            text = fh.read(1 << 20)
+        # a FIFO there must not hang the start, a symlink not lead elsewhere: Miss, and the
+        # full path refuses the file with its own error
+        text = _read_trusted(os.path.join(config_dir, "config.toml"), 1 << 20)
     except FileNotFoundError:
         return True
     return b"metadata" not in text and b"\\" not in text
@@ -574,42 +688,48 @@ class Fast:
         self.described: list[str] = [str(d) for d in data["described"]]  # Forward.describe(), for the journal
 
 
-def _load(path: str) -> Fast:
-    return Fast(_load_data(path))
+def _load(state_dir: str, name: str) -> Fast:
+    return Fast(_load_data(state_dir, name, read_key(state_dir)))
 
 
-def _load_data(path: str) -> object:
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022 or st.st_size > 1 << 22:
-            raise Miss(f"{path}: not a file only we may write")
-        data = _read_fd(fd)
-    finally:
-        os.close(fd)
-    return marshal.loads(data)
+def _load_data(state_dir: str, name: str, key: bytes) -> object:
+    """The payload of the guest's fast file, its MAC checked with `key` first."""
+    return unseal(key, name, _read_trusted(fast_file(state_dir, name), MAX_FAST))
 
 
 def _read(path: str) -> str | None:
+    """A record's text; None when there is none."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        return _read_trusted(path, MAX_FAST).decode("utf-8")
     except FileNotFoundError:
         return None
+
+
+def _read_trusted(path: str, limit: int, private: bool = False) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes that only we may write (and,
+    `private`, read); Miss otherwise.  Opened without following a symlink (ELOOP) and
+    without blocking: a FIFO or a device there must not hang or flood a guest's start."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     try:
-        return _read_fd(fd).decode("utf-8")
+        st = os.fstat(fd)
+        if (not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & (0o077 if private else 0o022)
+                or st.st_size > limit):
+            raise Miss(f"{path}: not a regular file only we may {'read and ' if private else ''}write")
+        chunks, size = [], 0
+        while size <= limit and (chunk := os.read(fd, limit + 1 - size)):
+            chunks.append(chunk)
+            size += len(chunk)
     finally:
         os.close(fd)
-
-
-def _read_fd(fd: int) -> bytes:
-    chunks = []
-    while chunk := os.read(fd, 1 << 16):
-        chunks.append(chunk)
+    if size > limit:
+        raise Miss(f"{path}: more than {limit} bytes")
     return b"".join(chunks)
 
 
 def _another_guest(guests: str, name: str) -> bool:
-    own = name + ".json"
+    """Another guest is recorded, or was being started when it was killed (what it may have
+    applied is in our table: the table stays until its `stopped` takes that out)."""
+    own = (name + ".json", name + PENDING)
     with os.scandir(guests) as it:
-        return any(e.name.endswith(".json") and e.name != own for e in it)
+        return any(e.name.endswith((".json", PENDING)) and e.name not in own for e in it)
 
