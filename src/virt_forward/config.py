@@ -168,21 +168,22 @@ def _quoted(path: str) -> str:
     return shlex.quote(path)
 
 
-def _check_dir(path: str, st: os.stat_result, what: str, parent: bool) -> None:
+def _check_dir(path: str, st: os.stat_result, what: str, parent: bool, below: str = "the config") -> None:
     """A directory we read config from or through: root's, and only root may change its entries.
 
     `parent`: a directory above the config dir, where a root-owned sticky directory
     (/tmp, mode 1777) is fine: others may add entries there but not rename or remove ours.
+    `below`: what its owner could swap (safefile.py checks the way to a file we write).
     """
     mode = stat.S_IMODE(st.st_mode)
     if st.st_uid not in TRUSTED_UIDS:
         raise ConfigError(
             f"refused: {what} is owned by uid {st.st_uid} (mode {mode:04o}), not root: its owner could "
-            f"swap the config below it (chown root {_quoted(path)})", path=path)
+            f"swap {below} below it (chown root {_quoted(path)})", path=path)
     if mode & 0o022 and not (parent and mode & stat.S_ISVTX):
         raise ConfigError(
             f"refused: {what} is writable by group or others (owner root, mode {mode:04o}): they could rename "
-            f"or replace the config below it (chmod go-w {_quoted(path)})", path=path)
+            f"or replace {below} below it (chmod go-w {_quoted(path)})", path=path)
 
 
 def check_config_dir(cdir: Path) -> bool:
