@@ -617,7 +617,16 @@ def test_settings_public_as_string(cdir: Path, write_config: WriteFile) -> None:
     ('public = ["192.0.2.1", "192.0.2.300"]\n', 1, "public", "'192.0.2.300' is not an IP address"),
     ('public = "::"\n', 1, "public", "cannot be used here"),
     ('hairpin = true\nports = ["80"]\n', 2, "ports", "unknown key (known: backend, hairpin, max_forwards, "
-     "max_forwards_per_guest, metadata, metadata_ports, metrics_file, metrics_interval, public, strict)"),
+     "max_forwards_per_guest, metadata, metadata_max_forwards, metadata_ports, metadata_public, metrics_file, "
+     "metrics_interval, public, strict)"),
+    ('metadata_public = 1\n', 1, "metadata_public", "must be a string or a list of strings, not 1"),
+    ('metadata_public = []\n', 1, "metadata_public", "is empty (to take no forwards from <metadata>: metadata = false)"),
+    ('metadata_public = ["192.0.2.0/24",\n  "192.0.2.1/24"]\n', 2, "metadata_public",
+     "'192.0.2.1/24' is not an address or a CIDR (192.0.2.1/24 has host bits set)"),
+    ('\nmetadata_public = "eth0"\n', 2, "metadata_public", "'eth0' is not an address or a CIDR"),
+    ('metadata_public = "fe80::/64%eth0"\n', 1, "metadata_public", "is not an address or a CIDR"),
+    ('metadata_max_forwards = 0\n', 1, "metadata_max_forwards", f"0 is out of range 1-{HARD_MAX_FORWARDS}"),
+    ('metadata_max_forwards = "16"\n', 1, "metadata_max_forwards", "must be a whole number of forwards, not '16'"),
     ('metrics_file = 1\n', 1, "metrics_file", "must be a path in a string, not 1"),
     ('metrics_file = ["/a.prom"]\n', 1, "metrics_file", "must be a path in a string, not ['/a.prom']"),
     ('\nmetrics_file = "virt_forward.prom"\n', 2, "metrics_file", "'virt_forward.prom' is not an absolute path"),
@@ -664,6 +673,20 @@ def test_settings_limits_and_metadata_ports(cdir: Path, write_config: WriteFile)
     assert s.line_of("max_forwards") == 3 and s.source_of("max_forwards") == f"{path}:3"
     write_config('metadata_ports = "2222"\n')
     assert load_settings(cdir).metadata_ports == PortRange(2222, 2222)
+
+
+def test_settings_metadata_scope(cdir: Path, write_config: WriteFile) -> None:
+    """metadata_public (addresses and CIDRs; default: None, meaning `public`) and
+    metadata_max_forwards (default 16), with their lines for the errors that cite them."""
+    assert (Settings().metadata_public, Settings().metadata_max_forwards) == (None, 16)
+    path = write_config('metadata = true\nmetadata_public = ["203.0.113.0/24", " 2001:db8::1 "]\n'
+                        'metadata_max_forwards = 40\n')
+    s = load_settings(cdir)
+    assert s.metadata_public == (ipaddress.ip_network("203.0.113.0/24"), ipaddress.ip_network("2001:db8::1/128"))
+    assert s.metadata_max_forwards == 40 and s.source_of("metadata_max_forwards") == f"{path}:3"
+    assert s.source_of("metadata_public") == f"{path}:2"
+    write_config('metadata_public = "198.51.100.7"\n')
+    assert load_settings(cdir).metadata_public == (ipaddress.ip_network("198.51.100.7/32"),)
 
 
 def test_settings_metrics(cdir: Path, write_config: WriteFile) -> None:

@@ -22,7 +22,7 @@ import tomllib
 import unicodedata
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Callable, Collection, Iterable, Literal
 
 from . import consts
 from .errors import ConfigError, PortSpecError, UsageError
@@ -48,8 +48,12 @@ HARD_MAX_FORWARDS = 1 << 20
 # Public ports a domain's <metadata> may open: whoever may edit a domain is not root, so the
 # privileged ports (the host's own ssh on 22 among them) stay out of their reach by default.
 METADATA_PORTS = PortRange(1024, 65535)
+# Forwards one domain's <metadata> may ask for by default: a handful of services, not 1,024
+# ports on every local address (max_forwards_per_guest's default, issue 19).
+METADATA_MAX_FORWARDS = 16
 _SETTINGS_KEYS = {"backend", "public", "hairpin", "strict", "metadata", "max_forwards_per_guest",
-                  "max_forwards", "metadata_ports", "metrics_file", "metrics_interval"}
+                  "max_forwards", "metadata_ports", "metadata_public", "metadata_max_forwards", "metrics_file",
+                  "metrics_interval"}
 # How often the watcher rewrites metrics_file by default, and the bounds of metrics_interval:
 # node_exporter is scraped every 15-60 s; more often than each second would only cost CPU.
 METRICS_INTERVAL = 15.0
@@ -69,6 +73,9 @@ class Settings:
     max_forwards_per_guest: int = MAX_FORWARDS_PER_GUEST
     max_forwards: int = MAX_FORWARDS  # all guest files together (plan.host_forward_count)
     metadata_ports: PortRange = METADATA_PORTS  # public ports that <metadata> forwards may use
+    # public addresses <metadata> forwards may use (None: those of `public`; both empty: none)
+    metadata_public: tuple[IPNetwork, ...] | None = None
+    metadata_max_forwards: int = METADATA_MAX_FORWARDS  # forwards of one <metadata> guest
     # node_exporter textfile-collector file the watcher rewrites (None: no file) and how often
     metrics_file: str | None = None
     metrics_interval: float = METRICS_INTERVAL
@@ -515,6 +522,25 @@ def _port_range(data: dict[str, Any], key: str, default: PortRange, where: _Wher
         raise where.error(key, f"{value!r}: {exc}") from None
 
 
+def _networks(data: dict[str, Any], key: str, where: _Where) -> tuple[IPNetwork, ...] | None:
+    """Addresses and CIDRs (an address is its /32 or /128); None when the key is absent."""
+    texts = _string_list(data, key, where)
+    if texts is None:
+        return None
+    nets: list[IPNetwork] = []
+    for index, text in enumerate(texts):
+        try:
+            net = ipaddress.ip_network(text.strip(), strict=True)
+        except ValueError as exc:
+            raise where.error(key, f"{text!r} is not an address or a CIDR ({exc})", index) from None
+        if "%" in text:
+            raise where.error(key, f"{text!r} has a zone index, which nftables cannot match", index)
+        nets.append(net)
+    if not nets:
+        raise where.error(key, "is empty (to take no forwards from <metadata>: metadata = false)")
+    return tuple(nets)
+
+
 def _metrics_file(data: dict[str, Any], where: _Where) -> str | None:
     key = "metrics_file"
     if key not in data:
@@ -568,6 +594,8 @@ def load_settings(cdir: Path) -> Settings:
                     max_forwards_per_guest=_limit(data, "max_forwards_per_guest", MAX_FORWARDS_PER_GUEST, where),
                     max_forwards=_limit(data, "max_forwards", MAX_FORWARDS, where),
                     metadata_ports=_port_range(data, "metadata_ports", METADATA_PORTS, where),
+                    metadata_public=_networks(data, "metadata_public", where),
+                    metadata_max_forwards=_limit(data, "metadata_max_forwards", METADATA_MAX_FORWARDS, where),
                     metrics_file=_metrics_file(data, where), metrics_interval=_metrics_interval(data, where),
                     lines=dict(where.keys))
 
@@ -691,3 +719,72 @@ def _guest_address_in(addr: IPAddress, net: IPNetwork | IPInterface) -> bool:
         return False
     # /31, /32 (and IPv6's /127, /128) have no network or broadcast address to keep out
     return network.num_addresses <= 2 or addr not in (network.network_address, network.broadcast_address)
+
+
+def check_metadata_scope(guest: GuestConfig, settings: Settings, *,
+                         host: Callable[[], Collection[IPAddress] | None],
+                         networks: Collection[IPAddress]) -> None:
+    """The public side of a guest from <metadata> (issue 19): whoever may edit a domain wrote
+    it, not root, so every public address it names must be one of this host's (`host()`,
+    called only when one is named, None when they could not be read), not the host's own
+    address on a libvirt network (`networks`: a DNAT there takes the guests' own traffic to
+    their gateway) and within config.toml's metadata_public (default: its `public`).  Without
+    `<public>` its forwards take `public`, which must then be set and within metadata_public
+    (else they would open every local address).  At most metadata_max_forwards forwards.
+    Pure: the caller (engine.desired) reads the host's and the networks' addresses."""
+    scope = settings.metadata_public
+    derived = scope is None
+    if scope is None:
+        scope = tuple(ipaddress.ip_network(a) for a in settings.public)
+    if not scope:
+        raise ConfigError("refused: config.toml sets neither metadata_public nor public, so forwards from "
+                          "<metadata> would open every local address (set metadata_public to the addresses "
+                          "they may use)", path=guest.path)
+    shown = "config.toml's public (metadata_public is not set)" if derived else \
+        f"metadata_public ({settings.source_of('metadata_public')})"
+    known: list[Collection[IPAddress] | None] = []  # host(), read once and only when needed
+
+    def check(addr: IPAddress, key: str, what: str) -> None:
+        if addr in networks:
+            raise ConfigError(f"{what}: {addr} is the host's own address on a libvirt network (its bridge): a "
+                              "forward there would take the guests' own traffic to their gateway", path=guest.path,
+                              key=key)
+        if not any(addr in net for net in scope):
+            raise ConfigError(f"{what}: {addr} is outside {shown}: {', '.join(map(str, scope))}",
+                              path=guest.path, key=key)
+        if not known:
+            known.append(host())
+        if known[0] is None:
+            raise ConfigError(f"{what}: {addr} cannot be checked: the host's addresses could not be read "
+                              "(`ip -j addr`)", path=guest.path, key=key)
+        if addr not in known[0]:
+            raise ConfigError(f"{what}: {addr} is not an address of this host", path=guest.path, key=key)
+
+    for addr in guest.public or ():
+        check(addr, "public", "<public>")
+    for entry in guest.ports:
+        if entry.spec.public is not None:
+            check(entry.spec.public, "ports", repr(entry.text))
+    defaulted = guest.public is None and any(e.spec.public is None for e in guest.ports)
+    if defaulted and not (settings.public and all(any(a in n for n in scope) for a in settings.public)):
+        raise ConfigError(
+            "refused: a forward without a public address would take config.toml's public "
+            f"({', '.join(map(str, settings.public)) or 'none: every local address'}), which is not within "
+            f"{shown}: name a <public> within it", path=guest.path, key="ports")
+    _check_metadata_count(guest, settings)
+
+
+def _check_metadata_count(guest: GuestConfig, settings: Settings) -> None:
+    """At most metadata_max_forwards forwards, counted from the specs: each port of a range once
+    per public address (one family each), an upper bound of what the planner makes."""
+    limit, total = settings.metadata_max_forwards, 0
+    default = guest.public if guest.public is not None else settings.public
+    counts = [(len(e.spec.host) * (1 if e.spec.public is not None else len(default)), e) for e in guest.ports]
+    whole = sum(n for n, _ in counts)
+    for count, entry in counts:
+        total += count
+        if total > limit:  # the entry that crosses the limit is the one to name
+            raise ConfigError(
+                f"{entry.text!r} is {len(entry.spec.host)} port(s): up to {count} forward(s), {whole} for the guest "
+                f"in all, more than metadata_max_forwards = {limit} ({settings.source_of('metadata_max_forwards')})",
+                path=guest.path, key="ports")

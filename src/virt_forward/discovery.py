@@ -192,6 +192,33 @@ def nat_networks(root: Path = Path("/")) -> dict[str, tuple[_Interface, ...]]:
     return found
 
 
+def network_host_addresses(root: Path = Path("/")) -> frozenset[IPAddress]:
+    """The host's own address on every libvirt network under `root` (each bridge's <ip address=>):
+    never a public address of a forward from <metadata> (config.check_metadata_scope)."""
+    return frozenset(i.ip for net in _all_networks(root) for i in _interfaces(net))
+
+
+def host_addresses() -> frozenset[IPAddress] | None:
+    """Every address on an interface of this host (its network namespace), from `ip -j addr`;
+    None when it cannot be read (no iproute2, a failure): nothing can be checked then."""
+    from .errors import VirtForwardError
+    from .runner import run
+    try:
+        result = run(["ip", "-j", "addr", "show"], check=False, timeout=5)
+        links = json.loads(result.stdout) if result.returncode == 0 else None
+    except (VirtForwardError, ValueError, RecursionError):
+        return None
+    if not isinstance(links, list):
+        return None
+    found: set[IPAddress] = set()
+    for link in links:
+        for info in link.get("addr_info", []) if isinstance(link, dict) else []:
+            addr = _address(info.get("local")) if isinstance(info, dict) else None
+            if addr is not None:
+                found.add(addr)
+    return frozenset(found)
+
+
 def inside(addr: IPAddress, ifaces: tuple[_Interface, ...]) -> bool:
     return _inside(addr, ifaces)
 
