@@ -138,6 +138,21 @@ def update(state_dir: str, holder: str, add: list[Claim], drop: list[Claim]) -> 
     files.replace(os.path.join(_dir(state_dir), TOTAL), str(count).encode())
 
 
+def drop_holder(state_dir: str, holder: str) -> None:
+    """Every claim of this holder, wherever it is (a scan of the index: only for a guest whose
+    own list of claims is lost, which is rare)."""
+    folder = _dir(state_dir)
+    for name in sorted(os.listdir(folder)):
+        if name.startswith("."):
+            continue
+        current = _read_block(state_dir, name)
+        lines = [(k, p, h) for k, p, h in current if h != holder]
+        if len(lines) != len(current):
+            _write_block(state_dir, name, lines)
+    count = sum(len(_read_block(state_dir, n)) for n in os.listdir(folder) if not n.startswith("."))
+    files.replace(os.path.join(folder, TOTAL), str(count).encode())
+
+
 def rebuild(state_dir: str, claims: dict[str, list[Claim]]) -> None:
     """Exactly these holders' claims (reconcile: the records are the truth); a block file
     that already says so is left alone."""
@@ -175,12 +190,92 @@ class Ledger:
         self.by_key: dict[str, list[tuple[str, str]]] = {}
 
     def clash(self, holder: str, wanted: list[Claim]) -> str | None:
+        found = self.clash_at(holder, wanted)
+        return None if found is None else found[1]
+
+    def clash_at(self, holder: str, wanted: list[Claim]) -> tuple[Claim, str] | None:
+        """The first wanted claim another holder's claim overlaps, with that holder."""
         for k, public in wanted:
             for other_public, other in self.by_key.get(k, []):
                 if other != holder and overlaps(public, other_public):
-                    return other
+                    return (k, public), other
         return None
 
     def take(self, holder: str, wanted: list[Claim]) -> None:
         for k, public in wanted:
             self.by_key.setdefault(k, []).append((public, holder))
+
+    def release(self, holder: str, held: list[Claim]) -> None:
+        for k, public in held:
+            entries = self.by_key.get(k)
+            if entries and (public, holder) in entries:
+                entries.remove((public, holder))
+
+
+# What settle() decided for a guest: keep what it wants, keep what it held, or hold nothing.
+WANTED, HELD, NONE = "wanted", "held", "none"
+CAP = ""  # the "holder" of a refusal by max_forwards
+
+# (guest, claims it holds now or None, claims it wants now or None); a claim is one forward
+Candidate = tuple[str, list[Claim] | None, list[Claim] | None]
+
+
+def settle(candidates: list[Candidate], cap: int
+           ) -> tuple[dict[str, str], dict[str, tuple[Claim | None, str]], list[tuple[str, Claim, str]]]:
+    """Who holds what after a reconcile: the ledger of what guests hold now comes first, then
+    what they want.  A guest whose wish overlaps a port another guest holds, or would take the
+    host past `cap` forwards, keeps exactly what it held (or nothing, if it held nothing); no
+    holder ever loses a port to a clash or to the cap, whatever the order of names.  A port
+    given up by one guest may go to another in the same round (repeated until nothing moves).
+
+    Returns (each guest's choice: WANTED/HELD/NONE, each refused guest's (claim, holder) --
+    holder CAP for the cap, claim None then --, each holder whose record overlapped an earlier
+    one's: (guest, claim, holder); it is treated as holding nothing)."""
+    ledger = Ledger()
+    current: dict[str, list[Claim]] = {}
+    corrupt: list[tuple[str, Claim, str]] = []
+    for name, held, _ in sorted(candidates, key=lambda c: c[0]):
+        if held is None:
+            continue
+        hit = ledger.clash_at(name, held)
+        if hit is not None:  # two records overlap: only a forged or very old state does that
+            corrupt.append((name, hit[0], hit[1]))
+            continue
+        ledger.take(name, held)
+        current[name] = held
+    total = sum(len(c) for c in current.values())
+    choice = {name: HELD if name in current else NONE for name, _, _ in candidates}
+    refused: dict[str, tuple[Claim | None, str]] = {}
+    # holders first, then by name: the order only matters between newcomers
+    todo = sorted(((name, wanted) for name, _, wanted in candidates
+                   if (wanted is not None if name not in current
+                       else wanted is None or sorted(wanted) != sorted(current[name]))),
+                  key=lambda c: (c[0] not in current, c[0]))
+    moved = True
+    while moved and todo:
+        moved = False
+        for item in list(todo):
+            name, wanted = item
+            own = current.get(name, [])
+            if wanted is not None:
+                hit = ledger.clash_at(name, wanted)
+                if hit is not None:
+                    refused[name] = hit
+                    continue
+                if total - len(own) + len(wanted) > cap:
+                    refused[name] = (None, CAP)
+                    continue
+            ledger.release(name, own)
+            total -= len(own)
+            if wanted is None:
+                current.pop(name, None)
+                choice[name] = NONE
+            else:
+                ledger.take(name, wanted)
+                total += len(wanted)
+                current[name] = wanted
+                choice[name] = WANTED
+            refused.pop(name, None)
+            todo.remove(item)
+            moved = True
+    return choice, refused, corrupt

@@ -19,6 +19,7 @@ from .errors import ExitCode, VirtForwardError
 
 if TYPE_CHECKING:
     from .engine import Context
+    from .plan import GuestPlan
 
 HELP = """\
 Forward ports of this host to libvirt guests (DNAT with nftables maps), following each
@@ -142,11 +143,16 @@ def _rm_args(p: argparse.ArgumentParser) -> None:
 
 def _edit(ctx: Context, args: argparse.Namespace) -> int:
     from . import edit, engine
+    from .config import load_settings
+
+    def check(plan: GuestPlan) -> None:  # a held port is refused before the file changes
+        engine.check_ledger(ctx, args.guest, plan, load_settings(ctx.config_dir))
+
     with ctx.store.lock():  # two edits at once must not lose one
         if args.command == "add":
-            lines = edit.add_ports(ctx.config_dir, args.guest, args.specs, args.address)
+            lines = edit.add_ports(ctx.config_dir, args.guest, args.specs, args.address, check)
         else:
-            lines = edit.remove_ports(ctx.config_dir, args.guest, args.specs)
+            lines = edit.remove_ports(ctx.config_dir, args.guest, args.specs, check)
     print("\n".join(lines))
     if ctx.store.read(args.guest) is not None:  # it runs (applied): take the change now
         print(engine.apply(ctx, args.guest, ctx.store.read_xml(args.guest)))

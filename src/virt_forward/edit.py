@@ -17,7 +17,7 @@ import stat
 import tempfile
 import tomllib
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from .config import guest_path, load_settings, parse_guest
 from .errors import ConfigError, PortSpecError
@@ -27,6 +27,8 @@ from .ports import PortSpec, parse_port_spec
 if TYPE_CHECKING:
     from tomlkit.items import Array
 
+# Called with the edited file's plan before it is written; raises to refuse the edit.
+Check = Callable[[GuestPlan], None]
 NEW_FILE_MODE = 0o644
 NEW_DIR_MODE = 0o755
 STAND_IN_ADDRESSES = (ipaddress.ip_address("192.0.2.1"), ipaddress.ip_address("2001:db8::1"))
@@ -150,7 +152,7 @@ def _entries(arr: Array) -> list[tuple[str, PortSpec | None]]:
 
 
 def _commit(config_dir: Path, guest: str, path: Path, doc: Any,
-            st: os.stat_result | None) -> GuestPlan:
+            st: os.stat_result | None, check: Check | None = None) -> GuestPlan:
     import tomlkit
 
     text = tomlkit.dumps(doc)
@@ -161,6 +163,8 @@ def _commit(config_dir: Path, guest: str, path: Path, doc: Any,
             raise
         # the line would point into a text that was not written: leave it out
         raise ConfigError(f"{exc.reason} (file left unchanged)", path=path, key=exc.key) from None
+    if check is not None:
+        check(plan)  # the ledger: refused before the file changes
     if st is None:
         make_dirs(config_dir)
         write_atomic(path, text)
@@ -175,7 +179,8 @@ def _summary(path: Path, plan: GuestPlan, arr: Array) -> str:
     return f"{path}: {len(plan.forwards)} forward(s) now"
 
 
-def add_ports(config_dir: Path, guest: str, specs: list[str], address: str | None = None) -> list[str]:
+def add_ports(config_dir: Path, guest: str, specs: list[str], address: str | None = None,
+              check: Check | None = None) -> list[str]:
     """Append `specs` to the guest's `ports`; create the file when it is missing and `address` is given."""
     import tomlkit
 
@@ -218,11 +223,11 @@ def add_ports(config_dir: Path, guest: str, specs: list[str], address: str | Non
     for text, _spec in added:
         arr.append(text)
         lines.append(f"added {text!r} to {path}")
-    plan = _commit(config_dir, guest, path, doc, st)
+    plan = _commit(config_dir, guest, path, doc, st, check)
     return lines + [_summary(path, plan, arr)]
 
 
-def remove_ports(config_dir: Path, guest: str, specs: list[str]) -> list[str]:
+def remove_ports(config_dir: Path, guest: str, specs: list[str], check: Check | None = None) -> list[str]:
     """Remove the entries of the guest's `ports` that mean the same as `specs` ("80" removes "80/tcp")."""
     path = guest_path(config_dir, guest)
     if not specs:
@@ -253,7 +258,7 @@ def remove_ports(config_dir: Path, guest: str, specs: list[str]) -> list[str]:
         doomed.update(hits)
     for index in sorted(doomed, reverse=True):
         del arr[index]
-    plan = _commit(config_dir, guest, path, doc, st)
+    plan = _commit(config_dir, guest, path, doc, st, check)
     return [f"removed {entries[i][0]!r} from {path}" for i in sorted(doomed)] + [_summary(path, plan, arr)]
 
 

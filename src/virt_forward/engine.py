@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Callable
 from . import backends, claims, fastpath, hairpin, log, nft, state
 from .config import (GuestConfig, Settings, check_domain_name, guest_from_metadata, load_guest, load_settings,
                      settings_or_default)
-from .errors import FirewallError
+from .errors import FirewallError, StateError
 from .plan import GuestPlan, claims_of, host_limit_error, plan_guest
 from .runner import run, spawn_detached_twice, which
 from .state import StateStore
@@ -123,30 +123,36 @@ def apply(ctx: Context, domain: str, xml: str | None = None, want: Desired | Non
         log.warning(f"{domain}: {want.pending}", event="waiting", guest=domain)
         return f"{domain}: {want.pending}"
     if want.plan is None:
-        return remove(ctx, domain, why="no config file")
+        return remove(ctx, domain, why="no config file", lock_timeout=lock_timeout, hook=hook)
     backend = backends.choose(want.settings)
     store = ctx.store
     plan, hairpin = want.plan, want.settings.hairpin
     holder = state.stem(domain)
     with store.lock(lock_timeout):
         old = store.read(domain)
+        # The ledger first: a clash or the cap refuses the new plan before anything of the old
+        # one is touched, so the guest keeps exactly what it held.
+        wanted, had = claims_of(plan), claims_of(old)
+        clash = claims.conflicts(str(store.root), holder, wanted)
+        if clash:
+            (k, public), other = clash[0]
+            keeping = "; keeping what it held" if old is not None else ""
+            raise FirewallError(f"{domain}: not applied: {claim_text(k, public)} is forwarded to guest "
+                                f"{holder_name(store, other)!r}, which applied it first{keeping}")
+        # the host-wide cap, from the index's count: no scan of the other guests at a guest start
+        held_by_others = claims.total(str(store.root)) - len(had)  # an applied guest's claims are in the index
+        over = host_limit_error([("the other guests", held_by_others), plan], want.settings)
+        if over is not None:
+            raise FirewallError(f"{domain}: not applied: {over}" + ("; keeping what it held" if old else ""))
         old_backend = store.read_backend(domain) if old is not None else None
         if old is not None and old_backend not in (None, backend.name):
             # applied with the other backend (config changed, or nft installed since): take that off first
             _remove_locked(ctx, domain, old, backends.by_name(old_backend or backend.name), want.settings.hairpin,
                            wait=not hook)
             old = None
-        wanted, had = claims_of(plan), claims_of(old)
-        clash = claims.conflicts(str(store.root), holder, wanted)
-        if clash:
-            (k, public), other = clash[0]
-            raise FirewallError(f"{domain}: not applied: {_claim_text(k, public)} is forwarded to guest "
-                                f"{_holder_name(store, other)!r}, which applied it first")
-        # the host-wide cap, from the index's count: no scan of the other guests at a guest start
-        held_by_others = claims.total(str(store.root)) - len(had)  # an applied guest's claims are in the index
-        over = host_limit_error([("the other guests", held_by_others), plan], want.settings)
-        if over is not None:
-            raise FirewallError(f"{domain}: not applied: {over}")
+        # before the claims and the kernel: a start killed from here on leaves this, and the
+        # guest's `stopped` (or reconcile) takes back what it may have applied
+        store.write_pending(plan, backend.name)
         claims.update(str(store.root), holder, add=wanted, drop=[])  # before the kernel: a crash errs on refusing
         try:
             if backend.apply(old, plan, lambda: others_applied(store, domain), hairpin):
@@ -155,10 +161,14 @@ def apply(ctx: Context, domain: str, xml: str | None = None, want: Desired | Non
                 backend.rebuild(others_applied(store, domain) + [plan], hairpin)
         except BaseException:
             claims.update(str(store.root), holder, add=had, drop=[c for c in wanted if c not in had])
+            store.delete_pending(domain)
             raise
         claims.update(str(store.root), holder, add=[], drop=[c for c in had if c not in wanted])
         store.write(plan, backend.name)
+        store.delete_pending(domain)
         forget_flows(old, plan, wait=not hook)
+        if old is None:
+            warn_without_conntrack(store, domain)
         bridges = hairpin_bridges(ctx, xml, plan, want.settings)
         if xml:  # without the domain XML the guest's ports are not known: left as they are
             set_hairpin(ctx, domain, xml, bridges or ())
@@ -167,6 +177,21 @@ def apply(ctx: Context, domain: str, xml: str | None = None, want: Desired | Non
             write_fast(store, want, bridges)
     return _done(f"{domain}: {len(want.plan.forwards)} forward(s) live" + _summary(want.plan), "apply", domain,
                  want.plan)
+
+
+def check_ledger(ctx: Context, domain: str, plan: GuestPlan, settings: Settings) -> None:
+    """FirewallError when `plan` would take a port another guest holds, or take the host past
+    max_forwards (`add`: before the file is written; the caller holds the lock)."""
+    store = ctx.store
+    clash = claims.conflicts(str(store.root), state.stem(domain), claims_of(plan))
+    if clash:
+        (k, public), other = clash[0]
+        raise FirewallError(f"{domain}: {claim_text(k, public)} is forwarded to guest {holder_name(store, other)!r}, "
+                            "which holds it (file left unchanged)")
+    held_by_others = claims.total(str(store.root)) - len(claims_of(store.read(domain)))
+    over = host_limit_error([("the other guests", held_by_others), plan], settings)
+    if over is not None:
+        raise FirewallError(f"{domain}: {over} (file left unchanged)")
 
 
 def hairpin_bridges(ctx: Context, xml: str | None, plan: GuestPlan | None, settings: Settings,
@@ -238,13 +263,13 @@ def write_fast(store: StateStore, want: Desired, bridges: tuple[str, ...] | None
         bridges=None if bridges is None else list(bridges), described=[f.describe() for f in plan.forwards]))
 
 
-def _claim_text(k: str, public: str) -> str:
+def claim_text(k: str, public: str) -> str:
     family, proto, port = k.split("-")
     where = f"every IPv{family} address" if public == claims.ANY else (f"[{public}]" if family == "6" else public)
     return f"{where}:{port}/{proto}"
 
 
-def _holder_name(store: StateStore, holder: str) -> str:
+def holder_name(store: StateStore, holder: str) -> str:
     if holder.startswith(state.HASHED):
         for name in store.domains():
             if state.stem(name) == holder:
@@ -291,20 +316,83 @@ def _done(message: str, event: str, domain: str, plan: GuestPlan) -> str:
 
 
 def remove(ctx: Context, domain: str, why: str = "", lock_timeout: float | None = None, hook: bool = False) -> str:
-    """Remove what was applied for the guest (its record), whatever its file says now."""
+    """Remove what was applied for the guest (its record), whatever its file says now, and
+    what a start killed half-way may have applied (its pending record)."""
     check_domain_name(domain)
     store = ctx.store
     with store.lock(lock_timeout):
         store.delete_xml(domain)
         old = store.read(domain)
+        try:
+            pending = store.read_pending(domain)
+        except StateError as exc:  # forged or torn: nothing in it is used; the claims go below
+            log.error(f"{domain}: {exc}; removed")
+            pending = None
+            store.delete_pending(domain)
+            claims.drop_holder(str(store.root), state.stem(domain))
+        settings = settings_or_default(ctx.config_dir)  # a broken config.toml must not block removal
+        if pending is not None:
+            _undo_pending(ctx, domain, old, pending, settings.hairpin, wait=not hook)
+            old = store.read(domain)
         if old is None:
             return f"{domain}: nothing applied" + (f" ({why})" if why else "")
-        settings = settings_or_default(ctx.config_dir)  # a broken config.toml must not block removal
         # the backend it was applied with, not the one config.toml names now
         _remove_locked(ctx, domain, old, backends.by_name(store.read_backend(domain) or "nftables"), settings.hairpin,
                        wait=not hook)
     return _done(f"{domain}: removed {len(old.forwards)} forward(s)" + (f" ({why})" if why else ""), "remove", domain,
                  old)
+
+
+def _undo_pending(ctx: Context, domain: str, old: GuestPlan | None, pending: tuple[GuestPlan, str], hairpin: bool,
+                  wait: bool) -> None:
+    """A start that was killed between its pending record and its record: the kernel holds
+    the old plan or the new one (one transaction), the index holds the claims of both.  When
+    the kernel may hold the new one, take it out (a removal of elements that are not there
+    fails whole and changes nothing); release the claims the start took; forget it."""
+    store = ctx.store
+    plan, backend_name = pending
+    drop = claims_of(plan)
+    if old is None or plan != old:
+        try:
+            backends.by_name(backend_name).remove(plan, lambda: others_applied(store, domain), hairpin,
+                                                  last=not store.any_other(domain))
+        except FirewallError:
+            pass  # it never reached the kernel
+        else:
+            if old is not None:  # it had replaced the old plan in the kernel: nothing of that is left
+                store.delete(domain)
+                release_hairpin(ctx, domain)
+                drop += claims_of(old)
+            forget_flows(plan, None, wait=wait)
+    keep = claims_of(store.read(domain))
+    claims.update(str(store.root), state.stem(domain), add=[], drop=[c for c in drop if c not in keep])
+    store.delete_pending(domain)
+    log.warning(f"{domain}: a start of it did not finish (killed?): took back what it may have applied",
+                event="remove", guest=domain)
+
+
+def warn_without_conntrack(store: StateStore, domain: str) -> None:
+    """Without conntrack(8) the flows of a removed or re-pointed forward stay: said once per
+    guest (per boot: the marks live in the state dir) instead of at every stop."""
+    if which("conntrack") is not None:
+        return
+    marks = os.path.join(str(store.root), "conntrack-missing")
+    holder = state.stem(domain).encode()
+    try:
+        fd = os.open(marks, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            told = os.read(fd, 1 << 20)
+        finally:
+            os.close(fd)
+    except FileNotFoundError:
+        told = b""
+    if holder in told.split(b"\n"):
+        return
+    log.warning(f"{domain}: conntrack(8) is not installed: when its forwards are removed or re-pointed, flows "
+                "through them keep reaching the old target (install conntrack; `virt-forward doctor`)",
+                event="warning", guest=domain)
+    from . import files
+    files.replace(marks, told + holder + b"\n")
 
 
 def others_applied(store: StateStore, domain: str) -> list[GuestPlan]:

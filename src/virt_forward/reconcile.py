@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from . import backends, claims, engine, fastpath, log, state
 from .config import load_settings
 from .errors import StateError, VirtForwardError
-from .plan import GuestPlan, claims_of, within_host_limit
+from .config import Settings
+from .plan import GuestPlan, claims_of
 
 
 @dataclass(frozen=True)
@@ -103,8 +104,11 @@ def reconcile(ctx: engine.Context, running: list[str] | None = None, lock_timeou
         if running is None:
             running, source = sorted(set(texts) | kept_xml), "records (libvirt not reachable)"
 
-        plans: list[GuestPlan] = []
-        fresh: list[engine.Desired] = []  # planned from their files just now: fast files to write
+        # Each running guest's (what it holds now: its record; what it wants now).  What it
+        # holds is the ledger every decision starts from (claims.settle).
+        held_plan: dict[str, GuestPlan | None] = {}
+        wanted_plan: dict[str, GuestPlan | None] = {}
+        fresh: dict[str, engine.Desired] = {}  # planned from their files just now: fast files to write
         # recorded exactly as their fast file says: their record need not be rendered again to compare
         as_recorded: set[str] = set()
         unchanged = fastpath.Unchanged(str(ctx.config_dir), str(store.root)) if backend.fast_path else None
@@ -113,36 +117,64 @@ def reconcile(ctx: engine.Context, running: list[str] | None = None, lock_timeou
             try:
                 cached = _from_fast_file(unchanged, domain)
                 if cached is not None:
-                    plans.append(cached[0])
+                    wanted_plan[domain] = cached[0]
                     known_claims[domain] = cached[2]
                     if cached[1] == texts.get(domain):
                         as_recorded.add(domain)
+                        held_plan[domain] = cached[0]
+                    else:
+                        held_plan[domain] = recorded(domain)
                     continue
+                held_plan[domain] = recorded(domain)
                 want = engine.desired(ctx, domain, xml_of(domain), settings)
                 if want.plan is not None:
-                    plans.append(want.plan)
-                    fresh.append(want)
+                    wanted_plan[domain] = want.plan
+                    fresh[domain] = want
                 elif want.pending is not None:
                     problems.append(f"{domain}: {want.pending}")
-                    known = recorded(domain)
-                    if known is not None:  # known from an earlier start: keep it
-                        plans.append(known)
+                    wanted_plan[domain] = held_plan[domain]  # known from an earlier start: keep it
+                else:
+                    wanted_plan[domain] = None  # no config any more: what it held goes
             except VirtForwardError as exc:
                 # nothing lost, nothing opened: what was live for it stays as it was
-                kept = recorded(domain)
+                kept = held_plan.get(domain)
                 problems.append(f"{exc}" + ("; keeping what was applied" if kept else ""))
-                if kept is not None:
-                    plans.append(kept)
-        # a port stays with the guest that holds it now: recorded guests are served first
-        held: dict[str, list[tuple[str, str]]] = {}  # each guest's claims, computed once
-        plans = _without_conflicts(sorted(plans, key=lambda p: (p.domain not in texts, p.domain)), problems, held,
-                                   known_claims)
-        plans, over = within_host_limit(plans, settings)  # the same order: who holds ports now keeps them
-        problems += [str(e) for e in over]
+                wanted_plan[domain] = kept
+
+        def claims_for(domain: str, plan: GuestPlan | None, same_as_wanted: bool) -> list[tuple[str, str]] | None:
+            if plan is None:
+                return None
+            if same_as_wanted and domain in known_claims:
+                return known_claims[domain]
+            return claims_of(plan)
+
+        held_claims = {d: claims_for(d, p, d in as_recorded) for d, p in held_plan.items()}
+        wanted_claims = {d: (held_claims[d] if wanted_plan[d] is held_plan[d] else claims_for(d, p, True))
+                         for d, p in wanted_plan.items()}
+        choice, refused, corrupt = claims.settle(
+            [(d, held_claims[d], wanted_claims[d]) for d in sorted(wanted_plan)], settings.max_forwards)
+        for domain, (k, public), other in corrupt:
+            problems.append(f"{domain}: its record overlaps guest {other!r}'s at "
+                            f"{engine.claim_text(k, public)}: not kept")
+        plans: list[GuestPlan] = []
+        held: dict[str, list[tuple[str, str]]] = {}  # each kept guest's claims, for the index
+        for domain in sorted(wanted_plan):
+            picked = choice[domain]
+            plan = wanted_plan[domain] if picked == claims.WANTED else held_plan[domain] if picked == claims.HELD \
+                else None
+            if domain in refused:
+                problems.append(_refusal(domain, refused[domain], settings, kept=plan is not None))
+            if plan is None:
+                continue
+            plans.append(plan)
+            held[domain] = (wanted_claims if picked == claims.WANTED else held_claims)[domain] or []
+        fresh_kept = [w for d, w in fresh.items() if choice[d] == claims.WANTED]
 
         backend.rebuild(plans, settings.hairpin)
         wanted = {p.domain for p in plans}
         claims.rebuild(str(store.root), {state.stem(p.domain): held[p.domain] for p in plans})
+        for domain in store.pending_domains():  # a start killed mid-way: what it claimed is free again
+            store.delete_pending(domain)
         for domain in texts:
             if domain not in wanted:
                 engine.forget_flows(recorded(domain), None)
@@ -159,7 +191,7 @@ def reconcile(ctx: engine.Context, running: list[str] | None = None, lock_timeou
         bridges = engine.set_hairpins(ctx, plans, xml_of, settings)
         if backend.fast_path:
             # the next stop and start of these guests take the hook's fast path
-            for want in fresh:
+            for want in fresh_kept:
                 if want.plan is not None and want.plan.domain in wanted:
                     engine.write_fast(store, want, bridges[want.plan.domain])
     outcome = Outcome(len(plans), sum(len(p.forwards) for p in plans), source, tuple(problems))
@@ -187,21 +219,14 @@ def _from_fast_file(unchanged: fastpath.Unchanged | None,
     return (plan, text, held) if plan.domain == domain else None
 
 
-def _without_conflicts(plans: list[GuestPlan], problems: list[str], held: dict[str, list[tuple[str, str]]],
-                       known: dict[str, list[tuple[str, str]]]) -> list[GuestPlan]:
-    """The ownership rule (claims.py) among all guests at once: who comes first keeps a port,
-    a guest that would overlap is left out whole, with a problem naming the holder.  `held`
-    gets each kept guest's claims; `known`: claims already computed, by guest."""
-    ledger = claims.Ledger()
-    kept: list[GuestPlan] = []
-    for plan in plans:
-        wanted = known.get(plan.domain) or claims_of(plan)
-        other = ledger.clash(plan.domain, wanted)
-        if other is not None:
-            problems.append(f"{plan.domain}: not applied: a forward of it is also forwarded by guest {other!r}, "
-                            "which holds it")
-            continue
-        ledger.take(plan.domain, wanted)
-        held[plan.domain] = wanted
-        kept.append(plan)
-    return kept
+def _refusal(domain: str, why: tuple[tuple[str, str] | None, str],
+             settings: Settings, kept: bool) -> str:
+    """One line for a guest whose wish was refused: by whom, and what it keeps."""
+    claim, other = why
+    keeping = "; keeping what it held" if kept else ""
+    if claim is None:
+        where = f" ({settings.path}, max_forwards)" if settings.path else ""
+        return (f"{domain}: not applied: its forwards would take the host past max_forwards = "
+                f"{settings.max_forwards}{where}{keeping}")
+    return (f"{domain}: not applied: {engine.claim_text(*claim)} is forwarded to guest {other!r}, "
+            f"which holds it{keeping}")

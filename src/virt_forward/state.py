@@ -31,6 +31,7 @@ SUBDIRS = ("guests", "xml", "fast", "claims", "hairpin")
 MAX_STEM = 200
 HASHED = "%h-"  # quoting never makes "%h" (a quoted '%' is "%25"): no real name collides
 MAX_RECORD = 1 << 24
+PENDING = ".pending"
 
 
 def state_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
@@ -208,6 +209,41 @@ class StateStore:
         next time, and is checked against them (and against the record) before any use."""
         with contextlib.suppress(FileNotFoundError):
             self._path(domain).unlink()
+
+    # A start in progress: the record it is about to make, written before its claims and
+    # its kernel change, removed once the record is written.  A hook killed in between leaves
+    # it; the guest's `stopped` (or reconcile) then knows what to take back and which claims
+    # to release (fastpath.py does the same for its starts).
+    def _pending_path(self, domain: str) -> Path:
+        return self.guests / (stem(domain) + PENDING)
+
+    def write_pending(self, plan: GuestPlan, backend: str) -> None:
+        self._ensure()
+        _write_file(self._pending_path(plan.domain), self.record_text(plan, backend).encode())
+
+    def read_pending(self, domain: str) -> tuple[GuestPlan, str] | None:
+        """(plan, backend) of a start that did not finish; None when there is none.  Checked
+        like a record: a forged one is a StateError, never text in a batch."""
+        path = self._pending_path(domain)
+        try:
+            text = _read_file(path).decode("utf-8")
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise StateError(f"{path}: unreadable pending record ({exc})") from None
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise StateError(f"{path}: unreadable pending record ({exc})") from None
+        validate_record(data, domain, str(path))
+        return GuestPlan.from_record(data["plan"]), str(data["backend"])
+
+    def delete_pending(self, domain: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._pending_path(domain).unlink()
+
+    def pending_domains(self) -> list[str]:
+        return self._names(self.guests, PENDING, "plan")
 
     # The domain XML the hook was given at start: lets reconcile/watch find an address
     # (a lease that came later) or read metadata without asking libvirt.
