@@ -67,8 +67,12 @@ def desired(ctx: Context, domain: str, xml: str | None = None, settings: Setting
         dom = domainxml.parse(xml)
     if guest is None and settings.metadata and dom is not None and dom.metadata is not None:
         from . import discovery
-        # whoever may edit the domain wrote it: it may only point into the domain's own networks
+        from .config import check_metadata_scope
+        # whoever may edit the domain wrote it: it may only point into the domain's own networks,
+        # and open only addresses of this host within metadata_public, never a bridge's own
         guest = guest_from_metadata(domain, dom.metadata, subnets=discovery.nic_interfaces(dom.nics, ctx.libvirt_root))
+        check_metadata_scope(guest, settings, host=discovery.host_addresses,
+                             networks=discovery.network_host_addresses(ctx.libvirt_root))
     if guest is None:
         return Desired(settings, None, None)
     if not need_xml:
