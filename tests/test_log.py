@@ -6,7 +6,10 @@ VIRT_FORWARD_JOURNAL_SOCKET) and receives what the installed hook sends, full an
 
 from __future__ import annotations
 
+import io
+import os
 import socket
+import sys
 import time
 from pathlib import Path
 from typing import Iterator
@@ -105,3 +108,47 @@ def test_the_hook_tells_the_journal_what_it_did(journal: tuple[socket.socket, st
             assert all(e["SYSLOG_IDENTIFIER"] == ["virt-forward"] for e in events)
             assert "guest1" in refused["MESSAGE"][0] and refused["PRIORITY"] == ["3"], refused
             assert apply["MESSAGE"][0].startswith("guest1: 2 forward(s) live"), apply
+
+
+def test_a_log_line_never_raises_with_stderr_a_closed_pipe(monkeypatch: pytest.MonkeyPatch,
+                                                           tmp_path: Path) -> None:
+    # what happened: the hook's catch-all logged to a closed pipe and exited 120 (libvirt
+    # kills a guest whose `reconnect` hook fails)
+    monkeypatch.setenv("VIRT_FORWARD_JOURNAL_SOCKET", str(tmp_path / "no-journal"))
+    r, w = os.pipe()
+    os.close(r)
+    broken = io.TextIOWrapper(io.BufferedWriter(io.FileIO(w, "w")))
+    monkeypatch.setattr(sys, "stderr", broken)
+    monkeypatch.setattr(log, "to_stderr", True)
+    try:
+        for _ in range(3):
+            log.error("web: reconnect: hook failed " + "x" * 10_000, event="error", guest="web")
+            log.info("web: 1 forward(s) live")
+        broken.flush()  # what the interpreter does at exit: the failed bytes are not pending any more
+    finally:
+        broken.close()
+
+
+def test_no_stderr_means_no_line_rather_than_stdout(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    # fd 2 closed at start: sys.stderr is None, and print(file=None) writes to stdout, which
+    # libvirt reads as replacement XML at migrate/restore
+    monkeypatch.setenv("VIRT_FORWARD_JOURNAL_SOCKET", str(tmp_path / "no-journal"))
+    monkeypatch.setattr(sys, "stderr", None)
+    monkeypatch.setattr(log, "to_stderr", True)
+    log.error("web: start: something")
+    assert capsys.readouterr().out == ""
+
+
+def test_a_journal_that_went_away_is_not_an_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "journal.socket"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    monkeypatch.setenv("VIRT_FORWARD_JOURNAL_SOCKET", str(path))
+    monkeypatch.setattr(log, "_journal", None)
+    monkeypatch.setattr(log, "to_stderr", True)
+    log.info("first")  # connected
+    sock.close()  # journald restarted: the socket is gone
+    log.info("second")
+    assert capsys.readouterr().err.splitlines() == ["virt-forward: first", "virt-forward: second"]
