@@ -174,3 +174,83 @@ def test_install_writes_units_with_the_same_interpreter(installed: tuple[Path, P
     (root / install.UNIT_DIR / install.WATCH_UNIT).write_text(unit.replace(sys.executable, "/opt/gone/python"))
     assert install.unit_problems(root) == [f"{root / install.UNIT_DIR / install.WATCH_UNIT}: its interpreter "
                                            "/opt/gone/python is gone"]
+
+
+def test_the_cli_hook_takes_every_word_after_it_as_libvirts(installed: tuple[Path, Path, Path], netns: str) -> None:
+    # what happened: `virt-forward hook -h ...` printed argparse's usage (a domain may be named -h)
+    _, cdir, state = installed
+    write_trusted(cdir / "guests" / "-h.toml", 'address = "192.168.122.10"\nports = ["8080:80"]\n')
+    cli = ["ip", "netns", "exec", netns, sys.executable, "-m", "virt_forward", "--config-dir", str(cdir),
+           "--state-dir", str(state)]
+    r = subprocess.run([*cli, "hook", "-h", "start", "begin", "-"], input=b"<domain/>", capture_output=True,
+                       env=BARE, timeout=60, cwd="/")
+    assert (r.returncode, r.stdout) == (0, b""), r
+    assert b"-h: 1 forward(s) live" in r.stderr, r.stderr
+    assert StateStore(state).read("-h") is not None
+    r = subprocess.run([*cli, "hook", "-h", "stopped", "end", "--debug"], input=b"", capture_output=True,
+                       env=BARE, timeout=60, cwd="/")
+    assert (r.returncode, r.stdout) == (0, b""), r
+    assert StateStore(state).read("-h") is None
+    r = subprocess.run([*cli, "network-hook", "--help", "started", "begin", "-"], input=b"", capture_output=True,
+                       env=BARE, timeout=60, cwd="/")
+    assert (r.returncode, r.stdout) == (0, b""), r
+
+
+NETWORK_XML = ("<network><name>default</name><bridge name='virbr0'/>"
+               "<ip address='192.168.122.1' netmask='255.255.255.0'><dhcp/></ip></network>")
+
+
+def test_the_network_hook_keeps_guests_waiting_for_a_lease(cdir: Path, tmp_path: Path, netns: str) -> None:
+    # what happened: the network hook passed only recorded guests as running, reconcile deleted
+    # the kept XML of a guest still waiting for its lease, and without libvirt-python nothing
+    # ever applied that guest once the lease came
+    state, libvirt = tmp_path / "state", tmp_path / "libvirt"
+    install.install(tmp_path / "root", cdir, dry_run=False, dirs=("--config-dir", str(cdir), "--state-dir", str(state)))
+    qemu, network = tmp_path / "root" / install.QEMU_HOOK, tmp_path / "root" / install.NETWORK_HOOK
+    (libvirt / "etc/libvirt/qemu/networks").mkdir(parents=True)
+    (libvirt / "etc/libvirt/qemu/networks/default.xml").write_text(NETWORK_XML)
+    env = {**BARE, "VIRT_FORWARD_LIBVIRT_ROOT": str(libvirt),
+           "VIRT_FORWARD_LIBVIRT_URI": f"qemu+unix:///system?socket={tmp_path}/no-libvirtd"}
+    write_trusted(cdir / "guests" / "web.toml", 'address = "192.168.122.10"\nports = ["8080:80"]\n')
+    write_trusted(cdir / "guests" / "dyn.toml", 'ports = ["2222:22"]\n')
+    mac = "52:54:00:00:00:14"
+    dyn_xml = (f"<domain type='kvm'><name>dyn</name><devices><interface type='network'><mac address='{mac}'/>"
+               "<source network='default' bridge='virbr0'/></interface></devices></domain>").encode()
+
+    def hook(path: Path, *argv: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+        r = subprocess.run(["ip", "netns", "exec", netns, str(path), *argv], input=stdin, capture_output=True,
+                           env=env, timeout=60)
+        assert (r.returncode, r.stdout) == (0, b""), r
+        return r
+
+    store = StateStore(state)
+    hook(qemu, "web", "start", "begin", "-", stdin=b"<domain/>")
+    r = hook(qemu, "dyn", "start", "begin", "-", stdin=dyn_xml)
+    assert b"address not known yet" in r.stderr, r.stderr
+    assert store.read("web") is not None and store.read("dyn") is None and store.xml_domains() == ["dyn"]
+    hook(network, "default", "started", "begin", "-")
+    assert store.xml_domains() == ["dyn"]  # still waiting, still known to be running
+    lease = libvirt / "var/lib/libvirt/dnsmasq/virbr0.status"
+    lease.parent.mkdir(parents=True)
+    lease.write_text(f'[{{"ip-address": "192.168.122.20", "mac-address": "{mac}", '
+                     f'"expiry-time": {int(time.time()) + 3600}, "hostname": "dyn"}}]')
+    hook(network, "default", "started", "begin", "-")
+    recorded = store.read("dyn")
+    assert recorded is not None and [str(f.guest) for f in recorded.forwards] == ["192.168.122.20"], recorded
+    ruleset = subprocess.run(["ip", "netns", "exec", netns, "nft", "list", "ruleset"], capture_output=True,
+                             text=True, timeout=30, check=True).stdout
+    assert "192.168.122.20" in ruleset and "192.168.122.10" in ruleset
+
+
+def test_the_network_hook_fails_quietly_into_a_closed_pipe(cdir: Path, tmp_path: Path, netns: str) -> None:
+    state = tmp_path / "state"
+    state.write_text("not a directory")  # every step fails, and the catch-all's line cannot be written
+    install.install(tmp_path / "root", cdir, dry_run=False, dirs=("--config-dir", str(cdir), "--state-dir", str(state)))
+    r_fd, w_fd = os.pipe()
+    os.close(r_fd)
+    try:
+        r = subprocess.run(["ip", "netns", "exec", netns, str(tmp_path / "root" / install.NETWORK_HOOK), "default", "started", "begin", "-"],
+                           input=b"<network/>", stdout=subprocess.PIPE, stderr=w_fd, env=BARE, timeout=60)
+    finally:
+        os.close(w_fd)
+    assert (r.returncode, r.stdout) == (0, b""), r
