@@ -39,7 +39,9 @@ def test_write_and_unlink(textdir: Path) -> None:
     target.symlink_to(victim)
     safefile.write_strict(str(target), b"a 3\n", 0o644)
     assert not target.is_symlink() and target.read_bytes() == b"a 3\n" and victim.read_bytes() == b"keep"
+    assert safefile.exists_strict(str(target)) is True
     assert safefile.unlink_strict(str(target)) is True and not target.exists()
+    assert safefile.exists_strict(str(target)) is False
     assert safefile.unlink_strict(str(target)) is False  # nothing to remove
     assert safefile.unlink_strict(str(textdir / "missing" / "x.prom")) is False
 
@@ -56,8 +58,9 @@ def test_a_directory_swapped_for_a_symlink_is_refused(textdir: Path) -> None:
                                f"written as root never follows one (replace it by the directory it names: {textdir})")
     assert os.listdir(elsewhere) == []  # nothing created elsewhere
     (elsewhere / "virt_forward.prom").write_bytes(b"theirs")
-    with pytest.raises(ConfigError, match="refused: a symlink"):
-        safefile.unlink_strict(target)
+    for check in (safefile.unlink_strict, safefile.exists_strict):
+        with pytest.raises(ConfigError, match="refused: a symlink"):
+            check(target)
     assert (elsewhere / "virt_forward.prom").read_bytes() == b"theirs"  # nothing removed elsewhere
 
 

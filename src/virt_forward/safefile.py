@@ -146,3 +146,23 @@ def unlink_strict(path: str) -> bool:
         raise VirtForwardError(f"{path}: cannot remove: {exc.strerror or exc}") from None
     finally:
         os.close(dir_fd)
+
+
+def exists_strict(path: str) -> bool:
+    """Whether unlink_strict(path) would remove a file (`uninstall --dry-run`); raises as it would."""
+    opened = open_parent(path)
+    if opened is None:
+        return False
+    dir_fd, name = opened
+    try:
+        st = os.lstat(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise VirtForwardError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    finally:
+        os.close(dir_fd)
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a regular file"
+        raise ConfigError(f"refused: {kind}, not the file we wrote: left as it is", path=path)
+    return True
