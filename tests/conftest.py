@@ -1,7 +1,8 @@
 """Shared fixtures of the pure tests: config dirs that config.py will trust.
 
 config.py refuses files not owned by root or writable by group/other (like
-sshd's StrictModes), so every file made here is chowned to root and chmod-ed
+sshd's StrictModes), so every file made here is chowned to root (or, without root,
+to the test's own uid, which the cdir fixture makes config.py trust) and chmod-ed
 explicitly; tmp_path's own modes are not relied upon.
 """
 
@@ -15,6 +16,14 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+
+from virt_forward import config
+
+# the tiers' marks, required runs and the per-tier summary: hooks of this conftest
+from tiers import (  # noqa: F401
+    pytest_collection_finish, pytest_collection_modifyitems, pytest_configure, pytest_fixture_setup,
+    pytest_runtest_logreport, pytest_runtest_makereport, pytest_sessionfinish, pytest_terminal_summary,
+)
 
 WriteFile = Callable[..., Path]
 
@@ -45,28 +54,43 @@ def pytest_sessionstart(session: pytest.Session) -> None:
                         returncode=3)
 
 
-def _need_root() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("config files must be owned by root: run the tests as root")
+def _as_root() -> bool:
+    return os.geteuid() == 0
+
+
+def trusted_owner() -> tuple[int, int]:
+    """The owner config.py trusts in these tests: root, or without root the test's own uid
+    (the cdir fixture adds it to config.TRUSTED_UIDS), so that pure tests run as nobody."""
+    return (0, 0) if _as_root() else (os.geteuid(), os.getegid())
 
 
 def write_trusted(path: Path, data: str | bytes, mode: int = 0o644, uid: int = 0) -> Path:
-    """Write a config file owned by `uid` with exactly `mode` (default: what config.py trusts)."""
+    """Write a config file owned by `uid` with exactly `mode` (default: what config.py trusts).
+
+    uid 0 means the trusted owner (trusted_owner()); another uid needs root (the `root` tier)."""
     path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
     path.write_bytes(data.encode() if isinstance(data, str) else data)
-    os.chown(path, uid, 0)
+    owner, group = trusted_owner() if uid == 0 else (uid, 0)
+    os.chown(path, owner, group)
     os.chmod(path, mode)
     return path
 
 
+@pytest.fixture(autouse=True)
+def _trust_own_uid(monkeypatch: pytest.MonkeyPatch) -> None:
+    """config.py trusts the test's own uid besides root: without root, tmp_path and its parents
+    (/tmp/pytest-of-<user>) are that uid's.  As root this changes nothing.  A subprocess (the
+    hook, the CLI) still trusts root only: such tests need root."""
+    monkeypatch.setattr(config, "TRUSTED_UIDS", frozenset({0, trusted_owner()[0]}))
+
+
 @pytest.fixture
 def cdir(tmp_path: Path) -> Path:
-    """An empty config dir with guests/ (root, 0755)."""
-    _need_root()
+    """An empty config dir with guests/ (0755, the trusted owner's: root, or the test's own uid)."""
     root = tmp_path / "etc-virt-forward"
     (root / "guests").mkdir(parents=True)
     for d in (root, root / "guests"):
-        os.chown(d, 0, 0)
+        os.chown(d, *trusted_owner())
         os.chmod(d, 0o755)
     return root
 
