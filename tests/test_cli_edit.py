@@ -11,7 +11,8 @@ from netns_util import World, lab_world
 from vflab.lab import CLIENT4, PUBLIC4
 
 pytestmark = pytest.mark.netns
-SEED = Path(__file__).resolve().parents[2] / "shared" / "seed"
+# the post's per-guest script, as published (the same file the import corpus starts from)
+POSTS_SCRIPT = Path(__file__).resolve().parent / "data" / "import" / "post-example" / "in" / "networks" / "web"
 
 
 @pytest.fixture
@@ -39,11 +40,11 @@ def test_add_and_rm_apply_to_a_running_guest_and_keep_comments(world: World) -> 
     assert path.read_text() == text  # a refused edit changes nothing
 
 
-@pytest.mark.skipif(not (SEED / "example-vm").exists(), reason="the post's scripts are not beside this checkout")
 def test_import_the_posts_script_then_forward(world: World, tmp_path: Path) -> None:
     w = world
     script = tmp_path / "guest1"
-    text = (SEED / "example-vm").read_text()
+    text = POSTS_SCRIPT.read_text()
+    assert "192.168.0.2" in text and "10.1.1.2" in text  # the addresses replaced below
     script.write_text(text.replace("192.168.0.2", PUBLIC4).replace("10.1.1.2", "192.168.122.10"))
     out = w.cli("import", str(script)).stdout
     assert "wrote" in out and "guest1.toml" in out
