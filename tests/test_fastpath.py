@@ -12,6 +12,7 @@ import json
 import marshal
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -130,9 +131,21 @@ def snapshot(w: World) -> tuple[str, str, dict[str, str]]:
     return ruleset, save, records
 
 
-def settle() -> None:
-    """Files written within the last 2 s get no fast file (fastpath.RACY_SECONDS)."""
-    time.sleep(fastpath.RACY_SECONDS + 0.1)
+def settle(w: World) -> None:
+    """Until no config file is racily fresh for the hook: it writes no fast file for a file
+    changed within fastpath.RACY_SECONDS, by max(mtime, ctime).  Waiting is the only honest way
+    here: os.utime cannot age a file (it sets ctime to now), and the hook runs `python -I -S`
+    in a process of its own, with the real clock."""
+    from netns_util import wait_until
+    cfg = str(w.cfg)
+
+    def fresh() -> list[str]:
+        taken = {p: fp for guest in (w.cfg / "guests").glob("*.toml")
+                 for p, fp in fastpath.inputs(cfg, guest.stem).items()}
+        return sorted(p for p, fp in taken.items() if fastpath.racy({p: fp}))
+
+    wait_until(fresh, lambda paths: not paths, timeout=10 * fastpath.RACY_SECONDS,
+               what=f"config files older than fastpath.RACY_SECONDS ({fastpath.RACY_SECONDS:g} s) for the hook")
 
 
 def two_guests_one_stopped(w: World) -> None:
@@ -140,7 +153,7 @@ def two_guests_one_stopped(w: World) -> None:
     w.write("config.toml", f'public = ["{PUBLIC4}"]\n')
     w.guest_file("guest1", f'address = "{G1}"\nports = ["80"]\n')
     w.guest_file("guest2", f'address = "{G2}"\nports = ["443"]\n')
-    settle()
+    settle(w)
     hook(w, "guest2", "start")
     hook(w, "guest1", "start")
     hook(w, "guest1", "stopped")
@@ -151,7 +164,7 @@ def test_fast_start_and_stop_leave_what_the_full_path_leaves(world: World) -> No
     w.write("config.toml", f'public = ["{PUBLIC4}"]\n')
     w.guest_file("guest1", f'address = "{G1}"\nports = ["80", "2222:22", "8000-8002:9000-9002/udp"]\n')
     w.guest_file("guest2", f'address = "{G2}"\nports = ["443"]\n')
-    settle()
+    settle(w)
     assert hook(w, "guest2", "start")[0] == "full"
     assert hook(w, "guest1", "start")[0] == "full"  # the full path writes the fast file
     assert (w.state / "fast" / "guest1.fast").exists()
@@ -193,7 +206,7 @@ def test_the_fast_path_steps_aside_when_anything_changed(world: World) -> None:
     path, err = hook(w, "guest1", "start")
     assert path == "full" and "changed since" in err, err
     assert w.probe("tcp", PUBLIC4, 8080) == f"guest1:80 from {CLIENT4}"
-    settle()
+    settle(w)
     hook(w, "guest1", "stopped")  # its record differs from the old fast file: full path
     assert w.probe("tcp", PUBLIC4, 8080).startswith("ERR")
     hook(w, "guest1", "start")  # not racy any more: writes a fast file for the new plan
@@ -206,7 +219,7 @@ def test_the_fast_path_steps_aside_when_anything_changed(world: World) -> None:
     w.write("config.toml", f'public = ["{PUBLIC4}"]\nhairpin = true\n')
     assert hook(w, "guest1", "start")[0] == "full"
     hook(w, "guest1", "stopped")
-    settle()
+    settle(w)
     hook(w, "guest1", "start")  # a fast file for the settled files
     assert hook(w, "guest1", "stopped")[0] == "fast"
 
@@ -287,7 +300,7 @@ def test_reconcile_plans_from_unchanged_fast_files_and_rereads_edited_ones() -> 
         w.write("config.toml", f'public = ["{PUBLIC4}"]\n')
         w.guest_file("guest1", f'address = "{G1}"\nports = ["80"]\n')
         w.guest_file("guest2", f'address = "{G2}"\nports = ["443"]\n')
-        settle()
+        settle(w)
         w.cli("reconcile", "--running", "guest1", "guest2")
         assert sorted(p.name for p in (w.state / "fast").glob("*.fast")) == ["guest1.fast", "guest2.fast"]
         before = snapshot(w)
@@ -497,7 +510,7 @@ def test_a_fast_start_killed_at_any_moment_leaves_nothing_that_holds_the_port() 
         w.write("config.toml", f'public = ["{PUBLIC4}"]\n')
         w.guest_file("guest1", f'address = "{G1}"\nports = ["20000-20299"]\n')  # a batch that takes a while
         w.guest_file("guest2", f'address = "{G2}"\nports = ["443"]\n')
-        settle()
+        settle(w)
         hook(w, "guest2", "start")
         hook(w, "guest1", "start")
         hook(w, "guest1", "stopped")
@@ -536,3 +549,65 @@ def group_alive(pgid: int) -> bool:
         return True
     except ProcessLookupError:
         return False
+
+
+@pytest.mark.parametrize("what", ["fifo", "device", "symlink"])
+def test_no_file_the_fast_path_reads_is_opened_blocking_or_through_a_symlink(what: str) -> None:
+    """The record, the fast file and the key: a FIFO, a device that never ends (/dev/zero's)
+    or a symlink (to the very file it replaces) there sends the hook to the full path at once."""
+    with lab_world(backend="nftables") as w:
+        two_guests_one_stopped(w)
+        for rel, op in (("guests/guest1.json", "stopped"), ("fast/guest1.fast", "stopped"), ("fast/.key", "stopped"),
+                        ("fast/guest1.fast", "start"), ("fast/.key", "start")):
+            if op == "stopped":
+                hook(w, "guest1", "start")
+            path = w.state / rel
+            original = w.root / "original"
+            original.write_bytes(path.read_bytes())
+            original.chmod(0o600)
+            path.unlink()
+            if what == "fifo":
+                os.mkfifo(path, 0o600)
+            elif what == "device":
+                os.mknod(path, 0o600 | stat.S_IFCHR, os.makedev(1, 5))  # /dev/zero's
+            else:
+                path.symlink_to(original)
+            taken, err, took = timed_hook(w, "guest1", op)
+            trace = [ln for ln in err.splitlines() if "trace:" in ln]
+            assert taken == "full" and path.name in trace[0], (rel, op, err)
+            assert took < fastpath.HOOK_LOCK_DEADLINE, (rel, op, took)
+            if path.is_symlink() or not path.is_file():  # left as it was (the full path refused it): put back
+                path.unlink()
+                os.rename(original, path)
+            if op == "stopped" and (w.state / "guests" / "guest1.json").exists():
+                hook(w, "guest1", "stopped")
+            hook(w, "guest1", "start")  # a fast file sealed with the key there now
+            hook(w, "guest1", "stopped")
+
+
+def test_reconcile_takes_a_plan_only_from_a_sealed_fast_file(tmp_path: Path) -> None:
+    """fastpath.Unchanged (reconcile's shortcut) checks the MAC as the hook does."""
+    cfg, state = tmp_path / "cfg", tmp_path / "state"
+    (cfg / "guests").mkdir(parents=True)
+    (cfg / "guests" / "web.toml").write_text('address = "192.168.122.10"\nports = ["80"]\n')
+    (state / "fast").mkdir(parents=True)
+    for d in (cfg, cfg / "guests", state, state / "fast"):
+        d.chmod(0o755 if d.is_relative_to(cfg) else 0o700)
+    record = '{"backend":"nftables","plan":{}}\n'
+    payload = {"format": fastpath.FORMAT, "code": fastpath.code(), "inputs": fastpath.inputs(str(cfg), "web"),
+               "record": record, "claims": [["4-tcp-80", "*"]]}
+    sealed = fastpath.seal(fastpath.make_key(str(state)), "web", marshal.dumps(payload))
+    fast = state / "fast" / "web.fast"
+
+    def served(data: bytes) -> tuple[str, list[tuple[str, str]]] | None:
+        fast.write_bytes(data)
+        fast.chmod(0o600)
+        return fastpath.Unchanged(str(cfg), str(state)).record("web")
+
+    assert served(sealed) == (record, [("4-tcp-80", "*")])
+    forged = marshal.dumps({**payload, "record": record.replace("{}", '{"forwards":[]}')})
+    assert served(forged) is None  # no MAC
+    assert served(sealed[:fastpath.MAC_SIZE] + forged) is None  # another payload's MAC
+    assert served(sealed[:-1]) is None
+    (state / "fast" / fastpath.KEY).chmod(0o640)  # a key others may read is no secret
+    assert served(sealed) is None
