@@ -67,7 +67,14 @@ PROBE = textwrap.dedent("""
     out["refused"] = nft(f"delete element {T} nosuch {{ {keys} }}\\n")
     out["nothing_to_commit"] = nft(f"add table {T}\\n")
     runner.spawn(["true"])
-    import time; time.sleep(0.3); runner.spawn(["true"])
+    # until the nft processes taken at their commit have exited (not reaped: WNOWAIT), then
+    # one more call, which must reap them
+    import os, time
+    deadline = time.monotonic() + 30
+    while any(os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None for pid in runner._unreaped):
+        assert time.monotonic() < deadline, f"nft {runner._unreaped} still running after 30 s"
+        time.sleep(0.01)
+    runner.spawn(["true"])
     out["unreaped_at_the_end"] = runner._unreaped
     out["own_pids"] = runner._own_pids()
     print(json.dumps(out))
