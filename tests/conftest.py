@@ -19,13 +19,36 @@ import pytest
 
 from virt_forward import config
 
+import tiers
 # the tiers' marks, required runs and the per-tier summary: hooks of this conftest
 from tiers import (  # noqa: F401
-    pytest_collection_finish, pytest_collection_modifyitems, pytest_configure, pytest_fixture_setup,
-    pytest_runtest_logreport, pytest_runtest_makereport, pytest_sessionfinish, pytest_terminal_summary,
+    pytest_collection_finish, pytest_collection_modifyitems, pytest_fixture_setup, pytest_runtest_logreport,
+    pytest_runtest_makereport, pytest_sessionfinish, pytest_terminal_summary,
 )
 
 WriteFile = Callable[..., Path]
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--update-golden", action="store_true", default=False,
+                     help="rewrite the golden files (tests/data/golden/*) from what the code renders now, then "
+                          "read the diff: it is the change in what the kernel gets.  Refused when CI is set.")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    tiers.configure(config)
+    if os.environ.get("UPDATE_GOLDEN"):
+        raise pytest.UsageError("UPDATE_GOLDEN is no longer read (tests wrote, then compared, their own output): "
+                                "unset it; pytest --update-golden rewrites the golden files")
+    if config.getoption("--update-golden") and os.environ.get("CI"):
+        raise pytest.UsageError(f"--update-golden with CI={os.environ['CI']!r}: CI compares against the golden "
+                                "files and never writes them; regenerate them by hand and commit the diff")
+
+
+@pytest.fixture
+def update_golden(request: pytest.FixtureRequest) -> bool:
+    """True under --update-golden: a golden test writes its file and skips (it proves nothing then)."""
+    return bool(request.config.getoption("--update-golden"))
 
 
 def _interpreters_outside_the_venv() -> list[str]:

@@ -11,7 +11,8 @@ optional config.toml, and the expected batches:
   guest applied onto an empty nat table, beside libvirt 9.0's FORWARD chain (the guard goes
   on top); a file is absent when the guest has no forward of that family
 
-Regenerate with UPDATE_GOLDEN=1, then read the diff: it is the change in what
+Regenerate with `pytest tests/test_golden.py --update-golden` (refused when CI is
+set; the tests that wrote then skip), then read the diff: it is the change in what
 the kernel gets.
 """
 
@@ -40,7 +41,6 @@ from virt_forward.ports import PROTOCOLS
 DATA = Path(__file__).parent / "data"
 GOLDEN = DATA / "golden"
 CASES = sorted(p for p in GOLDEN.iterdir() if p.is_dir())
-UPDATE = os.environ.get("UPDATE_GOLDEN") == "1"
 
 
 def load_case(case: Path, cdir: Path) -> tuple[GuestPlan, Settings]:
@@ -94,14 +94,18 @@ def test_enough_cases() -> None:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_golden(case: Path, cdir: Path) -> None:
+def test_golden(case: Path, cdir: Path, update_golden: bool) -> None:
     plan, settings = load_case(case, cdir)
-    for name, text in rendered(plan, settings).items():
+    out = rendered(plan, settings)
+    if update_golden:
+        for name, text in out.items():
+            (case / name).write_text(text)
+        pytest.skip(f"--update-golden: wrote {', '.join(sorted(out))} in {case}: review the diff")
+    # no file of the case is left unchecked (a renamed output would leave a stale file behind)
+    assert sorted(p.name for p in case.iterdir() if p.name not in ("guest.toml", "config.toml")) == sorted(out)
+    for name, text in out.items():
         path = case / name
-        if UPDATE:
-            path.write_text(text)
-        assert path.exists(), f"{path} missing: run with UPDATE_GOLDEN=1 and review it"
-        assert text == path.read_text(), f"{path} differs: run with UPDATE_GOLDEN=1 and review the diff"
+        assert text == path.read_text(), f"{path} differs: run pytest --update-golden and review the diff"
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])

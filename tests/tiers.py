@@ -193,7 +193,8 @@ _RECORD = pytest.StashKey[Record]()
 _config: pytest.Config | None = None
 
 
-def pytest_configure(config: pytest.Config) -> None:
+def configure(config: pytest.Config) -> None:
+    """conftest.py's pytest_configure calls this."""
     config.stash[_RECORD] = Record(strict=strict_mode(), allowed=load_allowlist())
     global _config
     _config = config  # pytest_runtest_logreport is given no config
