@@ -68,6 +68,15 @@ def test_racy_files_get_no_fast_file() -> None:
     assert fastpath.racy({"a": old, "b": fresh}, now) and not fastpath.racy({"a": old, "b": None}, now)
 
 
+def test_the_code_fingerprint_covers_every_module_of_the_package() -> None:
+    """An upgrade of any module (hairpin.py was missing from a hand-kept list) stales every fast file."""
+    pkg = Path(fastpath.__file__).parent
+    modules = {p.relative_to(pkg).as_posix() for p in pkg.rglob("*.py") if "__pycache__" not in p.parts}
+    assert {"hairpin.py", "fastpath.py", "backends/nftables.py"} <= modules
+    assert set(fastpath.code_now()) == modules
+    assert fastpath.code_now() == fastpath.code()
+
+
 @pytest.mark.parametrize("name, stem", [("web", "web"), ("web-1.example_x~", "web-1.example_x~"), (".web", None),
                                         ("web 1", None), ("wéb", None), ("a/b", None), ("", None), ("x" * 201, None)])
 def test_only_names_that_need_no_quoting(name: str, stem: str | None) -> None:
