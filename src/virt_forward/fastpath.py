@@ -715,8 +715,9 @@ def _read_trusted(path: str, limit: int, private: bool = False) -> bytes:
         if (not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & (0o077 if private else 0o022)
                 or st.st_size > limit):
             raise Miss(f"{path}: not a regular file only we may {'read and ' if private else ''}write")
-        chunks, size = [], 0
-        while size <= limit and (chunk := os.read(fd, limit + 1 - size)):
+        # sized by fstat (a buffer of `limit` bytes per read costs an mmap), one more to see the end
+        chunks, size, want = [], 0, min(st.st_size, limit) + 1
+        while size <= limit and (chunk := os.read(fd, min(want, limit + 1 - size))):
             chunks.append(chunk)
             size += len(chunk)
     finally:
