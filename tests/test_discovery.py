@@ -226,6 +226,8 @@ def test_an_ambiguous_lease_makes_the_guest_wait(cdir: Path, tmp_path: Path) -> 
     ctx = engine.Context(cdir, tmp_path / "state", root)
     want = engine.desired(ctx, "guest1", DOMAIN)
     assert want.plan is None and want.pending is not None, want  # was: a plan to the later lease, .151
+    assert ("two unexpired leases for MAC 52:54:00:aa:bb:01: 192.168.122.150 for MAC 52:54:00:aa:bb:01 (expires "
+            in want.pending and "192.168.122.151 for MAC" in want.pending and "static DHCP host" in want.pending), want
     write_trusted(cdir / "guests" / "guest1.toml", 'address = "192.168.122.10"\nports = ["8081:81@default"]\n')
     want = engine.desired(ctx, "guest1", DOMAIN)  # '@default': its `address` there, no lease needed
     assert want.plan is not None and want.pending is None, want

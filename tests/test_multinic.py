@@ -117,7 +117,7 @@ def test_a_network_target_in_domain_metadata(cdir: Path, tmp_path: Path) -> None
     _network(root, "default", "virbr0", "192.168.122.1")
     _network(root, "second", "virbr1", "10.0.1.1")
     _lease(root, "virbr1", MAC2, NIC2)
-    write_trusted(cdir / "config.toml", "metadata = true\n")
+    write_trusted(cdir / "config.toml", "metadata = true\npublic = \"127.0.0.1\"\n")
     ctx = engine.Context(cdir, tmp_path / "state", root)
     meta = ("<metadata><vf:config xmlns:vf='https://virt-forward.org/xmlns/guest/1'>"
             f"<vf:address>{G1}</vf:address><vf:port>8080:80</vf:port><vf:port>8081:81@second</vf:port>"

@@ -138,6 +138,20 @@ def update(state_dir: str, holder: str, add: list[Claim], drop: list[Claim]) -> 
     files.replace(os.path.join(_dir(state_dir), TOTAL), str(count).encode())
 
 
+def all_holders(state_dir: str) -> dict[str, int]:
+    """How many claims each holder has in the index (doctor: claims that outlived their guest)."""
+    found: dict[str, int] = {}
+    try:
+        names = os.listdir(_dir(state_dir))
+    except FileNotFoundError:
+        return found
+    for name in names:
+        if not name.startswith("."):
+            for _, _, holder in _read_block(state_dir, name):
+                found[holder] = found.get(holder, 0) + 1
+    return found
+
+
 def drop_holder(state_dir: str, holder: str) -> None:
     """Every claim of this holder, wherever it is (a scan of the index: only for a guest whose
     own list of claims is lost, which is rare)."""

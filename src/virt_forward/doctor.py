@@ -59,6 +59,9 @@ class Facts:
     packaged: bool = False  # the Debian package is installed: apt, not `virt-forward install`, puts hooks back
     unit_problems: tuple[str, ...] = ()
     hairpin: bool = True  # config.toml's `hairpin`: hairpin mode on the ports of guests with forwards
+    conntrack_installed: bool = True  # the conntrack command (forgets the flows of a changed forward)
+    ambiguous_leases: tuple[str, ...] = ()  # discovery.ambiguous_leases: guests whose address is not taken
+    orphan_claims: tuple[str, ...] = ()  # holders in the claims index with no record (a start killed mid-way)
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -68,6 +71,11 @@ def diagnose(f: Facts) -> list[Verdict]:
 
     v.append(Verdict(OK, "nftables", "nft is installed") if f.nft_installed else
              Verdict(FAIL, "nftables", "the nft command is missing", "apt-get install nftables"))
+    # the Debian package depends on it; a venv install may lack it, and nothing else would say so
+    v.append(Verdict(OK, "conntrack", "conntrack is installed") if f.conntrack_installed else
+             Verdict(FAIL, "conntrack", "the conntrack command is missing: the flows of a forward that was removed "
+                     "or now leads elsewhere keep reaching the old guest (a steady UDP sender for ever)",
+                     "apt-get install conntrack"))
 
     for fam, key in ((4, "net.ipv4.ip_forward"), (6, "net.ipv6.conf.all.forwarding")):
         if fam not in families:
@@ -149,8 +157,16 @@ def diagnose(f: Facts) -> list[Verdict]:
                          "systemctl restart libvirtd (or virtqemud)"))
     else:
         v.append(Verdict(OK, "hook", f"{f.hook_path} installed, runs, and libvirt started after it"))
+    # a guest may ask DHCP with another guest's MAC: two leases make its address a guess, so none is taken
+    for problem in f.ambiguous_leases:
+        v.append(Verdict(FAIL, "leases", f"{problem}: the guest's forwards wait until one of them expires",
+                         "give the guest a static DHCP host: virsh net-update NETWORK add ip-dhcp-host "
+                         "\"<host mac='MAC' ip='ADDRESS'/>\" --live --config (or `address` in its guest file)"))
     for problem in f.unit_problems:
         v.append(Verdict(FAIL, "units", problem, reinstall))
+    for holder in f.orphan_claims:
+        v.append(Verdict(FAIL, "claims", f"{holder}: holds ports in the claims index without a record of what was "
+                         "applied: other guests are refused those ports", "virt-forward reconcile"))
     return v
 
 
@@ -255,6 +271,7 @@ def gather(ctx: engine.Context, libvirt_dir: Path = Path("/etc/libvirt")) -> Fac
     strict = None if conf is None else bool(re.search(r"^\s*StrictForwardPorts\s*=\s*yes", conf, re.M | re.I))
     hook = libvirt_dir / "hooks" / "qemu.d" / "virt-forward"
     from .install import PACKAGE_HOOKS, installed_hook_problem, unit_problems
+    from .discovery import ambiguous_leases
     try:
         # The time the entry appeared in qemu.d, which is what libvirt notices: the Debian
         # package's hook is a symlink, and its target keeps the package's build time.
@@ -270,7 +287,18 @@ def gather(ctx: engine.Context, libvirt_dir: Path = Path("/etc/libvirt")) -> Fac
                  daemon_started=_daemon_started(), nft_installed=which("nft") is not None,
                  hook_problem=hook_problem, unit_problems=tuple(unit_problems(root)),
                  hairpin=settings_or_default(ctx.config_dir).hairpin,
+                 conntrack_installed=which("conntrack") is not None,
+                 ambiguous_leases=tuple(ambiguous_leases(root)),
+                 orphan_claims=_orphan_claims(ctx),
                  packaged=(root / PACKAGE_HOOKS.lstrip("/") / "qemu").is_file())
+
+
+def _orphan_claims(ctx: engine.Context) -> tuple[str, ...]:
+    """Holders of claims with neither a record nor a start in progress (pending)."""
+    from . import claims, state
+    store = ctx.store
+    known = {state.stem(d) for d in store.domains() + store.pending_domains()}
+    return tuple(sorted(h for h in claims.all_holders(str(store.root)) if h not in known))
 
 
 def doctor(ctx: engine.Context, libvirt_dir: Path = Path("/etc/libvirt")) -> int:

@@ -23,6 +23,7 @@ from .runner import run, spawn_detached_twice, which
 from .state import StateStore
 
 if TYPE_CHECKING:
+    from . import discovery
     from .domainxml import Nic
     from .ports import IPAddress
 
@@ -82,12 +83,14 @@ def desired(ctx: Context, domain: str, xml: str | None = None, settings: Setting
     needs_default = any(e.spec.target is None for e in guest.ports)
     from . import discovery
     if not guest.addresses and needs_default:
-        found = discovery.discover(dom.nics, ctx.libvirt_root) if dom is not None else ()
-        if not found:
+        found = discovery.find(dom.nics, ctx.libvirt_root) if dom is not None else discovery.Found(())
+        if found.ambiguous:  # another guest may have asked DHCP with this one's MAC: never a guess
+            return Desired(settings, guest, None, pending=_ambiguous(found), uses_xml=True)
+        if not found.addresses:
             return Desired(settings, guest, None, pending=f"address not known yet ({_macs(dom.nics if dom else ())}"
                            ": no static DHCP host, no lease); `virt-forward watch` applies it when a lease appears",
                            uses_xml=True)
-        guest = replace(guest, addresses=found)
+        guest = replace(guest, addresses=found.addresses)
     if networks:
         # '@network': the guest's `address` entries in that network's subnets, else what the MAC
         # of its NIC on that network finds there (static DHCP host, lease)
@@ -97,7 +100,11 @@ def desired(ctx: Context, domain: str, xml: str | None = None, settings: Setting
             mine = tuple(a for a in guest.addresses if discovery.inside(a, ifaces))
             nics = discovery.on_network(dom.nics, name, ctx.libvirt_root) if dom is not None else ()
             if not mine and nics:
-                mine = discovery.discover(nics, ctx.libvirt_root)
+                on_net = discovery.find(nics, ctx.libvirt_root)
+                if on_net.ambiguous:
+                    return Desired(settings, guest, None, pending=f"address on network {name!r}: " + _ambiguous(on_net),
+                                   uses_xml=True)
+                mine = on_net.addresses
             if not mine:
                 why = "no libvirt network of that name" if not ifaces else \
                     f"no `address` in it, {_macs(nics)}: no static DHCP host, no lease"
@@ -106,6 +113,11 @@ def desired(ctx: Context, domain: str, xml: str | None = None, settings: Setting
             resolved.append((name, mine))
         guest = replace(guest, network_addresses=tuple(resolved))
     return Desired(settings, guest, plan_guest(guest, settings), uses_xml=True)
+
+
+def _ambiguous(found: discovery.Found) -> str:
+    return ("address not taken, the leases are ambiguous: " + "; ".join(found.ambiguous)
+            + "; a static DHCP host for the guest's MAC settles it (`virt-forward doctor`)")
 
 
 def _macs(nics: tuple[Nic, ...]) -> str:

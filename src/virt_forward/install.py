@@ -346,11 +346,17 @@ def remove_rules(ctx: engine.Context, root: Path, dry_run: bool, lock_timeout: f
     from .config import settings_or_default
     metrics_file = settings_or_default(ctx.config_dir).metrics_file
     if metrics_file is not None:
+        from . import safefile
+        from .errors import VirtForwardError
         path = root / Path(metrics_file).relative_to("/")
-        if path.is_file() and not path.is_symlink():
-            out.append(f"{'would remove' if dry_run else 'removed'} {path}")
-            if not dry_run:
-                path.unlink()
+        try:
+            if dry_run:
+                if safefile.exists_strict(str(path)):
+                    out.append(f"would remove {path}")
+            elif safefile.unlink_strict(str(path)):
+                out.append(f"removed {path}")
+        except VirtForwardError as exc:  # the rules must go all the same
+            out.append(f"left {path}: {exc}")
     if dry_run:
         out.append("would remove table inet virt_forward, every guard and every record")
     else:

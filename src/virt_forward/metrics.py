@@ -263,10 +263,9 @@ def record_repair(state_dir: Path, now: float | None = None) -> Repairs:
 # ---------------------------------------------------------------- the textfile
 
 def write_textfile(path: str, text: str) -> None:
-    """Atomically, readable by all (0644: node_exporter runs as its own user): files.replace's
-    fresh temp file in the same directory (its name ends in .tmp, so node_exporter, which reads
-    *.prom only, never sees a half-written file), then a rename over `path`.  O_EXCL and
-    O_NOFOLLOW never open an existing file or follow a symlink someone planted, and the rename
-    replaces the directory entry itself, never what a symlink there names."""
-    from . import files
-    files.replace(path, text.encode(), mode=0o644)
+    """Atomically, readable by all (0644: node_exporter runs as its own user): a fresh temp file
+    in the same directory (its name ends in .tmp, so node_exporter, which reads *.prom only,
+    never sees a half-written file), then a rename over `path`; every directory on the way
+    root's and not writable by others, no symlink followed (safefile.py, issue 19)."""
+    from . import safefile
+    safefile.write_strict(path, text.encode(), 0o644)
