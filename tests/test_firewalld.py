@@ -41,7 +41,7 @@ from typing import IO, Iterator
 
 import pytest
 
-from netns_util import Watcher, World, lab_world, need_root_and_tools
+from netns_util import Watcher, World, lab_world, need_root_and_tools, wait_until
 from vflab.lab import CLIENT4, GUEST_NET4, PUBLIC4
 from virt_forward.guards import GUARD_COMMENT, NFT_GUARD_COMMENT
 
@@ -50,7 +50,9 @@ pytestmark = pytest.mark.netns
 SBIN = "/usr/sbin:/sbin:/usr/bin:/bin"
 G1, G2 = "192.168.122.10", "192.168.122.11"
 GUEST_ZONE = "internal"  # libvirt's own zone `libvirt` would do too; any zone but trusted
-LIMIT = 2.0  # seconds a forward may stay broken after a firewalld reload or restart
+# Seconds a forward may stay broken after a firewalld reload or restart.  Measured 0.05-0.46 s
+# here (both variants, 2 cores shared with other workers); the bound leaves room for a far worse load.
+LIMIT = 5.0
 
 # firewalld with filter_FORWARD's `ct status dnat accept` turned into a no-op counter
 # (a counter, not a removal: firewalld adds later rules by index into that chain).
@@ -272,16 +274,15 @@ def direct_routes_closed(w: World) -> None:
         assert got.startswith("ERR"), f"{addr}:{port} reached directly: {got}"
 
 
-def recovered(w: World, fault: str, t0: float, strict: bool, limit: float = 6.0) -> float:
-    """Seconds from t0 until the forward works and the guards are as they should be again."""
-    while time.monotonic() - t0 < limit:
-        if guard_as_needed(w, strict) and forwarded(w):
-            took = time.monotonic() - t0
-            print(f"recovery after {fault}: {took:.2f} s")
-            return took
-        time.sleep(0.05)
-    raise AssertionError(f"no recovery within {limit} s after {fault}: guards at {guards(w)}, "
-                         f"probe {w.probe('tcp', PUBLIC4, 80, timeout=0.5)}")
+def recovered(w: World, fault: str, t0: float, strict: bool) -> float:
+    """Seconds from t0 until the forward works and the guards are as they should be again
+    (polled far past LIMIT, so that a slow recovery is measured and reported, not cut off)."""
+    wait_until(lambda: (guards(w), guard_as_needed(w, strict) and forwarded(w)), lambda seen: seen[1],
+               timeout=6 * LIMIT, what=f"recovery after {fault}: guards as needed and a forward through "
+                                       f"{PUBLIC4}:80 (seen: guard positions, ok)")
+    took = time.monotonic() - t0
+    print(f"recovery after {fault}: {took:.2f} s")
+    return took
 
 
 
@@ -343,7 +344,7 @@ def test_guard_in_firewalld_survives_reload_and_restart(machine_untouched: None,
 
             watcher = Watcher(w)
             recovered(w, "watcher start (guard missing since a reload)", time.monotonic(), strict)
-            time.sleep(1.0)  # its nft monitor is up
+            watcher.wait_monitoring()  # from now on every ruleset change wakes it
 
             for i in range(3):
                 t0 = time.monotonic()
@@ -351,7 +352,7 @@ def test_guard_in_firewalld_survives_reload_and_restart(machine_untouched: None,
                 t1 = time.monotonic()
                 print(f"firewall-cmd --reload #{i + 1} took {t1 - t0:.2f} s")
                 assert recovered(w, f"firewall-cmd --reload #{i + 1}", t1, strict) < LIMIT
-                time.sleep(0.5)
+                watcher.wait_checked(w)  # what it did after the reload is done: it stays right
                 assert guard_as_needed(w, strict), forward_rules(w)
                 direct_routes_closed(w)
 
@@ -364,7 +365,7 @@ def test_guard_in_firewalld_survives_reload_and_restart(machine_untouched: None,
                 print(f"firewalld running again after {took:.2f} s")
                 assert recovered(w, f"firewalld restart ({signal.Signals(sig).name}, then start)",
                                  time.monotonic(), strict) < LIMIT
-                time.sleep(0.5)
+                watcher.wait_checked(w)  # what it did after the restart is done: it stays right
                 assert guard_as_needed(w, strict), forward_rules(w)
                 assert fw.cmd("--get-zone-of-interface=virbr0").stdout.strip() == GUEST_ZONE
                 direct_routes_closed(w)
