@@ -486,7 +486,9 @@ def wait_for(cond: Callable[[], bool], what: str, deadline: float = 10.0) -> Non
 
 
 def claims_of_guest(w: World, name: str) -> list[str]:
-    return [ln for p in sorted((w.state / "claims").iterdir()) if not p.name.startswith(".")
+    """The guest's lines in the claims index's block files ("4-tcp-78"; not ".total", nor the
+    temp file of a write the kill cut short, which no lookup reads)."""
+    return [ln for p in sorted((w.state / "claims").iterdir()) if "." not in p.name
             for ln in p.read_text().splitlines() if ln.endswith(f" {name}")]
 
 
