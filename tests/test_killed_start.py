@@ -1,8 +1,9 @@
 """A start killed at any moment is atomic in the kernel, and its `stopped` frees everything it took.
 
-The installed hook file is SIGKILLed at a random moment (0-150 ms) of the start of a guest
-with 200 forwards, on the fast path (its fast file in place) and on the full path (removed),
-again and again, back to back.  libvirt then calls `stopped` for the guest that did not
+The installed hook file is SIGKILLed at a random moment of the start of a guest with 200
+forwards (0-150 ms after it was started; on a machine where a whole start takes longer, up to
+1.2 times what one took here, so that the kills still land inside starts), on the fast path
+(its fast file in place) and on the full path (removed), again and again, back to back.  libvirt then calls `stopped` for the guest that did not
 start.  After each kill -- once every process the killed hook started has ended too -- the
 kernel holds all of the victim's forwards or none; after its `stopped` nothing of it is left
 (kernel, claims index, record, pending record); and another guest that asks for one of those

@@ -13,6 +13,9 @@ JSON or iptables-save, not with our readers), the claims index and the model mus
 a TCP connection from the client namespace to each candidate port must reach the guest the
 model says (each guest's server answers with its name), or be refused when none holds it.
 
+Each sequence ends with every running guest stopped; then (not after each of those stops)
+nothing may be left: no forward, no claim, no record.
+
 Where the order of a reconcile decides between two outcomes that both keep the promise
 (a guest that drops a port while another wants it), the model accepts either and then
 follows the kernel.
@@ -59,8 +62,9 @@ BY_ADDRESS = {a: g for g, a in ADDRESS.items()}
 PORTS = (8001, 8002, 8003, 8004, 8005)
 CAPS = (2, 3, 4, 6, 65536)
 ANY = "*"
-# the share of operations that run the installed hook files / the CLI as processes
-SUBPROCESS_SHARE = 0.02
+# The share of calls that run the installed hook files and the CLI as processes (a few dozen
+# per backend); the rest run in-process, where a call costs no interpreter start.
+HOOK_FILE_SHARE, CLI_SHARE, RECONCILE_SHARE, NETWORK_HOOK_SHARE = 0.005, 0.02, 0.02, 0.03
 
 T = TypeVar("T")
 Spec = tuple[str, int]  # (public address or ANY, public port), forwarded to the guest's port 80
@@ -143,11 +147,16 @@ class Run:
 
     def in_process(self, fn: Callable[[], T]) -> tuple[T, str]:
         """fn() in the host's namespace; its stdout and stderr (log lines, the fast path's trace)."""
+        # Each hook call is a new process: the fingerprints of our code it caches are taken
+        # anew (else a source file edited while this runs would send every start to the full path).
+        cache = getattr(fastpath, "_code", None)
+        if isinstance(cache, dict):
+            cache.clear()
         return self.host.capture(fn)
 
     def hook(self, guest: str, op: str, sub: str, rng: random.Random) -> str:
         xml = domain_xml(guest) if op not in ("stopped", "release") else ""
-        if rng.random() < SUBPROCESS_SHARE:
+        if rng.random() < HOOK_FILE_SHARE:
             self.stats["hook file"] += 1
             r = self.w.lab.sh(self.w.lab.host, str(self.w.hook_path), guest, op, sub, "-", stdin=xml,
                               env={**self.w.env(), "VIRT_FORWARD_TRACE": "1"}, check=False)
@@ -165,7 +174,7 @@ class Run:
         return text
 
     def cli(self, rng: random.Random, *args: str) -> tuple[int, str]:
-        if rng.random() < SUBPROCESS_SHARE * 5:
+        if rng.random() < CLI_SHARE:
             self.stats["cli process"] += 1
             r = self.w.cli(*args, check=False)
             return r.returncode, r.stdout + r.stderr
@@ -181,7 +190,7 @@ class Run:
         return rc, text
 
     def network_restart(self, rng: random.Random) -> str:
-        if rng.random() < SUBPROCESS_SHARE * 2:
+        if rng.random() < NETWORK_HOOK_SHARE:
             self.stats["network hook file"] += 1
             r = self.w.lab.sh(self.w.lab.host, str(self.w.network_hook_path), "default", "started", "begin", "-",
                               stdin="<network/>", env=self.w.env(), check=False)
@@ -193,7 +202,7 @@ class Run:
         return text
 
     def reconcile(self, running: list[str], rng: random.Random) -> str:
-        if running and rng.random() < SUBPROCESS_SHARE * 2:
+        if running and rng.random() < RECONCILE_SHARE:
             self.stats["reconcile process"] += 1
             r = self.w.cli("reconcile", "--running", *running, check=False)
             self.expect(r.returncode == 0, f"reconcile exited {r.returncode}: {r.stderr}")
@@ -414,19 +423,41 @@ class Run:
                 allowed[g] = {m.held[g], want}
         return allowed
 
+    def told(self, m: Model, serve: set[str], after: dict[str, frozenset[Spec]], text: str) -> None:
+        """Each guest whose config was not taken got a problem naming the guest that holds the
+        port, or the cap."""
+        for g in sorted(serve):
+            want = m.cfg[g]
+            if after[g] == want:
+                continue
+            finals = {h: after[h] for h in m.running if h != g}
+            holders = m.clash(g, want, finals)
+            lines = [ln for ln in text.splitlines() if g in ln]
+            if holders:
+                self.expect(any(f"'{h}'" in ln for h in holders for ln in lines),
+                            f"{g} kept {sorted(after[g])} instead of {sorted(want)}, and no line names "
+                            f"{sorted(holders)}: {text!r}")
+            elif sum(len(v) for v in finals.values()) + len(want) > m.cap:
+                self.expect(any("max_forwards" in ln for ln in lines),
+                            f"{g} kept {sorted(after[g])} over the cap, and no line says so: {text!r}")
+
     def op_reconcile(self, m: Model, rng: random.Random) -> None:
         self.note("reconcile")
-        before, allowed = dict(m.held), self.many(m, set(m.running))
-        self.reconcile(sorted(m.running), rng)
+        before, serve = dict(m.held), set(m.running)
+        allowed = self.many(m, serve)
+        text = self.reconcile(sorted(m.running), rng)
         after = self.observe(m)
+        self.told(m, serve, after, text)
         self.settle(m, before, after, allowed)
 
     def op_network(self, m: Model, rng: random.Random) -> None:
         """`network-hook default started`: the network hook serves the guests with records."""
         self.note("network-restart")
-        before, allowed = dict(m.held), self.many(m, set(m.recorded))
-        self.network_restart(rng)
+        before, serve = dict(m.held), set(m.recorded)
+        allowed = self.many(m, serve)
+        text = self.network_restart(rng)
         after = self.observe(m)
+        self.told(m, serve, after, text)
         self.settle(m, before, after, allowed)
 
     def op_cap(self, m: Model, rng: random.Random) -> None:
