@@ -18,13 +18,13 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import write_trusted
-from netns_util import Watcher, World, lab_world
+from netns_util import Watcher, World, lab_world, wait_until
 from vflab.lab import CLIENT4, PUBLIC4, PUBLIC6
 from virt_forward import engine, iptables, metrics, nft
 from virt_forward.plan import Family, Forward, GuestPlan
@@ -299,6 +299,23 @@ def test_repairs_record(tmp_path: Path) -> None:
     assert metrics.read_repairs(tmp_path) == metrics.Repairs()  # not followed
 
 
+class _Rounds(threading.Event):
+    """The metrics loop's stop event; it counts the loop's rounds (each ends in a wait)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.done = 0
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.done += 1
+        return super().wait(timeout)
+
+    def wait_rounds(self, more: int, what: str) -> None:
+        """Until `more` rounds more have ended: the last of them began after this call."""
+        target = self.done + more
+        wait_until(lambda: self.done, lambda done: done >= target, timeout=30, what=what)
+
+
 def test_metrics_loop_writes_config_tomls_file(tmp_path: Path, cdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The watcher's writing loop, its kernel reads replaced by a fixed table: the file
     named by config.toml appears, parseable, and is rewritten; metrics_file removed: no more writes."""
@@ -313,25 +330,23 @@ def test_metrics_loop_writes_config_tomls_file(tmp_path: Path, cdir: Path, monke
     monkeypatch.setattr(drift, "current_problems", lambda ctx, backend: [])
     ctx = engine.Context(cdir, tmp_path / "state", Path("/"))
     ctx.store.write(GUEST1, "nftables")
-    stop = threading.Event()
+    stop = _Rounds()
     loop = threading.Thread(target=watch.metrics_loop, args=(ctx, stop))
     loop.start()
     try:
-        deadline = time.monotonic() + 5
-        while not out.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        # measured: the first write at once, the next ~1 s later; the bounds only catch a hang
+        wait_until(out.exists, timeout=30, what=f"{out} written by the loop")
         first = out.stat().st_mtime_ns
         parsed = parse(out.read_text())
         assert connections(parsed) == {k: v for k, v in CAPTURED.items() if k[0] != "*"}
         assert parsed["virt_forward_rules_in_place"] == {(): 1.0}
-        deadline = time.monotonic() + 5
-        while out.stat().st_mtime_ns == first and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert out.stat().st_mtime_ns != first, "not rewritten within 5 s at metrics_interval = 1"
+        wait_until(lambda: out.stat().st_mtime_ns, lambda mtime: mtime != first, timeout=30,
+                   what=f"{out} rewritten at metrics_interval = 1")
         write_trusted(config, "metrics_interval = 1\n")
-        time.sleep(1.5)  # the round that reads the new config.toml
+        # the round under way may have read the old config.toml; the one after it reads the new one
+        stop.wait_rounds(2, "a whole round of the loop that read the config.toml without metrics_file")
         out.unlink()
-        time.sleep(1.5)
+        stop.wait_rounds(2, "a whole round of the loop begun after the file was removed")
         assert not out.exists()
     finally:
         stop.set()
@@ -450,13 +465,8 @@ def test_reconcile_keeps_the_counters() -> None:
         assert connections(scrape(w))[(PUBLIC4, "tcp", 80)] == 4
 
 
-def _wait_for(what: str, check: object, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():  # type: ignore[operator]
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"not within {timeout:g} s: {what}")
+def _wait_for(what: str, check: Callable[[], object], timeout: float = 15.0) -> None:
+    wait_until(check, timeout=timeout, what=what, every=0.1)
 
 
 @pytest.mark.netns
@@ -469,6 +479,7 @@ def test_watcher_writes_the_textfile_and_counts_its_repairs() -> None:
         start(w, "guest1")
         watcher = Watcher(w)
         try:
+            watcher.wait_monitoring()  # else the reset below waits for the 30 s timer
             _wait_for("the textfile", out.exists)
             assert (out.stat().st_mode & 0o777) == 0o644
             first = parse(out.read_text())
