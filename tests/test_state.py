@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 from pathlib import Path
 from typing import Iterator
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from netns_util import World, lab_world
 from vflab.lab import PUBLIC4
 from virt_forward.errors import StateError
+from virt_forward.plan import GuestPlan
 from virt_forward.state import StateStore, stem, validate_record
 
 DNAT = "--to-destination 192.168.122.10:80"  # our iptables backend's rule for guest1's 80
@@ -58,7 +60,6 @@ def test_a_state_dir_others_could_write_is_refused(tmp_path: Path, spoil: str) -
 
 
 def test_a_planted_symlink_is_never_written_through(tmp_path: Path) -> None:
-    from virt_forward.plan import GuestPlan
     store = StateStore(tmp_path / "state")
     with store.lock():
         pass
@@ -95,7 +96,6 @@ def test_a_forged_record_is_a_state_error_naming_the_file(tmp_path: Path, change
 
 
 def test_every_name_gets_a_record(tmp_path: Path) -> None:
-    from virt_forward.plan import GuestPlan
     store = StateStore(tmp_path / "state")
     names = ["é" * 100, ".hidden", "a b/c"[:3], "x" * 200, "%h-looks-hashed", "web"]
     for name in names:
@@ -115,29 +115,111 @@ records = st.recursive(st.none() | st.booleans() | st.integers(-2, 70000) | st.t
                        | st.floats(allow_nan=True), lambda inner: st.lists(inner, max_size=6)
                        | st.dictionaries(st.sampled_from(["backend", "plan", "domain", "forwards", "allow", "x"]),
                                          inner, max_size=5), max_leaves=30)
+GOOD_BYTES = json.dumps(GOOD).encode()
+
+
+_PORTS = st.integers(-1, 70000) | st.sampled_from([0, 1, 65535, 65536, True, "80", 80.0])
+# for each field of GOOD: values right there, wrong there, and the edges between
+FIELDS: dict[tuple[object, ...], st.SearchStrategy[object]] = {
+    ("backend",): st.sampled_from(["nftables", "iptables", "pf", "", None]),
+    ("plan", "domain"): st.sampled_from(["web", "other", "", None]),
+    ("plan", "allow"): st.none() | st.lists(st.sampled_from(["10.0.0.0/8", "10.0.0.1/8", "2001:db8::/32", "x", 5]),
+                                            max_size=3),
+    ("plan", "forwards", 0, 0): st.sampled_from([4, 6, 0, "4", True]),
+    ("plan", "forwards", 0, 1): st.sampled_from(["tcp", "udp", "sctp", "TCP", None]),
+    ("plan", "forwards", 0, 2): _PORTS,
+    ("plan", "forwards", 0, 3): st.sampled_from([None, "198.51.100.1", "fd00::1", "192.0.2.7 ", "x", 7]),
+    ("plan", "forwards", 0, 4): st.sampled_from(["192.168.122.10", "fd00::2", "10.1.1.2; drop", None, ""]),
+    ("plan", "forwards", 0, 5): _PORTS,
+}
+
+
+@st.composite
+def near_good_records(draw: st.DrawFn) -> object:
+    """GOOD with one field replaced: random structures are almost never valid, these often
+    are, so both outcomes get tried."""
+    data = json.loads(GOOD_BYTES)
+    where = draw(st.sampled_from(sorted(FIELDS, key=str)))
+    value = draw(FIELDS[where] | records)
+    target = data
+    for step in where[:-1]:
+        target = target[step]
+    target[where[-1]] = value
+    return data
+
+
+@st.composite
+def near_good_bytes(draw: st.DrawFn) -> bytes:
+    """GOOD's bytes with one byte replaced, or cut short (a torn write)."""
+    raw = bytearray(GOOD_BYTES)
+    i = draw(st.integers(0, len(raw) - 1))
+    if draw(st.booleans()):
+        return bytes(raw[:i])
+    raw[i] = draw(st.integers(ord("0"), ord("9")) | st.integers(0, 255))  # digits: often still a record
+    return bytes(raw)
+
+
+def assert_fit_for_nft(plan: GuestPlan) -> None:
+    """What a record must hold before its plan may reach nft (checked here with ipaddress, not
+    with the validator under test): this domain, whole ports, addresses of the forward's family."""
+    assert plan.domain == "web"
+    for fwd in plan.forwards:
+        assert fwd.family in (4, 6) and fwd.proto in ("tcp", "udp"), fwd
+        assert all(type(p) is int and 1 <= p <= 65535 for p in (fwd.public_port, fwd.guest_port)), fwd
+        for addr in (fwd.guest, fwd.public):
+            assert addr is None or ipaddress.ip_address(str(addr)).version == fwd.family, fwd
+    for net in plan.allow or ():
+        assert isinstance(net, (ipaddress.IPv4Network, ipaddress.IPv6Network)), plan.allow
 
 
 @settings(max_examples=300, deadline=None)
-@given(records)
+@given(records | near_good_records())
 def test_any_record_is_valid_or_a_state_error(data: object) -> None:
+    """A record is refused with an error naming the file, or it is one nft may be given."""
     try:
-        validate_record(data, "web", "guests/web.json")
-    except StateError:
+        plan = validate_record(data, "web", "guests/web.json")
+    except StateError as exc:
+        assert str(exc).startswith("guests/web.json: invalid state record: "), exc
+        event("refused")
         return
+    event("valid")
+    assert isinstance(data, dict) and data["backend"] in ("nftables", "iptables")
+    assert_fit_for_nft(GuestPlan.from_record(plan))
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.binary(max_size=300))
+@given(st.binary(max_size=300) | near_good_bytes())
 def test_any_bytes_as_a_record_are_a_state_error_or_a_plan(tmp_path_factory: pytest.TempPathFactory,
                                                            raw: bytes) -> None:
+    """Whatever bytes a record file holds, read() gives a StateError naming the file, or a plan
+    nft may be given that is exactly what the file says (written back, it reads the same)."""
     store = StateStore(tmp_path_factory.mktemp("state") / "s")
     with store.lock():
         pass
-    (store.guests / "web.json").write_bytes(raw)
+    path = store.guests / "web.json"
+    path.write_bytes(raw)
     try:
-        store.read("web")
-    except StateError:
-        pass
+        plan = store.read("web")
+    except StateError as exc:
+        assert str(exc).startswith(f"{path}: "), exc
+        event("refused")
+        return
+    event("valid")
+    assert plan is not None
+    assert_fit_for_nft(plan)
+    backend = json.loads(raw)["backend"]
+    store.write(plan, backend)
+    assert store.read("web") == plan and store.read_backend("web") == backend
+
+
+def test_the_near_good_strategies_reach_both_outcomes() -> None:
+    """The properties above prove something only if valid records come up too: a byte of
+    GOOD changed in its port, and a forward's protocol replaced, are still good records."""
+    port = GOOD_BYTES.index(b"8080")
+    assert validate_record(json.loads(GOOD_BYTES[:port] + b"9" + GOOD_BYTES[port + 1:]), "web", "w")
+    data = json.loads(GOOD_BYTES)
+    data["plan"]["forwards"][0][1] = "udp"
+    assert validate_record(data, "web", "w")["forwards"][0][1] == "udp"
 
 
 # ---------------------------------------------------------------- the recorded backend
