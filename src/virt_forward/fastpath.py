@@ -338,8 +338,9 @@ def _start(config_dir: str, guests: str, state_dir: str, name: str, domain: str,
                 os.unlink(pending)  # only once the claims are back: else `stopped` still finds it
             raise
         if record is None:
-            files.replace(record_path, fast.record.encode())
-            os.unlink(pending)
+            # the pending record holds the record's very text: renamed, it is the record, and
+            # no moment has neither (nor a file written twice on a guest's start)
+            os.rename(pending, record_path)
         if problem is not None:  # after the record: the full path finds the guard wrong and repairs it
             raise Miss(problem)
         _hairpin(state_dir, name, domain, xml, bridges)
