@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -377,14 +378,80 @@ def _observe(e2e: E2E, what: str, seconds: float = 3.0, ids_before: list[str] | 
     return on_top, ok
 
 
-def test_libvirtd_sighup(e2e: E2E) -> None:
-    ids, calls = e2e.guard_ids(), len(e2e.hook_calls())
-    e2e.lab.sighup_libvirtd()
-    on_top, ok = _observe(e2e, "SIGHUP", ids_before=ids, calls_before=calls)
-    if not (on_top and ok):
-        # libvirt put its rules above our guard and ran no hook: the watcher's (or a reconcile's) job
-        e2e.vf("reconcile", "--running", "vfguest1", "--running", "vfguest2")
+def nft_handles(listing: str) -> list[tuple[str, str, int, int, str]]:
+    """Every rule of `nft -a list ruleset` output: (table, chain, position in its chain, handle,
+    the rule without its counter and handle)."""
+    rules = []
+    table = chain = ""
+    position = 0
+    for line in listing.splitlines():
+        ln = line.strip()
+        if ln.startswith("table "):
+            table = " ".join(ln.split()[1:3])
+        elif ln.startswith("chain "):
+            chain, position = ln.split()[1], 0
+        elif "# handle " in ln and chain and not ln.startswith(("type ", "set ", "map ", "elements")):
+            text, handle = ln.rsplit("# handle ", 1)
+            text = re.sub(r"counter packets \d+ bytes \d+ ?", "", text).strip()
+            if text and not text.startswith(("type ", "policy ")):
+                rules.append((table, chain, position, int(handle), text))
+                position += 1
+        elif ln == "}":
+            chain = "" if chain else chain
+    return rules
+
+
+def is_guard(table: str, rule: str) -> bool:
+    """Our guard in `nft list` output: nft shows its comment; iptables-nft's comment match does
+    not show (nft 1.0.6), its conntrack and connmark matches do."""
+    return table != "inet virt_forward" and ("virt-forward:guard" in rule or (
+        "ct status dnat" in rule and "0x10000000" in rule and rule.endswith("accept")))
+
+
+def test_libvirtd_sighup_leaves_the_guard_and_the_forwards_alone(e2e: E2E) -> None:
+    """A libvirtd SIGHUP re-makes libvirt's own firewall rules (its REJECT for virbr0 among
+    them) and runs no hook.  Our guard is not in a chain libvirt re-makes, so nothing needs
+    repairing: no watcher runs here and nobody reconciles, and still the guard stays the very
+    same rule (same handle, first of its chain), and the forward answers at every probe.
+
+    Proven to be able to fail: with the guard put at the top of libvirt's `guest_input` (a
+    chain it re-makes at a reload; consts.NFT_GUARD_TARGETS changed in a copy of the tree),
+    the nftables leg fails here (FACTS.md: libvirt then re-inserts its rules above it)."""
+    def ruleset() -> list[tuple[str, str, int, int, str]]:
+        return nft_handles(e2e.lab.nft("-a", "list", "ruleset"))
+
+    def guards(rules: list[tuple[str, str, int, int, str]]) -> list[tuple[str, str, int, int]]:
+        return [(t, c, pos, h) for t, c, pos, h, text in rules if is_guard(t, text)]
+
+    def libvirts(rules: list[tuple[str, str, int, int, str]]) -> set[tuple[str, str, int, str]]:
+        """libvirt's rules that forward or reject to virbr0, by handle: what a reload re-makes."""
+        return {(t, c, h, text) for t, c, _, h, text in rules
+                if "virbr0" in text and ("reject" in text or "REJECT" in text) and "virt-forward" not in text}
+
     e2e.wait_http(8080, "guest=vfguest1 port=80")
+    before = ruleset()
+    mine, theirs = guards(before), libvirts(before)
+    assert mine and all(pos == 0 for _, _, pos, _ in mine), f"no guard on top before the SIGHUP: {mine}"
+    assert theirs, f"no REJECT of libvirt's for virbr0 to watch: {before}"
+    calls = len(e2e.hook_calls())
+    probes: list[tuple[float, bool]] = []
+    t0 = time.monotonic()
+    e2e.lab.sighup_libvirtd()
+    remade = None
+    # until libvirt has re-made its rules (the reload is asynchronous), then 3 s more: a
+    # displaced guard shows up as refused probes within that
+    while remade is None or time.monotonic() - remade < 3.0:
+        probes.append((round(time.monotonic() - t0, 2), e2e.forward_ok()))
+        now = ruleset()
+        if remade is None and not libvirts(now) & theirs:
+            remade = time.monotonic()
+            print(f"[{e2e.backend}] libvirt re-made its rules {remade - t0:.2f} s after the SIGHUP")
+        assert time.monotonic() - t0 < 30, f"libvirt did not re-make its rules within 30 s of a SIGHUP: {theirs}"
+    after = ruleset()
+    print(f"[{e2e.backend}] guards before {mine} after {guards(after)}; {len(probes)} probes")
+    assert not [p for p in probes if not p[1]], f"the forward failed after the SIGHUP (s after it): {probes}"
+    assert guards(after) == mine, f"our guard was moved or re-made: before {mine}, after {guards(after)}"
+    assert e2e.hook_calls()[calls:] == [], "a hook ran at the SIGHUP: then it may have been what kept the forward"
     e2e.assert_one_guard_on_top()
 
 
@@ -494,19 +561,27 @@ def test_watcher_against_real_libvirt(e2e: E2E) -> None:
         print(err[-2000:])
 
 
+START_BOUND = 15.0
+
+
 def test_reconcile_and_status_never_hold_up_a_guest_start(e2e: E2E) -> None:
     """libvirt keeps a starting domain locked while our hook runs, and the hook waits for our
     lock: whoever holds our lock must never wait for libvirt.  `reconcile` and `status` ask
     libvirt (libvirt-python, as the watcher and the boot unit do) in a loop while a guest is
-    started 50 times.  Bound: every `virsh start` under 5 s (it takes ~1 s; a hook stuck
-    behind a reconcile waiting on libvirt hung it for ever before, and would now hit the
-    hook's 10 s lock deadline)."""
-    if e2e.backend != "iptables":
-        pytest.skip("run once, on the host's libvirt: the lock discipline does not depend on the firewall backend")
+    started 50 times, on both firewall backends (libvirt 9.0 and 11.3 here).  Every reconcile
+    must have asked libvirt (its line says "guests from libvirt"): one that fell back to the
+    records never called libvirt and proves nothing about the lock order.
+    Bound: every `virsh start` under START_BOUND s.  A deadlock makes both hook calls of a start
+    that take our lock (start, started) wait out the hook's 10 s lock deadline: >= 20 s (it hung
+    for ever before the hook had a deadline).  Measured: on a quiet machine max 1.35 s (p50
+    0.77 s); with the 2 cores shared by ~7 workers (2026-12-07) iptables leg max 8.13 s (p50
+    3.81 s), the nftables leg's figures are printed by the test."""
     env = {**os.environ, "VIRT_FORWARD_CONFIG_DIR": str(e2e.cfg), "VIRT_FORWARD_STATE_DIR": str(e2e.state)}
     cli = e2e.user.cli
-    loop = e2e.lab.popen(["sh", "-c", f"n=0; while :; do {cli} reconcile >/dev/null 2>&1; {cli} status >/dev/null "
-                                      "2>&1; n=$((n+1)); echo $n; done"],
+    err = e2e.cfg.parent / "reconcile.err"  # a failed reconcile's stderr, shown in the loop's output
+    loop = e2e.lab.popen(["sh", "-c", f"n=0; while :; do {cli} reconcile 2>{err}; rc=$?; echo \"reconcile-exit $rc\"; "
+                                      f"[ $rc = 0 ] || sed 's/^/reconcile-stderr /' {err}; "
+                                      f"{cli} status >/dev/null 2>&1; n=$((n+1)); echo \"round $n\"; done"],
                          env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     starts: list[float] = []
     try:
@@ -515,14 +590,30 @@ def test_reconcile_and_status_never_hold_up_a_guest_start(e2e: E2E) -> None:
             t0 = time.monotonic()
             e2e.lab.virsh("start", "vfguest2", timeout=60)
             starts.append(time.monotonic() - t0)
+            if starts[-1] >= START_BOUND:  # one is enough (a deadlocked start costs >= 20 s)
+                break
     finally:
         loop.terminate()
         out, _ = loop.communicate(timeout=30)
-    rounds = int(out.split()[-1]) if out.split() else 0
+    lines = out.splitlines()
+    rounds = max([int(ln.split()[1]) for ln in lines if ln.startswith("round ")], default=0)
+    reconciled = [ln for ln in lines if ln.startswith("reconciled:")]
+    exits = [ln.split()[1] for ln in lines if ln.startswith("reconcile-exit ")]
+    from_libvirt = [ln for ln in reconciled if ln.endswith("(guests from libvirt)")]
+    assert starts[-1] < START_BOUND, f"start {len(starts)} took {starts[-1]:.1f} s: {starts}"
     starts.sort()
-    print(f"50 starts beside {rounds} reconcile+status rounds: p50 {starts[25]:.2f} s, max {starts[-1]:.2f} s")
-    assert rounds >= 10, "the reconcile/status loop hardly ran"
-    assert starts[-1] < 5, starts
+    print(f"[{e2e.backend}] 50 starts beside {rounds} reconcile+status rounds ({len(from_libvirt)} reconciles "
+          f"asked libvirt): p50 {starts[25]:.2f} s, max {starts[-1]:.2f} s")
+    problems = [] if rounds >= 10 else [f"the reconcile/status loop hardly ran: {rounds} rounds"]
+    failed = [ln for ln in lines if ln.startswith("reconcile-stderr") or
+              (ln.startswith("reconcile-exit ") and ln != "reconcile-exit 0")]
+    if [x for x in exits if x != "0"] or len(reconciled) < rounds:
+        problems.append(f"{len([x for x in exits if x != '0'])} of {len(exits)} reconcile(s) failed: "
+                        + "\n".join(failed)[:3000])
+    if from_libvirt != reconciled:
+        problems.append(f"{len(reconciled) - len(from_libvirt)} of {len(reconciled)} reconcile(s) did not ask libvirt: "
+                        f"{[r for r in reconciled if r not in from_libvirt][:3]}")
+    assert not problems, "\n".join(problems)
     e2e.lab.wait_guest("vfguest2")
     e2e.wait_http(8081, "guest=vfguest2 port=80")
 
