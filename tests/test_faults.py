@@ -163,7 +163,7 @@ def test_fifty_concurrent_hook_calls(world: World) -> None:
     took = time.monotonic() - t0
     assert [done[i].returncode for i in range(50)] == [0] * 50
     # A start waits at most HOOK_LOCK_DEADLINE (10 s) for the lock, then gives up and says so
-    # (libvirt must not hang).  The 50 took 18.1-29.2 s here, with the other workers' load on
+    # (libvirt must not hang).  The 50 took 6.4-29.2 s here, with the other workers' load on
     # 2 cores (also with the code of d1a1b04): then the last ones give up.  Each start either
     # applied or gave up with nothing changed; none was lost; giving up only once the
     # calls together outlasted the deadline; and the next reconcile applies the rest.
