@@ -272,6 +272,7 @@ def write_fast(store: StateStore, want: Desired, bridges: tuple[str, ...] | None
     hairpin = want.settings.hairpin
     message = f"{plan.domain}: {len(plan.forwards)} forward(s) live" + _summary(plan)
     store.write_fast(plan.domain, fastpath.compile_fast(
+        state_dir=str(store.root), domain=plan.domain,
         taken=want.inputs, record=store.record_text(plan, "nftables"), add=nft.batch(nft.add_guest(plan)),
         remove=nft.batch(nft.remove_guest(plan)), mark=nft.skeleton_mark(hairpin),
         skeleton=nft.batch(nft.skeleton(hairpin)), families=sorted(plan.families()), forwards=len(plan.forwards),
