@@ -20,11 +20,6 @@ import pytest
 from virt_forward import config
 
 import tiers
-# the tiers' marks, required runs and the per-tier summary: hooks of this conftest
-from tiers import (  # noqa: F401
-    pytest_collection_finish, pytest_collection_modifyitems, pytest_fixture_setup, pytest_runtest_logreport,
-    pytest_runtest_makereport, pytest_sessionfinish, pytest_terminal_summary,
-)
 
 WriteFile = Callable[..., Path]
 
@@ -36,7 +31,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # the tiers' marks, required runs and the per-tier summary: a plugin of the whole session, not
+    # hooks of this conftest (those would not see a session-scoped fixture fail, for one)
     tiers.configure(config)
+    if not config.pluginmanager.is_registered(tiers):
+        config.pluginmanager.register(tiers, "virt-forward-tiers")
     if os.environ.get("UPDATE_GOLDEN"):
         raise pytest.UsageError("UPDATE_GOLDEN is no longer read (tests wrote, then compared, their own output): "
                                 "unset it; pytest --update-golden rewrites the golden files")

@@ -4,8 +4,9 @@ Every test lands in exactly one tier, marked from here so that no test file has 
 
 - e2e:    tests/e2e (a real libvirtd and real guests)
 - field:  tests/field (systemd systems booted with nspawn, the .deb installed with apt)
-- netns:  a test that makes network namespaces or loads real rules: marked so, or it (or a
-          fixture it uses) calls a namespace helper of netns_util or `unshare`
+- netns:  a test that makes network namespaces or loads real rules: marked so, or its code (or
+          that of a fixture it uses) calls a namespace helper of netns_util or runs `unshare`
+          or `ip netns`
 - other:  needs root without a kernel namespace (files chowned to another owner, ...): the
           `root` marker, found as described in _needs_root()
 - noroot: everything else: pure code against files and fakes, run as `nobody` in CI's sense
@@ -27,7 +28,8 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from types import CodeType
+from typing import Any, Callable, Generator, Iterator
 
 import pytest
 
@@ -36,9 +38,10 @@ ALLOWLIST = HERE / "skip-allowlist.txt"
 TIERS = ("noroot", "netns", "e2e", "field", "other")
 # the tiers a run of the whole suite must run something in ("other" may well be empty one day)
 REQUIRED = ("noroot", "netns", "e2e", "field")
-# calls that make a namespace or need one: a test or fixture whose source holds one is `netns`
-NETNS_CALLS = ("lab_world(", "make_world(", "empty_netns(", "need_root_and_tools(", '"unshare"', "'unshare'",
-               '"ip", "netns"', "ip netns ")
+# what a test (or a fixture it uses) refers to when it makes a namespace or needs one: netns_util's
+# helpers by name, or a command line holding "unshare" or "netns" ("ip netns exec ...")
+NETNS_NAMES = frozenset({"lab_world", "make_world", "empty_netns", "need_root_and_tools"})
+NETNS_WORDS = frozenset({"unshare", "netns"})
 
 # Tests that need root without a namespace and that no rule of _needs_root() finds: each with why.
 # As `nobody` they cannot make what they check (a file of another owner, ...).  Patterns match
@@ -78,29 +81,49 @@ def strict_mode() -> bool:
 
 # ---------------------------------------------------------------- which tier
 
-_sources: dict[Any, str] = {}
+@dataclass(frozen=True)
+class Refs:
+    names: frozenset[str]  # globals and attributes the code uses
+    words: frozenset[str]  # its string constants
+    skips_without_root: bool  # it says `os.geteuid() != 0` (its text is read only when it names geteuid)
 
 
-def _source(func: Callable[..., Any]) -> str:
+_refs: dict[Any, Refs] = {}
+
+
+def _code_refs(code: CodeType) -> tuple[set[str], set[str]]:
+    names, words = set(code.co_names), set()
+    for const in code.co_consts:
+        if isinstance(const, str):
+            words.add(const)
+        elif isinstance(const, CodeType):  # a nested function, lambda or comprehension
+            inner = _code_refs(const)
+            names |= inner[0]
+            words |= inner[1]
+    return names, words
+
+
+def _refs_of_func(func: Callable[..., Any]) -> Refs:
     func = inspect.unwrap(func)
-    if func not in _sources:
-        try:
-            _sources[func] = inspect.getsource(func)
-        except (OSError, TypeError):  # a builtin fixture without Python source
-            _sources[func] = ""
-    return _sources[func]
+    if func not in _refs:
+        code = getattr(func, "__code__", None)
+        names, words = _code_refs(code) if code is not None else (set(), set())
+        _refs[func] = Refs(frozenset(names), frozenset(words),
+                           "geteuid" in names and "geteuid() != 0" in inspect.getsource(func))
+    return _refs[func]
 
 
-def _sources_of(item: pytest.Item) -> Iterator[str]:
-    """The test function's source and that of every fixture it uses, directly or not."""
+def _refs_of(item: pytest.Item) -> Iterator[Refs]:
+    """What the test function refers to, and every fixture it uses, directly or not (its code,
+    not its text: a docstring that names a helper is no call of it)."""
     func = getattr(item, "function", None)
     if func is not None:
-        yield _source(func)
+        yield _refs_of_func(func)
     info = getattr(item, "_fixtureinfo", None)
     for name in getattr(item, "fixturenames", ()):
         defs = info.name2fixturedefs.get(name) if info is not None else None
         if defs:
-            yield _source(defs[-1].func)
+            yield _refs_of_func(defs[-1].func)
 
 
 def _needs_root(item: pytest.Item) -> str | None:
@@ -111,17 +134,21 @@ def _needs_root(item: pytest.Item) -> str | None:
     params = getattr(getattr(item, "callspec", None), "params", {})
     if params.get("uid", 0) != 0:  # test_config's parametrized owners: a file of another uid
         return f"makes a file owned by uid {params['uid']}"
-    if any("os.geteuid() != 0" in src for src in _sources_of(item)):
-        return "says so itself (it skips without root)"
+    if any(refs.skips_without_root for refs in _refs_of(item)):
+        return "it skips without root (`os.geteuid() != 0`)"
     return None
 
 
+def _makes_a_namespace(item: pytest.Item) -> bool:
+    return any(refs.names & NETNS_NAMES or refs.words & NETNS_WORDS for refs in _refs_of(item))
+
+
 def tier_of(item: pytest.Item) -> str:
-    path = Path(str(item.path)).resolve()
+    path = str(item.path)
     for tier in ("e2e", "field"):
-        if (HERE / tier) in path.parents or item.get_closest_marker(tier):
+        if path.startswith(f"{HERE}/{tier}/") or item.get_closest_marker(tier):
             return tier
-    if item.get_closest_marker("netns") or any(c in src for src in _sources_of(item) for c in NETNS_CALLS):
+    if item.get_closest_marker("netns") or _makes_a_namespace(item):
         return "netns"
     if item.get_closest_marker("root") or _needs_root(item):
         return "other"
@@ -201,7 +228,8 @@ def configure(config: pytest.Config) -> None:
 
 
 @pytest.hookimpl(wrapper=True)
-def pytest_fixture_setup(fixturedef: pytest.FixtureDef[Any], request: pytest.FixtureRequest) -> Iterator[Any]:
+def pytest_fixture_setup(fixturedef: pytest.FixtureDef[Any],
+                         request: pytest.FixtureRequest) -> Generator[None, Any, Any]:
     """Remember which fixture raised what: the summary names it (a failed session fixture is
     raised again, the same exception, for every test that uses it)."""
     try:
@@ -220,13 +248,24 @@ def _first_line(text: str) -> str:
     return "(no message)"
 
 
+def _gist(exc: BaseException) -> str:
+    """One line for the summary: the message's first line and, when there are more, its last
+    (a failed build says what failed first and why last), without pytest's `assert ...` part."""
+    lines = [ln.strip() for ln in f"{type(exc).__name__}: {exc}".splitlines() if ln.strip()]
+    cut = next((i for i, ln in enumerate(lines) if i > 0 and ln.startswith("assert ")), len(lines))
+    lines = lines[:cut] or ["(no message)"]
+    gist = lines[0][:200] if len(lines) == 1 else f"{lines[0][:150]} ... {lines[-1][:150]}"
+    return gist
+
+
 @pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[Any]:
+def pytest_runtest_makereport(item: pytest.Item,
+                              call: pytest.CallInfo[None]) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     report = yield
     if call.when == "setup" and report.failed and call.excinfo is not None:
         exc = call.excinfo.value
         failed = item.config.stash[_RECORD].fixture_failures.get(id(exc))
-        why = _first_line(f"{type(exc).__name__}: {exc}")
+        why = _gist(exc)
         cause = f"fixture {failed[1]} failed: {why}" if failed and failed[0] is exc else f"setup failed: {why}"
         report.user_properties.append(("tier_error", cause))
     return report
@@ -296,7 +335,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 def _line(tier: str, t: Tally) -> str:
     if t.run == 0:
-        return f"{tier}: no tests run (none selected)"
+        return f"{tier}: no test ran"
     parts = [f"{t.run} tests", f"{t.passed} passed"]
     if t.failed:
         parts.append(f"{t.failed} failed")
