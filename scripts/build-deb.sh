@@ -71,15 +71,23 @@ deb=virt-forward_${version}_all.deb
 echo "build-deb: built $deb in $(( $(date +%s) - start )) s" >&2
 
 # the overrides shipped in the .deb apply; each one says in a comment why.  Not as root:
-# lintian unpacks what it checks, and says so when it runs as root.
+# lintian unpacks what it checks, and says so when it runs as root.  As nobody it must be able
+# to reach the .deb and its working directory: neither the checkout nor $TMPDIR may be (root's
+# home is 0700), so the .deb is checked from a directory of its own in /tmp, and from there.
+lint=$(mktemp -d /tmp/virt-forward-lintian.XXXXXX)
+trap 'rm -rf "$tmp" "$lint"' EXIT
+cp "$tmp/$deb" "$lint/$deb"
+chmod 0755 "$lint"
+chmod 0644 "$lint/$deb"
 as_user=()
+who=$(id -un)
 if [ "$(id -u)" = 0 ]; then
-  chmod 0755 "$tmp"
   as_user=(setpriv --reuid=nobody --regid=nogroup --clear-groups)
+  who=nobody
 fi
-if ! env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LC_ALL=C.UTF-8 HOME=/tmp \
-    "${as_user[@]}" lintian --fail-on error,warning "$tmp/$deb" >&2; then
-  echo "build-deb: lintian reported errors or warnings" >&2
+if ! (cd "$lint" && env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LC_ALL=C.UTF-8 HOME=/tmp \
+        "${as_user[@]}" lintian --fail-on error,warning "$deb" >&2); then
+  echo "build-deb: lintian (run as $who in $lint) reported errors or warnings on $deb" >&2
   exit 1
 fi
 echo "build-deb: lintian: no error, no warning" >&2
