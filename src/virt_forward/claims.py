@@ -46,6 +46,11 @@ def _file(k: str) -> str:
     return f"{head}-{int(port) // BLOCK}"
 
 
+def _blocks(folder: str) -> list[str]:
+    """The block files ("4-tcp-31"): not the count, not a killed writer's "NAME.PID.tmp"."""
+    return [n for n in os.listdir(folder) if "." not in n]
+
+
 def _read_raw(state_dir: str, name: str) -> bytes | None:
     """One block file's bytes; None when there is none."""
     try:
@@ -117,7 +122,7 @@ def total(state_dir: str) -> int:
         finally:
             os.close(fd)
     except (OSError, ValueError):
-        count = sum(len(_read_block(state_dir, n)) for n in os.listdir(_dir(state_dir)) if not n.startswith("."))
+        count = sum(len(_read_block(state_dir, n)) for n in _blocks(_dir(state_dir)))
         files.replace(path, str(count).encode())
         return count
 
@@ -142,13 +147,12 @@ def all_holders(state_dir: str) -> dict[str, int]:
     """How many claims each holder has in the index (doctor: claims that outlived their guest)."""
     found: dict[str, int] = {}
     try:
-        names = os.listdir(_dir(state_dir))
+        names = _blocks(_dir(state_dir))
     except FileNotFoundError:
         return found
     for name in names:
-        if not name.startswith("."):
-            for _, _, holder in _read_block(state_dir, name):
-                found[holder] = found.get(holder, 0) + 1
+        for _, _, holder in _read_block(state_dir, name):
+            found[holder] = found.get(holder, 0) + 1
     return found
 
 
@@ -156,14 +160,12 @@ def drop_holder(state_dir: str, holder: str) -> None:
     """Every claim of this holder, wherever it is (a scan of the index: only for a guest whose
     own list of claims is lost, which is rare)."""
     folder = _dir(state_dir)
-    for name in sorted(os.listdir(folder)):
-        if name.startswith("."):
-            continue
+    for name in sorted(_blocks(folder)):
         current = _read_block(state_dir, name)
         lines = [(k, p, h) for k, p, h in current if h != holder]
         if len(lines) != len(current):
             _write_block(state_dir, name, lines)
-    count = sum(len(_read_block(state_dir, n)) for n in os.listdir(folder) if not n.startswith("."))
+    count = sum(len(_read_block(state_dir, n)) for n in _blocks(folder))
     files.replace(os.path.join(folder, TOTAL), str(count).encode())
 
 
@@ -175,8 +177,8 @@ def rebuild(state_dir: str, claims: dict[str, list[Claim]]) -> None:
     for holder, wanted in claims.items():
         for k, public in set(wanted):
             blocks.setdefault(_file(k), []).append((k, public, holder))
-    for name in os.listdir(folder):
-        if not name.startswith(".") and name not in blocks:
+    for name in os.listdir(folder):  # also the temp files of a writer killed mid-way
+        if name != TOTAL and name not in blocks:
             os.unlink(os.path.join(folder, name))
     for name, lines in blocks.items():
         # compared as the bytes _write_block would write: no parsing of 10,000 lines to find

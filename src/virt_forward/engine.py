@@ -145,6 +145,7 @@ def apply(ctx: Context, domain: str, xml: str | None = None, want: Desired | Non
     plan, hairpin = want.plan, want.settings.hairpin
     holder = state.stem(domain)
     with store.lock(lock_timeout):
+        _undo_left_pending(ctx, domain, want.settings.hairpin, wait=not hook)
         old = store.read(domain)
         # The ledger first: a clash or the cap refuses the new plan before anything of the old
         # one is touched, so the guest keeps exactly what it held.
@@ -271,13 +272,16 @@ def write_fast(store: StateStore, want: Desired, bridges: tuple[str, ...] | None
         return
     hairpin = want.settings.hairpin
     message = f"{plan.domain}: {len(plan.forwards)} forward(s) live" + _summary(plan)
-    store.write_fast(plan.domain, fastpath.compile_fast(
-        state_dir=str(store.root), domain=plan.domain,
-        taken=want.inputs, record=store.record_text(plan, "nftables"), add=nft.batch(nft.add_guest(plan)),
-        remove=nft.batch(nft.remove_guest(plan)), mark=nft.skeleton_mark(hairpin),
-        skeleton=nft.batch(nft.skeleton(hairpin)), families=sorted(plan.families()), forwards=len(plan.forwards),
-        message=message, claims=claims_of(plan), flows=flow_filters(plan), max_forwards=want.settings.max_forwards,
-        bridges=None if bridges is None else list(bridges), described=[f.describe() for f in plan.forwards]))
+    try:
+        store.write_fast(plan.domain, fastpath.compile_fast(
+            state_dir=str(store.root), domain=plan.domain,
+            taken=want.inputs, record=store.record_text(plan, "nftables"), add=nft.batch(nft.add_guest(plan)),
+            remove=nft.batch(nft.remove_guest(plan)), mark=nft.skeleton_mark(hairpin),
+            skeleton=nft.batch(nft.skeleton(hairpin)), families=sorted(plan.families()), forwards=len(plan.forwards),
+            message=message, claims=claims_of(plan), flows=flow_filters(plan), max_forwards=want.settings.max_forwards,
+            bridges=None if bridges is None else list(bridges), described=[f.describe() for f in plan.forwards]))
+    except (OSError, fastpath.Miss) as exc:  # applied and recorded already: only the next start is slower
+        log.warning(f"{plan.domain}: no fast file for its next start: {exc}")
 
 
 def claim_text(k: str, public: str) -> str:
@@ -340,17 +344,9 @@ def remove(ctx: Context, domain: str, why: str = "", lock_timeout: float | None 
     with store.lock(lock_timeout):
         store.delete_xml(domain)
         old = store.read(domain)
-        try:
-            pending = store.read_pending(domain)
-        except StateError as exc:  # forged or torn: nothing in it is used; the claims go below
-            log.error(f"{domain}: {exc}; removed")
-            pending = None
-            store.delete_pending(domain)
-            claims.drop_holder(str(store.root), state.stem(domain))
         settings = settings_or_default(ctx.config_dir)  # a broken config.toml must not block removal
-        if pending is not None:
-            _undo_pending(ctx, domain, old, pending, settings.hairpin, wait=not hook)
-            old = store.read(domain)
+        _undo_left_pending(ctx, domain, settings.hairpin, wait=not hook)
+        old = store.read(domain)
         if old is None:
             return f"{domain}: nothing applied" + (f" ({why})" if why else "")
         # the backend it was applied with, not the one config.toml names now
@@ -386,6 +382,21 @@ def _undo_pending(ctx: Context, domain: str, old: GuestPlan | None, pending: tup
     store.delete_pending(domain)
     log.warning(f"{domain}: a start of it did not finish (killed?): took back what it may have applied",
                 event="remove", guest=domain)
+
+
+def _undo_left_pending(ctx: Context, domain: str, hairpin: bool, wait: bool) -> None:
+    """What an earlier start of this guest, killed before its record, may have left (under the lock)."""
+    store = ctx.store
+    try:
+        pending = store.read_pending(domain)
+    except StateError as exc:  # forged or torn: nothing in it is used
+        log.error(f"{domain}: {exc}; removed")
+        store.delete_pending(domain)
+        claims.drop_holder(str(store.root), state.stem(domain))
+        claims.update(str(store.root), state.stem(domain), add=claims_of(store.read(domain)), drop=[])
+        return
+    if pending is not None:
+        _undo_pending(ctx, domain, store.read(domain), pending, hairpin, wait)
 
 
 def warn_without_conntrack(store: StateStore, domain: str) -> None:

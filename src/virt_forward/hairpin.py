@@ -83,11 +83,18 @@ def valid_name(dev: str) -> bool:
 
 
 def _read(path: str) -> str | None:
+    """A short sysfs or state file; never blocks on a FIFO and never follows a symlink planted
+    as the file itself (the hook's fast path reads these)."""
     try:
-        with open(path, encoding="ascii") as fh:
-            return fh.read().strip()
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        return os.read(fd, 4096).decode("ascii").strip()
     except (OSError, ValueError):
         return None
+    finally:
+        os.close(fd)
 
 
 def port_of(dev: str, bridges: frozenset[str] | set[str] | tuple[str, ...]) -> int | None:
