@@ -11,6 +11,11 @@ for pkg in nftables iptables iproute2 conntrack python3 python3-venv python3-dev
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" != 0 ]; then
+    echo "setup: ${need[*]} missing, and installing them needs root: sudo $0" >&2
+    echo "  (the noroot tier alone needs none of them: python3 -m venv .venv && .venv/bin/pip install -e '.[test]')" >&2
+    exit 2
+  fi
   echo "setup: apt-get install ${need[*]}"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
