@@ -30,7 +30,6 @@ from virt_forward import engine, iptables, metrics, nft
 from virt_forward.plan import Family, Forward, GuestPlan
 
 DATA = Path(__file__).parent / "data" / "metrics"
-UPDATE = os.environ.get("UPDATE_GOLDEN") == "1"
 G1_4, G1_6, G2_4 = "192.168.122.10", "fd00:122::a", "192.168.122.11"
 
 
@@ -59,12 +58,15 @@ def iptables_saves() -> dict[Family, str]:
     return {4: (DATA / "iptables-save-c-nat4.txt").read_text(), 6: (DATA / "iptables-save-c-nat6.txt").read_text()}
 
 
-def golden(name: str, text: str) -> None:
+def golden(name: str, text: str, update: bool) -> None:
+    """Compare with the golden file; under --update-golden write it and skip (a test that compares
+    its own output with itself proves nothing)."""
     path = DATA / name
-    if UPDATE:
+    if update:
         path.write_text(text)
-    assert path.exists(), f"{path} missing: run with UPDATE_GOLDEN=1 and review it"
-    assert text == path.read_text(), f"{path} differs: run with UPDATE_GOLDEN=1 and review the diff"
+        pytest.skip(f"--update-golden: wrote {path}: review the diff")
+    assert path.exists(), f"{path} missing: run pytest --update-golden and review it"
+    assert text == path.read_text(), f"{path} differs: run pytest --update-golden and review the diff"
 
 
 def parse(text: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
@@ -184,12 +186,12 @@ def test_both_backends_count_the_same_traffic_the_same() -> None:
     assert connections(parse(metrics.exposition(by_nft))) == CAPTURED
 
 
-def test_golden_exposition() -> None:
+def test_golden_exposition(update_golden: bool) -> None:
     """The whole text for the captured table and two repairs (review its diff)."""
     snap = snapshot_of(metrics.live_from_listing(listing()),
                        repairs=metrics.Repairs(2, 1764650000.5))
     text = metrics.exposition(snap)
-    golden("status.prom", text)
+    golden("status.prom", text, update_golden)
     parsed = parse(text)
     assert parsed["virt_forward_rules_in_place"] == {(): 1.0}
     assert parsed["virt_forward_repairs_total"] == {(): 2.0}
@@ -215,12 +217,12 @@ def test_missing_or_retargeted_forward_has_no_connections_and_live_0() -> None:
 
 # ---------------------------------------------------------------- counters carried over a rebuild
 
-def test_carry_counters_golden() -> None:
+def test_carry_counters_golden(update_golden: bool) -> None:
     """nft.full for the captured guests, with the captured counters put back on each element."""
     counts = nft.parse_element_counts(listing())
     plain = nft.full([GUEST1, GUEST2], hairpin=True)
     carried = nft.carry_counters(plain, counts)
-    golden("rebuild.nft", carried)
+    golden("rebuild.nft", carried, update_golden)
     assert "add element inet virt_forward dnat4 { 198.51.100.1 . tcp . 80 counter packets 3 bytes 180 : " \
            "192.168.122.10 . 80" in carried
     assert "tcp . 443 counter packets 2 bytes 120 : 192.168.122.11 . 443" in carried
