@@ -13,6 +13,7 @@ import ctypes
 import io
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -29,6 +30,7 @@ T = TypeVar("T")
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
 
+BLOCK_FILE = re.compile(r"[46]-(tcp|udp|sctp)-[0-9]+")
 # (public address or "*", port) of an IPv4 TCP forward -> the guest address it DNATs to
 Forwards = dict[tuple[str, int], str]
 
@@ -127,7 +129,7 @@ def claims_index(state: Path) -> dict[tuple[str, int], str]:
     if not folder.is_dir():
         return found
     for path in folder.iterdir():
-        if path.name.startswith("."):
+        if not BLOCK_FILE.fullmatch(path.name):  # ".total", a killed writer's "NAME.PID.tmp"
             continue
         for line in path.read_text().splitlines():
             port, public, holder = line.split(" ")

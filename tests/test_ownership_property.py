@@ -137,6 +137,7 @@ class Run:
         self.client = InNetns(w.lab.client)
         self.history: list[str] = []
         self.stats: Counter[str] = Counter()
+        self.seconds: Counter[str] = Counter()  # wall time by operation (checks apart)
         self.cap_written: int | None = None
 
     def close(self) -> None:
@@ -154,7 +155,7 @@ class Run:
             cache.clear()
         return self.host.capture(fn)
 
-    def hook(self, guest: str, op: str, sub: str, rng: random.Random) -> str:
+    def _hook(self, guest: str, op: str, sub: str, rng: random.Random) -> str:
         xml = domain_xml(guest) if op not in ("stopped", "release") else ""
         if rng.random() < HOOK_FILE_SHARE:
             self.stats["hook file"] += 1
@@ -173,7 +174,7 @@ class Run:
                 self.stats[f"full path because {why[:60]}"] += 1
         return text
 
-    def cli(self, rng: random.Random, *args: str) -> tuple[int, str]:
+    def _cli(self, rng: random.Random, *args: str) -> tuple[int, str]:
         if rng.random() < CLI_SHARE:
             self.stats["cli process"] += 1
             r = self.w.cli(*args, check=False)
@@ -189,7 +190,7 @@ class Run:
         assert isinstance(rc, int)
         return rc, text
 
-    def network_restart(self, rng: random.Random) -> str:
+    def _network_restart(self, rng: random.Random) -> str:
         if rng.random() < NETWORK_HOOK_SHARE:
             self.stats["network hook file"] += 1
             r = self.w.lab.sh(self.w.lab.host, str(self.w.network_hook_path), "default", "started", "begin", "-",
@@ -201,7 +202,7 @@ class Run:
         self.expect(rc == 0, f"the network hook returned {rc}: {text}")
         return text
 
-    def reconcile(self, running: list[str], rng: random.Random) -> str:
+    def _reconcile(self, running: list[str], rng: random.Random) -> str:
         if running and rng.random() < RECONCILE_SHARE:
             self.stats["reconcile process"] += 1
             r = self.w.cli("reconcile", "--running", *running, check=False)
@@ -209,6 +210,25 @@ class Run:
             return r.stdout + r.stderr
         _, text = self.in_process(lambda: reconcile(self.ctx, running=sorted(running)))
         return text
+
+    def hook(self, guest: str, op: str, sub: str, rng: random.Random) -> str:
+        return self.timed(f"hook {op}", lambda: self._hook(guest, op, sub, rng))
+
+    def cli(self, rng: random.Random, *args: str) -> tuple[int, str]:
+        return self.timed(args[0], lambda: self._cli(rng, *args))
+
+    def network_restart(self, rng: random.Random) -> str:
+        return self.timed("network hook", lambda: self._network_restart(rng))
+
+    def reconcile(self, running: list[str], rng: random.Random) -> str:
+        return self.timed("reconcile", lambda: self._reconcile(running, rng))
+
+    def timed(self, what: str, call: Callable[[], T]) -> T:
+        t0 = time.monotonic()
+        try:
+            return call()
+        finally:
+            self.seconds[what] += time.monotonic() - t0
 
     def write_guest(self, guest: str, specs: frozenset[Spec]) -> None:
         write_atomic(self.w.cfg / "guests" / f"{guest}.toml", guest_text(guest, specs))
@@ -230,6 +250,13 @@ class Run:
 
     def observe(self, m: Model) -> dict[str, frozenset[Spec]]:
         """Who holds what, from the kernel, checked against the claims index and real traffic."""
+        t0 = time.monotonic()
+        try:
+            return self._observe(m)
+        finally:
+            self.seconds["checks"] += time.monotonic() - t0
+
+    def _observe(self, m: Model) -> dict[str, frozenset[Spec]]:
         live = self.host(kernel_forwards, self.backend)
         index = claims_index(self.w.state)
         held: dict[str, set[Spec]] = {g: set() for g in GUESTS}
@@ -484,10 +511,15 @@ class Run:
             self.op_start(m, g, rng)
         for _ in range(rng.randint(2, 4)):
             self.step(m, rng)
-        # back to nothing: every guest stops, and nothing of any of them is left
-        for g in sorted(m.running):
-            self.note(f"stop {g}")
-            self.hook(g, "stopped", "end", rng)
+        # back to nothing, and nothing of any guest is left: every guest stops, or (half the
+        # time) a reconcile finds that none runs (the watcher after libvirt lost them all)
+        if rng.random() < 0.5:
+            for g in sorted(m.running):
+                self.note(f"stop {g}")
+                self.hook(g, "stopped", "end", rng)
+        else:
+            self.note("reconcile, none running")
+            self.reconcile([], rng)
         m.running.clear()
         m.recorded.clear()
         self.expect(self.host(kernel_forwards, self.backend) == {} and claims_index(self.w.state) == {},
@@ -547,9 +579,10 @@ def test_a_held_port_never_moves(run: Run) -> None:
     took, cpu = time.monotonic() - t0, _cpu() - cpu0
     print(f"\nLEDGER {run.backend}: {done} sequences, seed {SEED}, {took:.1f} s, cpu {cpu:.1f} s "
           f"({took / max(done, 1) * 1000:.0f} ms each); " + ", ".join(f"{k} {v}" for k, v in sorted(run.stats.items())))
+    print("  wall time by call: " + ", ".join(f"{k} {v:.1f} s" for k, v in run.seconds.most_common()))
     if failed:
         pytest.fail(f"{len(failed)} of {done} sequences failed; the first:\n{failed[0]}"
                     + "".join(f"\n\n{f}" for f in failed[1:KEEP_GOING]), pytrace=False)
     if run.backend == "nftables" and ONLY is None:
         # the fast path is a path of its own: it must have been taken, not only the full one
-        assert run.stats["start, fast path"] >= 20, run.stats
+        assert run.stats["start, fast path"] >= max(1, run.stats["start"] // 50), run.stats
