@@ -118,8 +118,9 @@ def test_a_killed_start_frees_its_ports_at_stopped(world: World) -> None:
                 # libvirt's follow-up for a guest whose start failed
                 r = w.hook(VICTIM, "stopped", "end")
                 assert r.returncode == 0, r.stderr
-                assert not any(v == VICTIM_ADDR for v in host(kernel_forwards, backend).values()), \
-                    f"kill {i}: forwards of the victim outlived its stopped: {r.stderr}"
+                left = [k for k, v in host(kernel_forwards, backend).items() if v == VICTIM_ADDR]
+                assert not left, (f"kill {i}: {len(left)} forwards of the victim outlived its stopped "
+                                  f"({len(live)} after the kill, {len(held)} claims): {r.stderr!r}")
                 assert VICTIM not in claims_index(w.state).values(), \
                     f"kill {i}: claims of the victim outlived its stopped ({len(held)} after the kill): {r.stderr}"
                 assert leftovers(w, VICTIM) == [], f"kill {i}: {leftovers(w, VICTIM)} outlived the stopped"

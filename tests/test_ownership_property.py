@@ -35,9 +35,10 @@ import random
 import resource
 import time
 import tomllib
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, TypeVar
+from functools import partial
+from typing import AbstractSet, Callable, Iterator, TypeVar
 
 import pytest
 
@@ -105,7 +106,7 @@ class Model:
     def others(self, guest: str) -> dict[str, frozenset[Spec]]:
         return {h: self.held[h] for h in self.running if h != guest}
 
-    def clash(self, guest: str, specs: frozenset[Spec], against: dict[str, frozenset[Spec]] | None = None
+    def clash(self, guest: str, specs: AbstractSet[Spec], against: dict[str, frozenset[Spec]] | None = None
               ) -> set[str]:
         """Who holds a port that overlaps one of `specs`."""
         against = self.others(guest) if against is None else against
@@ -137,7 +138,7 @@ class Run:
         self.client = InNetns(w.lab.client)
         self.history: list[str] = []
         self.stats: Counter[str] = Counter()
-        self.seconds: Counter[str] = Counter()  # wall time by operation (checks apart)
+        self.seconds: defaultdict[str, float] = defaultdict(float)  # wall time by operation (checks apart)
         self.cap_written: int | None = None
 
     def close(self) -> None:
@@ -306,14 +307,14 @@ class Run:
         ops: list[tuple[float, Callable[[], None]]] = []
         for g in GUESTS:
             if g in m.running:
-                ops += [(0.8, lambda g=g: self.op_stop(m, g, rng)), (1.0, lambda g=g: self.op_restart(m, g, rng)),
-                        (0.8, lambda g=g: self.op_reconnect(m, g, rng))]
+                ops += [(0.8, partial(self.op_stop, m, g, rng)), (1.0, partial(self.op_restart, m, g, rng)),
+                        (0.8, partial(self.op_reconnect, m, g, rng))]
             else:
-                ops.append((2.0, lambda g=g: self.op_start(m, g, rng)))
-            ops.append((0.8, lambda g=g: self.op_edit(m, g, rng)))
-            ops.append((0.6, lambda g=g: self.op_add(m, g, rng)))
+                ops.append((2.0, partial(self.op_start, m, g, rng)))
+            ops.append((0.8, partial(self.op_edit, m, g, rng)))
+            ops.append((0.6, partial(self.op_add, m, g, rng)))
             if m.cfg[g]:
-                ops.append((0.4, lambda g=g: self.op_rm(m, g, rng)))
+                ops.append((0.4, partial(self.op_rm, m, g, rng)))
         # a running guest asking for a port another running guest holds: what item 1 is about
         steals = [(g, s) for g in sorted(m.running) for h in sorted(m.running) if h != g
                   for s in sorted(m.held[h]) if all(t[1] != s[1] for t in m.cfg[g])]
@@ -579,7 +580,7 @@ def test_a_held_port_never_moves(run: Run) -> None:
     took, cpu = time.monotonic() - t0, _cpu() - cpu0
     print(f"\nLEDGER {run.backend}: {done} sequences, seed {SEED}, {took:.1f} s, cpu {cpu:.1f} s "
           f"({took / max(done, 1) * 1000:.0f} ms each); " + ", ".join(f"{k} {v}" for k, v in sorted(run.stats.items())))
-    print("  wall time by call: " + ", ".join(f"{k} {v:.1f} s" for k, v in run.seconds.most_common()))
+    print("  wall time by call: " + ", ".join(f"{k} {v:.1f} s" for k, v in sorted(run.seconds.items(), key=lambda kv: -kv[1])))
     if failed:
         pytest.fail(f"{len(failed)} of {done} sequences failed; the first:\n{failed[0]}"
                     + "".join(f"\n\n{f}" for f in failed[1:KEEP_GOING]), pytrace=False)
