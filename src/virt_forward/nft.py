@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 from .consts import FAMILY, MARK_FORWARDED, MARK_HAIRPIN, SKELETON_MARK_PREFIX, TABLE, T
 from .plan import Family, Forward, GuestPlan, address_text
@@ -277,7 +277,18 @@ def change(old: GuestPlan | None, new: GuestPlan | None, *, hairpin: bool, last:
     return batch(cmds)
 
 
+# How nft lists a protocol depends on the host: its name from /etc/protocols, or its number
+# where that file is missing (debootstrap's minbase, container images), and a port is a
+# number unless -S asks for /etc/services' names.  We list with -p (numbers, whatever /etc
+# holds) and read either form into the one our plans use (names, decimal ports): a listing
+# read one way and the records rendered the other made every check fail and every repair
+# loop.  The numbers are IANA's, fixed; these are the protocols an inet_proto key can hold
+# in our maps.
+PROTOCOL_NAMES = {"6": "tcp", "17": "udp", "33": "dccp", "132": "sctp"}
+
+
 def _norm(part: object) -> str:
+    """A part whose type is not known: an address in its normal form, anything else as text."""
     text = str(part)
     try:
         return str(ipaddress.ip_address(text))
@@ -285,12 +296,51 @@ def _norm(part: object) -> str:
         return text
 
 
-def _parts(expr: object) -> tuple[str, ...]:
-    if isinstance(expr, dict) and "concat" in expr:
-        return tuple(_norm(p) for p in expr["concat"])
-    if isinstance(expr, dict) and "jump" in expr:
-        return ("jump " + str(expr["jump"]["target"]),)
-    return (_norm(expr),)
+def _norm_typed(kind: str, part: object) -> str:
+    """A part of nft data type `kind` (the listing's `type` / `map`) in our plans' form."""
+    text = str(part)
+    if kind == "inet_proto":
+        return PROTOCOL_NAMES.get(text, text.lower())
+    if kind == "inet_service":
+        return text if text.isdigit() else _service_port(text)
+    return _norm(text)
+
+
+def _service_port(name: str) -> str:
+    """A port nft printed by its /etc/services name (as with -S), as a number; a name that
+    file does not hold stays as it is (and then differs from every record: reported)."""
+    import socket  # here: a port printed by name is rare, and the hook imports this module
+    try:
+        return str(socket.getservbyname(name))
+    except OSError:
+        return name
+
+
+Types = tuple[str, ...]
+
+
+def _types(declared: object) -> Types:
+    """The data types of a map's key (`type`: a name or a list of names) or data (`map`:
+    "ipv4_addr . inet_service"); () when the listing says nothing usable."""
+    if isinstance(declared, list) and all(isinstance(t, str) for t in declared):
+        return tuple(declared)
+    if isinstance(declared, str):
+        return tuple(declared.split(" . "))
+    return ()
+
+
+def _typed_parts(parts: Sequence[object], types: Types, memo: dict[tuple[str, str], str]) -> tuple[str, ...]:
+    """Each part normalised by its type where the listing gave one per part, else untyped;
+    remembered in `memo` for one listing or batch."""
+    kinds = types if len(types) == len(parts) else ("",) * len(parts)
+    out = []
+    for kind, part in zip(kinds, parts):
+        key = (kind, str(part))
+        got = memo.get(key)
+        if got is None:
+            got = memo[key] = _norm_typed(kind, part) if kind else _norm(part)
+        out.append(got)
+    return tuple(out)
 
 
 def parse_counters(listing: dict[str, Any]) -> dict[str, dict[tuple[str, ...], int]]:
@@ -316,43 +366,36 @@ def parse_element_counts(listing: dict[str, Any]) -> dict[str, dict[tuple[str, .
     """{map or set: {key: ElementCount}} of every counted element in `nft -j list table` output
     (the dnat maps' connections, the traffic sets' packets and bytes; a set's value is ())."""
     out: dict[str, dict[tuple[str, ...], ElementCount]] = {}
-    norm: dict[str, str] = {}
+    # each part normalised once per listing: its parts repeat (protocols, addresses), and
+    # parsing an address (or failing to) costs microseconds, 10,000 times over
+    norm: dict[tuple[str, str], str] = {}
     for item in listing.get("nftables", []):
         m = item.get("map")
         if isinstance(m, dict):
+            key_types, value_types = _types(m.get("type")), _types(m.get("map"))
             for elem in m.get("elem", []):
                 if not (isinstance(elem, list) and len(elem) == 2):
                     continue
                 key, value = elem
                 if isinstance(key, dict) and "elem" in key and isinstance(key["elem"].get("counter"), dict):
                     counter = key["elem"]["counter"]
-                    out.setdefault(str(m["name"]), {})[_parts_with(norm, key["elem"]["val"])] = ElementCount(
-                        _parts_with(norm, value), int(counter.get("packets", 0)), int(counter.get("bytes", 0)))
+                    out.setdefault(str(m["name"]), {})[_parts_with(norm, key["elem"]["val"], key_types)] = \
+                        ElementCount(_parts_with(norm, value, value_types), int(counter.get("packets", 0)),
+                                     int(counter.get("bytes", 0)))
             continue
         st = item.get("set")
         if isinstance(st, dict):
+            key_types = _types(st.get("type"))
             for elem in st.get("elem", []):
                 if isinstance(elem, dict) and "elem" in elem and isinstance(elem["elem"].get("counter"), dict):
                     counter = elem["elem"]["counter"]
-                    out.setdefault(str(st["name"]), {})[_parts_with(norm, elem["elem"]["val"])] = ElementCount(
-                        (), int(counter.get("packets", 0)), int(counter.get("bytes", 0)))
+                    out.setdefault(str(st["name"]), {})[_parts_with(norm, elem["elem"]["val"], key_types)] = \
+                        ElementCount((), int(counter.get("packets", 0)), int(counter.get("bytes", 0)))
     return out
 
 
-def _norm_with(memo: dict[str, str], part: object) -> str:
-    """_norm, remembered in `memo` for one listing or batch: its parts repeat (protocols,
-    addresses), and parsing an address (or failing to) costs microseconds, 10,000 times over."""
-    text = str(part)
-    got = memo.get(text)
-    if got is None:
-        got = memo[text] = _norm(text)
-    return got
-
-
-def _parts_with(memo: dict[str, str], expr: object) -> tuple[str, ...]:
-    if isinstance(expr, dict) and "concat" in expr:
-        return tuple(_norm_with(memo, p) for p in expr["concat"])
-    return (_norm_with(memo, expr),)
+def _parts_with(memo: dict[tuple[str, str], str], expr: object, types: Types = ()) -> tuple[str, ...]:
+    return _typed_parts(expr["concat"] if isinstance(expr, dict) and "concat" in expr else [expr], types, memo)
 
 
 def carry_counters(text: str, live: dict[str, dict[tuple[str, ...], ElementCount]]) -> str:
@@ -369,7 +412,7 @@ def carry_counters(text: str, live: dict[str, dict[tuple[str, ...], ElementCount
     import re  # here, not at the top: the hook's full path imports this module
     add_element = re.compile(rf"add element {re.escape(T)} (\S+) \{{ (.*) \}}")
     out = []
-    norm: dict[str, str] = {}
+    norm: dict[tuple[str, str], str] = {}
     for line in text.split("\n"):
         m = add_element.fullmatch(line)
         counts = live.get(m.group(1)) if m else None
@@ -389,23 +432,29 @@ def carry_counters(text: str, live: dict[str, dict[tuple[str, ...], ElementCount
     return "\n".join(out)
 
 
-def _text_parts(memo: dict[str, str], text: str) -> tuple[str, ...]:
-    """A concatenation as rendered here ("192.0.2.1 . tcp . 80") in parse_live's normal form."""
-    return tuple(_norm_with(memo, p) for p in text.split(" . "))
+def _text_parts(memo: dict[tuple[str, str], str], text: str) -> tuple[str, ...]:
+    """A concatenation as rendered here ("192.0.2.1 . tcp . 80") in parse_live's normal form
+    (our own text: protocols by name, ports by number; only addresses need normalising)."""
+    return _typed_parts(text.split(" . "), (), memo)
 
 
 def parse_live(listing: dict[str, Any]) -> dict[str, dict[tuple[str, ...], tuple[str, ...]]]:
     """Map elements from `nft -j list table inet virt_forward`: {map: {key: value}}."""
     maps: dict[str, dict[tuple[str, ...], tuple[str, ...]]] = {}
+    norm: dict[tuple[str, str], str] = {}
     for item in listing.get("nftables", []):
         m = item.get("map")
         if not isinstance(m, dict):
             continue
         elems = maps.setdefault(str(m.get("name")), {})
+        key_types, value_types = _types(m.get("type")), _types(m.get("map"))
         for elem in m.get("elem", []):
             if isinstance(elem, list) and len(elem) == 2:
                 key, value = elem
                 if isinstance(key, dict) and "elem" in key:  # counters/comments wrap the key
                     key = key["elem"]["val"]
-                elems[_parts(key)] = _parts(value)
+                if isinstance(value, dict) and "jump" in value:
+                    elems[_parts_with(norm, key, key_types)] = ("jump " + str(value["jump"]["target"]),)
+                else:
+                    elems[_parts_with(norm, key, key_types)] = _parts_with(norm, value, value_types)
     return maps

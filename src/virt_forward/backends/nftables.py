@@ -227,6 +227,8 @@ def keep_counters(batch: str) -> str:
 
 def list_table() -> dict[str, Any] | None:
     """`nft -j list table inet virt_forward`, set elements and counters included; None when the
-    table is not there.  It costs ~0.35 s at 10,000 forwards: never on a guest's start."""
-    got = run(["nft", "-j", "list", "table", nft.FAMILY, nft.TABLE], check=False)
+    table is not there.  It costs ~0.35 s at 10,000 forwards: never on a guest's start.
+    -p: protocols as numbers on every host (by name only where /etc/protocols exists); the
+    parsers (nft.parse_live and co.) read either form."""
+    got = run(["nft", "-j", "-p", "list", "table", nft.FAMILY, nft.TABLE], check=False)
     return json.loads(got.stdout) if got.returncode == 0 else None
