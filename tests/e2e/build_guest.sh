@@ -22,13 +22,14 @@
 #   TCP 80, 8080   busybox httpd; body "vf-e2e guest=NAME port=PORT"
 #   TCP 22         banner "SSH-2.0-vfe2e NAME", then echoes what it gets
 #   UDP 5353       answers each datagram with "NAME " + the datagram
+#   TCP 9000       writes "NAME\n" and closes, without forking (load tests: many connections/s)
 # Serial console line when ready:  "VF-E2E-READY name=NAME ip=..."
 set -euo pipefail
 
 CACHE_DIR="${1:-/var/cache/virt-forward-e2e}"
 META_PKG="linux-image-cloud-amd64"
 # Bump when /init, the module list or the layout below changes.
-RECIPE_VERSION=3
+RECIPE_VERSION=4
 
 export DEBIAN_FRONTEND=noninteractive
 log() { echo "build_guest: $*" >&2; }
@@ -159,6 +160,41 @@ EOF
 gcc -O2 -static -o "$ROOT/bin/udpecho" "$WORK/udpecho.c"
 strip "$ROOT/bin/udpecho" || true
 
+# A TCP greeter for load tests: busybox httpd forks a child per connection, which under TCG
+# caps a guest at a few dozen connections/s on a busy host; this answers in its accept loop.
+cat >"$WORK/tcpgreet.c" <<'EOF'
+#include <netinet/in.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    int port = argc > 1 ? atoi(argv[1]) : 9000;
+    const char *name = argc > 2 ? argv[2] : "guest";
+    char msg[260];
+    size_t n = strlen(name);
+    if (n > 256) n = 256;
+    memcpy(msg, name, n);
+    msg[n++] = '\n';
+    int one = 1, s = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a;
+    memset(&a, 0, sizeof a);
+    a.sin_family = AF_INET;
+    a.sin_port = htons(port);
+    if (s >= 0) setsockopt(s, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    if (s < 0 || bind(s, (struct sockaddr *)&a, sizeof a) < 0 || listen(s, 1024) < 0) { perror("tcpgreet"); return 1; }
+    for (;;) {
+        int c = accept(s, NULL, NULL);
+        if (c < 0) continue;
+        if (write(c, msg, n) < 0) { /* the client went away: nothing to do */ }
+        close(c);
+    }
+}
+EOF
+gcc -O2 -static -o "$ROOT/bin/tcpgreet" "$WORK/tcpgreet.c"
+strip "$ROOT/bin/tcpgreet" || true
+
 cat >"$ROOT/bin/banner" <<'EOF'
 #!/bin/sh
 echo "SSH-2.0-vfe2e $(cat /etc/vf-name)"
@@ -224,6 +260,7 @@ for p in 80 8080; do
 done
 nc -ll -p 22 -e /bin/banner &
 udpecho 5353 "$NAME" &
+tcpgreet 9000 "$NAME" &
 sleep 0.2
 ip -o addr show dev eth0
 echo "VF-E2E-READY name=$NAME ip=$IP ip6=$IP6"

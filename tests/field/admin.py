@@ -6,25 +6,34 @@ import contextlib
 import json
 import os
 import re
+import select
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "e2e"))
 
-from field.container import Container, FieldUnavailable, build_root, cleanup_stale  # noqa: E402
+from field.container import PUBLIC4, Container, FieldUnavailable, build_root, cleanup_stale  # noqa: E402
 from lab_guests import default_guests, domain_xml, network_xml  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 BOOT_DIR = "/var/lib/libvirt/boot"
 GUESTS = {g.name: g for g in default_guests(2)}
 PORTS = {"vfguest1": 8080, "vfguest2": 8081}
+# a second forward per guest, to its TCP greeter (build_guest.sh: port 9000, no fork per
+# connection), for the load generator
+LOAD_PORTS = {"vfguest1": 9000, "vfguest2": 9001}
 # what postinst says on a first install only
 FIRST_INSTALL_NOTE = "restart libvirtd"
+# The second build's code differs from the first's: its watcher says this when it starts
+# (watch.py, changed in a copy of the tree: conftest.second_tree), so the upgrade test can tell
+# which code the running watcher has, beyond the version the package's files say.
+UPGRADE_MARK = "field-upgrade: second build"
 
 
 def report(system: str, what: str, value: object) -> None:
@@ -87,6 +96,113 @@ def one_set(c: Container) -> tuple[int, list[str]]:
                           for line in our_rules(c) if "guard" in line)
 
 
+def table_and_guards(c: Container) -> tuple[int | None, list[str]]:
+    """Our table's nft handle and every guard as "TABLE CHAIN #POSITION handle H" (iptables-nft
+    shows its rules to nft too): a table or guard deleted and made again gets a new handle."""
+    table_handle: int | None = None
+    guards: list[str] = []
+    table = chain = ""
+    position = 0
+    for line in c.run("nft -a list ruleset").stdout.splitlines():
+        ln = line.strip()
+        if ln.startswith("table "):
+            table, chain = " ".join(ln.split()[1:3]), ""
+            if table == "inet virt_forward":
+                table_handle = int(ln.rsplit("# handle ", 1)[1])
+        elif ln.startswith("chain "):
+            chain, position = ln.split()[1], 0
+        elif ln == "}":
+            chain = ""
+        elif chain and "# handle " in ln and not ln.startswith(("type ", "policy ")):
+            # nft shows our comment; of iptables-nft's guard only its conntrack/connmark matches
+            if table != "inet virt_forward" and ("virt-forward:guard" in ln or (
+                    "ct status dnat" in ln and "0x10000000" in ln and ln.split("# handle")[0].strip().endswith("accept"))):
+                guards.append(f"{table} {chain} #{position} handle {ln.rsplit('# handle ', 1)[1]}")
+            position += 1
+    return table_handle, sorted(guards)
+
+
+# One process in the client namespace making connections through the forwards without a
+# pause, `workers` at a time, until its stdin closes; then one line per connection: its start,
+# its end (time.monotonic(): CLOCK_MONOTONIC, the same clock as the test's and the
+# container's) and "" or what went wrong.  "ready" once a first connection succeeded.  Each
+# connection reads what the server says until it closes (the guests' greeter: "NAME\n"); the
+# answer must be exactly `want`.
+LOADGEN = r"""
+import socket, sys, threading, time
+host, workers = sys.argv[1], int(sys.argv[2])
+targets = [(int(a.split(":", 1)[0]), a.split(":", 1)[1].encode()) for a in sys.argv[3:]]
+stop = threading.Event()
+results = []
+def one(port, want):
+    t0 = time.monotonic()
+    try:
+        with socket.create_connection((host, port), timeout=2) as s:
+            s.settimeout(2)
+            data = b""
+            while True:
+                b = s.recv(4096)
+                if not b:
+                    break
+                data += b
+        err = "" if data.strip() == want else "port %d: answer %r" % (port, data[-80:])
+    except OSError as e:
+        err = "port %d: %s %s" % (port, type(e).__name__, e)
+    results.append((t0, time.monotonic(), err.replace("\n", " ")))
+def work(i):
+    n = i
+    while not stop.is_set():
+        one(*targets[n % len(targets)])
+        n += 1
+threads = [threading.Thread(target=work, args=(i,)) for i in range(workers)]
+for t in threads:
+    t.start()
+deadline = time.monotonic() + 60
+while not any(not r[2] for r in results) and time.monotonic() < deadline:
+    time.sleep(0.01)
+print("ready" if any(not r[2] for r in results) else "never ready", flush=True)
+sys.stdin.read()
+stop.set()
+for t in threads:
+    t.join()
+for t0, t1, err in results:
+    print("%.4f %.4f %s" % (t0, t1, err))
+"""
+
+
+@dataclass(frozen=True)
+class Connection:
+    start: float
+    end: float
+    error: str
+
+
+class Load:
+    """LOADGEN running in the container's client namespace."""
+
+    def __init__(self, c: Container, targets: dict[int, str], workers: int = 4) -> None:
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", c.client_ns, sys.executable, "-I", "-S", "-c", LOADGEN, PUBLIC4, str(workers),
+             *(f"{port}:{want}" for port, want in targets.items())],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], 90)
+        first = self.proc.stdout.readline().strip() if ready else "no line within 90 s"
+        if first != "ready":
+            self.proc.kill()
+            raise AssertionError(f"the load generator did not get a first answer: {first}")
+
+    def stop(self) -> list[Connection]:
+        out, _ = self.proc.communicate(input="", timeout=60)
+        return [Connection(float(a), float(b), err) for a, b, err in
+                (ln.split(" ", 2) if ln.count(" ") >= 2 else [*ln.split(" ", 1), ""] for ln in out.splitlines())]
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
 class System:
     def __init__(self, name: str, c: Container) -> None:
         self.name = name
@@ -110,7 +226,7 @@ def _provision(c: Container, kernel: Path, initrd: Path) -> None:
     # what the admin writes before installing: one file per guest
     for name, spec in GUESTS.items():
         c.put(f"/etc/virt-forward/guests/{name}.toml",
-              f'address = "{spec.ip}"\nports = ["{PORTS[name]}:80"]\n')
+              f'address = "{spec.ip}"\nports = ["{PORTS[name]}:80", "{LOAD_PORTS[name]}:9000"]\n')
 
 
 
