@@ -47,20 +47,10 @@ NETNS_WORDS = frozenset({"unshare", "netns"})
 # As `nobody` they cannot make what they check (a file of another owner, ...).  Patterns match
 # node ids (fnmatch).
 ROOT_ONLY: dict[str, str] = {
-    # tests/test_config.py's _tree() chowns its directories to root (and some to uid 65534)
-    "tests/test_config.py::test_trusted_tree_loads": "_tree() chowns its directories to root",
-    "tests/test_config.py::test_writable_config_dir_is_refused*": "_tree() chowns its directories to root",
-    "tests/test_config.py::test_config_dir_of_another_owner_is_refused": "_tree() chowns to root and uid 65534",
-    "tests/test_config.py::test_untrusted_parent_is_refused*": "_tree() chowns its directories to root",
-    "tests/test_config.py::test_root_owned_sticky_parent_is_accepted*": "_tree() chowns its directories to root",
-    "tests/test_config.py::test_a_renamed_config_toml_does_not_widen_the_forwards":
-        "_tree() chowns its directories to root",
-    "tests/test_config.py::test_a_removed_guest_file_in_a_writable_guests_dir_is_an_error_not_no_file":
-        "_tree() chowns its directories to root",
-    "tests/test_config.py::test_symlinks_on_the_way_are_followed_and_checked": "_tree() chowns its directories to root",
-    "tests/test_config.py::test_a_symlink_of_another_owner_on_the_way_is_refused":
-        "_tree() chowns to root, the symlink to uid 65534",
-    "tests/test_config.py::test_relative_config_dir": "_tree() chowns its directories to root",
+    # tests/test_config.py: a file or link of uid 65534 (the other owner), which is the trusted uid
+    # itself when run as nobody, and which only root can make; _tree() itself is the trusted owner's
+    "tests/test_config.py::test_config_dir_of_another_owner_is_refused": "chowns the config dir to uid 65534",
+    "tests/test_config.py::test_a_symlink_of_another_owner_on_the_way_is_refused": "lchowns a symlink to uid 65534",
     "tests/test_config.py::test_guests_dir_owned_by_someone_else_is_refused":
         "chowns guests/ to uid 65534, which is the trusted uid itself when run as nobody",
     "tests/test_edit.py::test_add_creates_file_with_address": "asserts that the file made is root's",
