@@ -19,6 +19,9 @@ What is measured, and what is not:
 This module only renders and parses; drift.snapshot reads the kernel and the records.
 - `virt_forward_repairs_total` / `virt_forward_last_repair_timestamp_seconds`: the watcher's
   reconciles after a failed check, kept in the state dir so that `status` shows them too.
+- `virt_forward_repair_failing` / `virt_forward_repair_failing_since_timestamp_seconds`: a
+  repair that left what it repaired, which the watcher retries less and less often (1 s
+  doubling to 5 min); present only while that lasts (in the same record).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import math
 import os
 import stat
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -39,7 +42,9 @@ from .plan import Family, Forward
 if TYPE_CHECKING:
     from .problems import Problem
 
-REPAIRS_FILE = "repairs.json"  # in the state dir: {"count": N, "last": unix time or null}
+# in the state dir: {"count": N, "last": unix time or null} and, while a repair does not
+# converge, "failing": [problem texts], "since", "retry_at": unix times, "attempts": N
+REPAIRS_FILE = "repairs.json"
 MAX_REPAIRS_FILE = 4096
 
 Kind = Literal["counter", "gauge"]
@@ -113,6 +118,11 @@ class ForwardCount:
 class Repairs:
     count: int = 0
     last: float | None = None  # unix time of the last one
+    # a repair that left (some of) what it repaired, retried by the watcher with a growing delay
+    failing: tuple[str, ...] = ()  # the problems it left, as status shows them; () when none
+    since: float | None = None  # unix time of the first repair that left them
+    attempts: int = 0  # repairs in a row that left them
+    retry_at: float | None = None  # unix time of the next one
 
 
 @dataclass(frozen=True)
@@ -159,6 +169,14 @@ def families(snap: Snapshot) -> list[MetricFamily]:
     if snap.repairs.last is not None:
         out.append(MetricFamily("virt_forward_last_repair_timestamp_seconds", "gauge",
                                 "Unix time of the watcher's last repair.", (Sample((), snap.repairs.last),)))
+    if snap.repairs.failing:
+        out.append(MetricFamily("virt_forward_repair_failing", "gauge",
+                                "1 while the watcher's repair leaves the problems it repaired (it retries with a "
+                                "growing delay; status and doctor name them).", (Sample((), 1),)))
+        if snap.repairs.since is not None:
+            out.append(MetricFamily("virt_forward_repair_failing_since_timestamp_seconds", "gauge",
+                                    "Unix time of the first repair that did not fix them.",
+                                    (Sample((), snap.repairs.since),)))
     return out
 
 
@@ -231,7 +249,8 @@ def forward_counts(guest: str, forwards: tuple[Forward, ...], live: Live) -> tup
 # ---------------------------------------------------------------- the watcher's repairs
 
 def read_repairs(state_dir: Path) -> Repairs:
-    """What the watcher recorded; no file (no repair yet) or a damaged one reads as none."""
+    """What the watcher recorded; no file (no repair yet) or a damaged one reads as none (a
+    damaged failing part alone: as not failing)."""
     path = state_dir / REPAIRS_FILE
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
@@ -242,8 +261,8 @@ def read_repairs(state_dir: Path) -> Repairs:
             return Repairs()
         data = json.loads(os.read(fd, MAX_REPAIRS_FILE))
         count, last = data["count"], data["last"]
-        if type(count) is int and count >= 0 and (last is None or type(last) in (int, float)):
-            return Repairs(count, None if last is None else float(last))
+        if type(count) is int and count >= 0 and _time_or_none(last):
+            return Repairs(count, None if last is None else float(last), *_failing(data))
         return Repairs()
     except (OSError, ValueError, KeyError, TypeError):
         return Repairs()
@@ -251,12 +270,60 @@ def read_repairs(state_dir: Path) -> Repairs:
         os.close(fd)
 
 
+def _time_or_none(value: object) -> bool:
+    return value is None or type(value) in (int, float)
+
+
+def _failing(data: dict[str, Any]) -> tuple[tuple[str, ...], float | None, int, float | None]:
+    failing, since = data.get("failing", []), data.get("since")
+    attempts, retry_at = data.get("attempts", 0), data.get("retry_at")
+    if (isinstance(failing, list) and all(isinstance(t, str) for t in failing) and type(attempts) is int
+            and attempts >= 0 and _time_or_none(since) and _time_or_none(retry_at)):
+        return (tuple(failing), None if since is None else float(since), attempts,
+                None if retry_at is None else float(retry_at))
+    return (), None, 0, None
+
+
+def _write_repairs(state_dir: Path, repairs: Repairs) -> None:
+    from . import files
+    data: dict[str, object] = {"count": repairs.count, "last": repairs.last}
+    if repairs.failing:
+        data.update(failing=list(repairs.failing), since=repairs.since, attempts=repairs.attempts,
+                    retry_at=repairs.retry_at)
+    text = json.dumps(data).encode()
+    if len(text) > MAX_REPAIRS_FILE:  # read_repairs reads that much: keep the record whole
+        data["failing"] = [t[:200] for t in repairs.failing[:8]]
+        text = json.dumps(data).encode()
+    files.replace(str(state_dir / REPAIRS_FILE), text)
+
+
 def record_repair(state_dir: Path, now: float | None = None) -> Repairs:
     """One more repair, at `now` (default: the current time); the caller holds the state lock."""
-    from . import files
     before = read_repairs(state_dir)
-    after = Repairs(before.count + 1, time.time() if now is None else now)
-    files.replace(str(state_dir / REPAIRS_FILE), json.dumps({"count": after.count, "last": after.last}).encode())
+    after = replace(before, count=before.count + 1, last=time.time() if now is None else now)
+    _write_repairs(state_dir, after)
+    return after
+
+
+def record_failing(state_dir: Path, failing: tuple[str, ...], attempts: int, retry_at: float,
+                   now: float | None = None) -> Repairs:
+    """A repair left `failing` (attempts in a row so far, the next at unix time `retry_at`);
+    the caller holds the state lock."""
+    before = read_repairs(state_dir)
+    since = before.since if before.failing and before.since is not None else (time.time() if now is None else now)
+    after = replace(before, failing=failing, since=since, attempts=attempts, retry_at=retry_at)
+    _write_repairs(state_dir, after)
+    return after
+
+
+def clear_failing(state_dir: Path) -> Repairs:
+    """No repair fails (any more); the caller holds the state lock.  No file is written when
+    there was nothing to clear."""
+    before = read_repairs(state_dir)
+    if not before.failing:
+        return before
+    after = Repairs(before.count, before.last)
+    _write_repairs(state_dir, after)
     return after
 
 
