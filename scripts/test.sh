@@ -62,13 +62,13 @@ print("\n".join(d for d in deps if not d.replace("_", "-").lower().startswith("m
   fi
   chmod -R go+rX,go-w "$nobody_tmp" || return 2  # a umask of 077 (or a checkout's own modes) would shut nobody out
   # pytest's temporary files inside ours too, so the trap removes them (not /tmp/pytest-of-nobody)
-  install -d -o nobody -m 0755 "$nobody_tmp/run" || return 2
+  install -d -o nobody -m 0755 "$nobody_tmp/nobody" || return 2
   local t1=$EPOCHREALTIME rc=0
   # a clean environment: only what a non-root user would have, and the required-run switches
   (cd "$src" && runuser -u nobody -- env -i PATH=/usr/local/bin:/usr/bin:/bin LANG=C.UTF-8 \
       HOME=/nonexistent CI="${CI:-}" VIRT_FORWARD_REQUIRE_TIERS=1 \
       "$venv/bin/python" -m pytest -m noroot -q -ra -p no:cacheprovider \
-      --basetemp="$nobody_tmp/run/pytest") | tee "$out" || rc=${PIPESTATUS[0]}
+      --basetemp="$nobody_tmp/nobody/pytest") | tee "$out" || rc=${PIPESTATUS[0]}
   local t2=$EPOCHREALTIME last passed
   last=$(grep -E '^=*\s*[0-9]+ (passed|failed|error)' "$out" | tail -1 | tr -d '=' | sed 's/^ *//;s/ *$//')
   passed=$(grep -oE '[0-9]+ passed' <<<"$last" || echo "0 passed")
