@@ -155,6 +155,17 @@ def tcp_answer(addr: str, port: int, timeout: float = 2.0) -> str:
             return f"ERR {type(exc).__name__} {exc}"
 
 
+def tcp_answer_retried(addr: str, port: int) -> tuple[str, bool]:
+    """tcp_answer, asked once more (with a longer timeout) when the first one timed out, and
+    whether it had to be: on a loaded machine a handshake can take longer than 2 s, and a
+    guest started again right after its stop can lose its first flow to the stop's conntrack
+    clean-up, which runs detached (engine.forget_flows)."""
+    first = tcp_answer(addr, port)
+    if "TimeoutError" not in first:
+        return first, False
+    return tcp_answer(addr, port, timeout=5.0), True
+
+
 @contextmanager
 def shm_world(guests: int, backend: str = "iptables") -> Iterator[World]:
     """A lab world whose config and state dirs live on tmpfs (/dev/shm): every file written
