@@ -145,3 +145,40 @@ def test_watcher_and_its_monitor_stay_flat_over_guest_cycles(world: World) -> No
           f"{growth:+d} kB, {growth / (CYCLES - WARM_UP - WINDOW):+.2f} kB per cycle")
     assert "repairing" not in log, log  # the hooks keep records and kernel in step: nothing to repair
     assert growth < BOUND_KB, f"grew {growth} kB (bound {BOUND_KB}): watcher {w1} -> {w2}, monitor {m1} -> {m2}"
+
+
+# In the lab host: the watcher's monitor thread alone, told to replace its `nft monitor` after
+# every report; each ruleset change must still wake it.  Prints "replacements missed".
+REPLACED_ALWAYS = r"""
+import queue, shutil, subprocess, sys, threading
+from virt_forward import watch
+watch.MONITOR_GROWTH_KB, watch.MONITOR_MIN_LIFE, watch.MONITOR_LIFE_FACTOR = 0, 0.0, 0
+wake = watch._Wakeups()
+threading.Thread(target=wake.nft_monitor, daemon=True).start()
+assert wake.monitoring.wait(30), "no nft monitor listening"
+nft = shutil.which("nft", path="/usr/sbin:/sbin:/usr/bin:/bin")
+missed = 0
+for i in range(int(sys.argv[1])):
+    while True:  # what earlier changes woke
+        try:
+            wake.q.get_nowait()
+        except queue.Empty:
+            break
+    subprocess.run([nft, "add", "table", "inet", f"vf_wake_{i}"], check=True)
+    try:
+        wake.q.get(timeout=10)
+    except queue.Empty:
+        missed += 1
+print(wake.restarts, missed)
+"""
+
+
+def test_a_replaced_monitor_misses_no_change(world: World) -> None:
+    """Replaced after every report (the new one listens before the old one goes, then the
+    watcher checks), the monitor still wakes the watcher after each of 60 changes."""
+    w = world
+    got = w.lab.sh(w.lab.host, sys.executable, "-c", REPLACED_ALWAYS, "60", env={**os.environ, **w.env()},
+                   timeout=300)
+    restarts, missed = map(int, got.stdout.split())
+    print(f"60 ruleset changes, nft monitor replaced {restarts} times: {missed} change(s) woke nothing")
+    assert restarts >= 20 and missed == 0
