@@ -378,8 +378,11 @@ def watch(ctx: engine.Context, interval: float = 30.0, debounce: float = 0.2) ->
     # the first check once nft monitor listens: a change between them would wait for the timer
     wake.monitoring.wait(SUBSCRIBE_DEADLINE + 1)
     log.info(f"watching (safety check every {interval:g} s)")
-    with ctx.store.lock():  # a failing repair of an earlier watcher: this one finds out anew
-        metrics.clear_failing(ctx.store.root)
+    try:
+        with ctx.store.lock():  # a failing repair of an earlier watcher: this one finds out anew
+            metrics.clear_failing(ctx.store.root)
+    except Exception as exc:  # the loop's checks say more about a state dir we cannot write
+        log.error(f"repairs record in {ctx.store.root}: {exc}")
     backoff = Backoff()
     reason = "start"
     try:
@@ -414,5 +417,5 @@ def watch(ctx: engine.Context, interval: float = 30.0, debounce: float = 0.2) ->
     finally:
         wake.stop.set()
         if wake.monitor is not None and wake.monitor.poll() is None:
-            wake.monitor.kill()  # not left behind until the next ruleset change
+            _end(wake.monitor)  # not left behind until the next ruleset change
     return 0
