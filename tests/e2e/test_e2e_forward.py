@@ -397,7 +397,7 @@ def nft_handles(listing: str) -> list[tuple[str, str, int, int, str]]:
                 rules.append((table, chain, position, int(handle), text))
                 position += 1
         elif ln == "}":
-            chain = "" if chain else chain
+            chain = ""
     return rules
 
 
