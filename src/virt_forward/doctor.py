@@ -62,6 +62,10 @@ class Facts:
     conntrack_installed: bool = True  # the conntrack command (forgets the flows of a changed forward)
     ambiguous_leases: tuple[str, ...] = ()  # discovery.ambiguous_leases: guests whose address is not taken
     orphan_claims: tuple[str, ...] = ()  # holders in the claims index with no record (a start killed mid-way)
+    # the watcher's repair that left what it repaired (metrics.Repairs): the problems, since when, tries
+    repair_failing: tuple[str, ...] = ()
+    repair_failing_since: float | None = None
+    repair_attempts: int = 0
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -122,6 +126,14 @@ def diagnose(f: Facts) -> list[Verdict]:
               for p in f.firewall_problems]
     elif f.applied:
         v.append(Verdict(OK, "live rules", f"{len(f.applied)} guest(s) applied, rules and guards in place"))
+    if f.repair_failing:
+        import time
+        since = "" if f.repair_failing_since is None else \
+            time.strftime(" since %Y-%m-%d %H:%M:%S", time.localtime(f.repair_failing_since))
+        v.append(Verdict(FAIL, "watcher", f"its repair does not fix {'; '.join(f.repair_failing)}{since} "
+                         f"({f.repair_attempts} tries; it retries less and less often, up to every 5 min)",
+                         "journalctl -t virt-forward VIRT_FORWARD_EVENT=repair_failing tells when it began; "
+                         "virt-forward status shows what differs"))
 
     if f.docker_drop:
         v.append(Verdict(OK if not f.firewall_problems else WARN, "docker",
@@ -280,6 +292,8 @@ def gather(ctx: engine.Context, libvirt_dir: Path = Path("/etc/libvirt")) -> Fac
         installed, mtime = False, None
     hook_problem = installed_hook_problem(hook, ctx.config_dir) if installed else None
     root = libvirt_dir.parent.parent  # /etc/libvirt -> /
+    from .metrics import read_repairs
+    repairs = read_repairs(ctx.store.root)
     return Facts(sysctl=_sysctls(), local_addresses=_local_addresses(), listening=_listening(),
                  networks=_libvirt_networks(libvirt_dir), plans=tuple(plans), config_errors=tuple(errors),
                  firewall_problems=fw, applied=applied, docker_drop=docker, firewalld_strict=strict,
@@ -290,6 +304,8 @@ def gather(ctx: engine.Context, libvirt_dir: Path = Path("/etc/libvirt")) -> Fac
                  conntrack_installed=which("conntrack") is not None,
                  ambiguous_leases=tuple(ambiguous_leases(root)),
                  orphan_claims=_orphan_claims(ctx),
+                 repair_failing=repairs.failing, repair_failing_since=repairs.since,
+                 repair_attempts=repairs.attempts,
                  packaged=(root / PACKAGE_HOOKS.lstrip("/") / "qemu").is_file())
 
 
