@@ -129,3 +129,7 @@ def test_a_guest_that_grows_past_the_cap_keeps_what_it_held(world: World, names:
     w.guest_file(other, f'address = "{G2}"\npublic = "{PUBLIC4}"\nports = ["7000:443"]\n')
     w.cli("reconcile", "--running", holder, "--running", other, check=False)
     _assert_held(w, holder, other)
+    # and a guest over the lowered cap may always give a port up, by `rm` or by an edit
+    r = w.cli("rm", holder, "2222:22", check=False)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert (_who(w, 8080), _who(w, 2222), _who(w, 7000)) == ("guest1", "nobody", "guest2")

@@ -97,3 +97,9 @@ def test_random_rounds_never_move_a_held_port() -> None:
         assert total <= max(cap, held_total), (cands, choice, cap)
         for name, why in refused.items():
             assert choice[name] in (HELD, NONE)
+
+
+def test_a_guest_may_always_shrink_even_over_the_cap() -> None:
+    # the cap was lowered below what is held: giving a port up is never refused
+    choice, refused, _ = claims.settle([("a", [P7000, P8080], [P7000]), ("b", [P2222], [P2222])], cap=1)
+    assert choice == {"a": WANTED, "b": HELD} and refused == {}

@@ -278,7 +278,7 @@ def settle(candidates: list[Candidate], cap: int
                 if hit is not None:
                     refused[name] = hit
                     continue
-                if total - len(own) + len(wanted) > cap:
+                if len(wanted) > len(own) and total - len(own) + len(wanted) > cap:  # shrinking is always fine
                     refused[name] = (None, CAP)
                     continue
             ledger.release(name, own)
