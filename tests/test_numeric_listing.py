@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterator, TypeVar
 
 import pytest
 
+import netns_util
 from netns_util import World, lab_world
 from vflab.lab import CLIENT4, PUBLIC4
 from virt_forward import metrics, nft
@@ -142,14 +143,7 @@ def hook_hidden(w: World, domain: str, op: str = "start", sub: str = "begin") ->
 
 
 def wait_until(what: str, observe: Callable[[], T], ok: Callable[[T], object] = bool, timeout: float = 30.0) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        seen = observe()
-        if ok(seen):
-            return seen
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout:g} s: {what} (last seen: {seen!r})")
-        time.sleep(0.05)
+    return netns_util.wait_until(observe, ok, timeout=timeout, what=what)
 
 
 def listening(pid: int) -> bool:
