@@ -53,7 +53,8 @@ def running_from_libvirt() -> dict[str, str] | None:
             return {d.name(): d.XMLDesc(0) for d in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)}
         finally:
             conn.close()
-    except Exception:  # libvirt down: fall back to the records
+    except Exception as exc:  # libvirt down: fall back to the records, and say why
+        log.warning(f"libvirt at {uri} not asked, the records say which guests run: {type(exc).__name__}: {exc}")
         return None
 
 
