@@ -11,6 +11,7 @@ import ipaddress
 import json
 import os
 import re
+import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,9 @@ if TYPE_CHECKING:
     from .drift import Problem
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "FAIL", "skip"
+# libvirt looks for hooks while it starts, a while after its process began; and the start
+# time is known to a clock tick: a hook written within this of the start counts as seen
+DAEMON_START_SLACK = 0.05
 
 
 @dataclass(frozen=True)
@@ -164,7 +168,7 @@ def diagnose(f: Facts) -> list[Verdict]:
         v.append(Verdict(FAIL, "hook", f"it does not run: {f.hook_problem}; guests start without forwards", reinstall))
     elif f.daemon_started is None:
         v.append(Verdict(WARN, "hook", "installed, but no libvirtd/virtqemud is running"))
-    elif f.hook_mtime is not None and f.hook_mtime > f.daemon_started:
+    elif f.hook_mtime is not None and f.hook_mtime > f.daemon_started + DAEMON_START_SLACK:
         v.append(Verdict(FAIL, "hook", "installed after libvirt started: libvirt has not seen it",
                          "systemctl restart libvirtd (or virtqemud)"))
     else:
@@ -251,16 +255,22 @@ def _libvirt_networks(libvirt_dir: Path) -> dict[str, tuple[ipaddress.IPv4Networ
 
 
 def _daemon_started() -> float | None:
-    """Start time of libvirtd or virtqemud, from /proc (boot time + start ticks)."""
-    btime = next((float(ln.split()[1]) for ln in (_read(Path("/proc/stat")) or "").splitlines()
-                  if ln.startswith("btime ")), 0.0)
+    """Start time (epoch) of libvirtd or virtqemud, to about 10 ms: now minus how long ago it
+    started by the boot clock (/proc/uptime and the process's start in clock ticks).  Not
+    /proc/stat's btime: it is whole seconds, so a daemon restarted in the second the hook was
+    written looked older than the hook (seen in the field tier)."""
+    try:
+        uptime = float((_read(Path("/proc/uptime")) or "").split()[0])
+    except (IndexError, ValueError):
+        return None
+    now = time.time()
     ticks = os.sysconf("SC_CLK_TCK")
     for pid in filter(str.isdigit, os.listdir("/proc")):
         if _read(Path("/proc", pid, "comm")) in ("libvirtd", "virtqemud"):
             stat = _read(Path("/proc", pid, "stat")) or ""
             fields = stat.rsplit(")", 1)[-1].split()
             if len(fields) > 19:
-                return btime + int(fields[19]) / ticks
+                return now - (uptime - int(fields[19]) / ticks)
     return None
 
 
