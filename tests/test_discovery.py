@@ -458,7 +458,7 @@ def test_watcher_applies_when_the_lease_appears(world: World, tmp_path: Path) ->
         took = time.monotonic() - t0
         print(f"forward live {took:.2f} s after the lease appeared")
         # a waiting guest is looked at every 2 s, and the lease now comes right after a look:
-        # measured 2.0-2.5 s here (2 cores shared with other workers; the README's 1.3 s was
+        # measured 2.0-2.5 s here (2 cores shared with other workers; an earlier 1.3 s was
         # with the lease 1 s after a look); the bound allows for a far busier machine
         assert took < 10
     finally:

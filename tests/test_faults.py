@@ -40,7 +40,7 @@ def world(request: pytest.FixtureRequest) -> Iterator[World]:
 
 
 
-# Seconds a forward may stay broken after a reset.  Measured: 0.3-0.5 s on an idle machine (README),
+# Seconds a forward may stay broken after a reset.  Measured: 0.3-0.5 s on an idle machine (docs/design.md),
 # 0.17-1.18 s here with the other workers' load on 2 cores; the bound leaves room for a far worse one.
 RECOVERY_BOUND = 5.0
 

@@ -4,8 +4,8 @@ Four guests share five candidate public ports.  Each sequence starts with every 
 stopped and random guest files, then runs random operations: start (the hook's full and
 fast path), stop, restart, reconnect, a hand edit of a guest file (adding a port another
 guest may hold, or dropping one), `virt-forward add` / `rm`, reconcile, a network restart
-(the network hook), and a change of `max_forwards`.  A model keeps the ledger (README, "Who
-holds a port"): a port, once a guest's apply succeeded with it, stays that guest's until the
+(the network hook), and a change of `max_forwards`.  A model keeps the ledger (docs/design.md, "Who
+holds a port: the ledger"): a port, once a guest's apply succeeded with it, stays that guest's until the
 guest stops or its own config drops it; a guest whose new config clashes with a port another
 guest holds, or would pass `max_forwards`, keeps what it held; a refused `add` leaves the
 file byte for byte.  After EVERY step the kernel (our DNAT maps or rules, read with nft's
