@@ -10,6 +10,9 @@ both of our backends.
 
 from __future__ import annotations
 
+import os
+import sys
+from pathlib import Path
 from typing import Iterator
 
 import pytest
@@ -133,3 +136,44 @@ def test_a_guest_that_grows_past_the_cap_keeps_what_it_held(world: World, names:
     r = w.cli("rm", holder, "2222:22", check=False)
     assert r.returncode == 0, (r.stdout, r.stderr)
     assert (_who(w, 8080), _who(w, 2222), _who(w, 7000)) == ("guest1", "nobody", "guest2")
+
+
+META_NETWORK = """<network><name>default</name><bridge name='virbr0'/>
+  <ip address='192.168.122.1' netmask='255.255.255.0'/></network>"""
+
+
+def _meta_domain(name: str, ports: list[str]) -> str:
+    from virt_forward import domainxml
+    return (f"<domain type='kvm'><name>{name}</name><metadata><vf:config xmlns:vf='{domainxml.NAMESPACE}'>"
+            f"<vf:address>{G2}</vf:address>" + "".join(f"<vf:port>{p}</vf:port>" for p in ports)
+            + "</vf:config></metadata><devices><interface type='network'><mac address='52:54:00:aa:bb:02'/>"
+            "<source network='default' bridge='virbr0'/></interface></devices></domain>")
+
+
+def test_a_metadata_guest_cannot_take_a_file_guests_port(world: World, tmp_path: Path) -> None:
+    """Whoever may edit a domain writes its <metadata>, not root: a metadata guest ("alpha",
+    sorted first) that later claims a file guest's held port keeps only what it held, through
+    the hook's reconnect and through reconcile."""
+    w = world
+    root = tmp_path / "libvirt"
+    (root / "etc/libvirt/qemu/networks").mkdir(parents=True)
+    (root / "etc/libvirt/qemu/networks/default.xml").write_text(META_NETWORK)
+    env = {**w.env(), "VIRT_FORWARD_LIBVIRT_ROOT": str(root)}
+    w.write("config.toml", (w.cfg / "config.toml").read_text() + f'metadata = true\npublic = "{PUBLIC4}"\n')
+
+    def hook(domain: str, op: str, xml: str) -> str:
+        r = w.lab.sh(w.lab.host, str(w.hook_path), domain, op, "begin", "-", stdin=xml, env=env, check=False)
+        assert r.returncode == 0, r.stderr
+        return r.stderr
+
+    assert "forward(s) live" in hook("alpha", "start", _meta_domain("alpha", ["7000:443"]))
+    w.guest_file("zeta", f'address = "{G1}"\nports = ["8080:80", "2222:22"]\n')
+    assert "forward(s) live" in hook("zeta", "start", _meta_domain("zeta", []))
+    edited = _meta_domain("alpha", ["7000:443", "8080:3306"])
+    err = hook("alpha", "reconnect", edited)
+    assert "8080/tcp is forwarded to guest 'zeta'" in err, err
+    assert (_who(w, 8080), _who(w, 2222), _who(w, 7000)) == ("guest1", "guest1", "guest2")
+    r = w.lab.sh(w.lab.host, sys.executable, "-m", "virt_forward", "reconcile", "--running", "alpha",
+                 "--running", "zeta", env={**os.environ, **env}, check=False)
+    assert "which holds it; keeping what it held" in r.stdout + r.stderr, (r.stdout, r.stderr)
+    assert (_who(w, 8080), _who(w, 2222), _who(w, 7000)) == ("guest1", "guest1", "guest2")
