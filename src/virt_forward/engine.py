@@ -350,6 +350,7 @@ def remove(ctx: Context, domain: str, why: str = "", lock_timeout: float | None 
         old = store.read(domain)
         settings = settings_or_default(ctx.config_dir)  # a broken config.toml must not block removal
         _undo_left_pending(ctx, domain, settings.hairpin, wait=not hook)
+        store.sweep_temp(domain)
         old = store.read(domain)
         if old is None:
             return f"{domain}: nothing applied" + (f" ({why})" if why else "")

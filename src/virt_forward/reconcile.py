@@ -176,6 +176,7 @@ def reconcile(ctx: engine.Context, running: list[str] | None = None, lock_timeou
         claims.rebuild(str(store.root), {state.stem(p.domain): held[p.domain] for p in plans})
         for domain in store.pending_domains():  # a start killed mid-way: what it claimed is free again
             store.delete_pending(domain)
+        store.sweep_temp()
         for domain in texts:
             if domain not in wanted:
                 engine.forget_flows(recorded(domain), None)

@@ -242,6 +242,19 @@ class StateStore:
         with contextlib.suppress(FileNotFoundError):
             self._pending_path(domain).unlink()
 
+    def sweep_temp(self, domain: str | None = None) -> None:
+        """Temp files of a writer killed mid-write ("NAME.json.PID.tmp"): nothing reads them;
+        only under the lock (a live writer holds it while its temp file exists)."""
+        prefix = "" if domain is None else stem(domain) + "."
+        try:
+            names = os.listdir(self.guests)
+        except FileNotFoundError:
+            return
+        for name in names:
+            if name.endswith(".tmp") and name.startswith(prefix):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.guests / name)
+
     def pending_domains(self) -> list[str]:
         return self._names(self.guests, PENDING, "plan")
 
