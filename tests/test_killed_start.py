@@ -78,7 +78,7 @@ def wait_until(what: str, done: Callable[[], bool], deadline: float = 15.0) -> N
 def leftovers(w: World, name: str) -> list[str]:
     """The victim's files in the state dir that say it holds something (record, pending record).
     Not a temp file a kill left mid-write ("NAME.pending.PID.tmp"): nothing reads one, and the
-    next full path or reconcile sweeps it (tests/test_state.py)."""
+    next reconcile sweeps it (tests/test_state.py)."""
     guests = w.state / "guests"
     return sorted(p.name for p in guests.iterdir()
                   if p.name in (f"{name}.json", f"{name}.pending")) if guests.is_dir() else []

@@ -150,19 +150,9 @@ def apply(ctx: Context, domain: str, xml: str | None = None, want: Desired | Non
         # The ledger first: a clash or the cap refuses the new plan before anything of the old
         # one is touched, so the guest keeps exactly what it held.
         wanted, had = claims_of(plan), claims_of(old)
-        clash = claims.conflicts(str(store.root), holder, wanted)
-        if clash:
-            (k, public), other = clash[0]
-            keeping = "; keeping what it held" if old is not None else ""
-            raise FirewallError(f"{domain}: not applied: {claim_text(k, public)} is forwarded to guest "
-                                f"{holder_name(store, other)!r}, which applied it first{keeping}")
-        # the host-wide cap, from the index's count: no scan of the other guests at a guest start;
-        # a guest that does not grow is never refused by it (a cap lowered below what is held)
-        held_by_others = claims.total(str(store.root)) - len(had)  # an applied guest's claims are in the index
-        over = None if len(wanted) <= len(had) else \
-            host_limit_error([("the other guests", held_by_others), plan], want.settings)
-        if over is not None:
-            raise FirewallError(f"{domain}: not applied: {over}" + ("; keeping what it held" if old else ""))
+        refused = _ledger_refusal(store, domain, wanted, had, plan, want.settings, "which applied it first")
+        if refused is not None:
+            raise FirewallError(f"{domain}: not applied: {refused}" + ("; keeping what it held" if old else ""))
         old_backend = store.read_backend(domain) if old is not None else None
         if old is not None and old_backend not in (None, backend.name):
             # applied with the other backend (config changed, or nft installed since): take that off first
@@ -183,8 +173,7 @@ def apply(ctx: Context, domain: str, xml: str | None = None, want: Desired | Non
             store.delete_pending(domain)
             raise
         claims.update(str(store.root), holder, add=[], drop=[c for c in had if c not in wanted])
-        store.write(plan, backend.name)
-        store.delete_pending(domain)
+        store.commit_pending(domain)  # the pending record's text is the record's
         forget_flows(old, plan, wait=not hook)
         if old is None:
             warn_without_conntrack(store, domain)
@@ -200,19 +189,27 @@ def apply(ctx: Context, domain: str, xml: str | None = None, want: Desired | Non
 
 def check_ledger(ctx: Context, domain: str, plan: GuestPlan, settings: Settings) -> None:
     """FirewallError when `plan` would take a port another guest holds, or take the host past
-    max_forwards (`add`: before the file is written; the caller holds the lock)."""
+    max_forwards (`add`: before the file is written; the caller holds the lock).  A guest that
+    does not run holds nothing now: only a clash is refused for it (its start checks the cap)."""
     store = ctx.store
-    clash = claims.conflicts(str(store.root), state.stem(domain), claims_of(plan))
+    wanted, had = claims_of(plan), claims_of(store.read(domain))
+    refused = _ledger_refusal(store, domain, wanted, had or wanted, plan, settings, "which holds it")
+    if refused is not None:
+        raise FirewallError(f"{domain}: {refused} (file left unchanged)")
+
+
+def _ledger_refusal(store: StateStore, domain: str, wanted: list[tuple[str, str]], had: list[tuple[str, str]],
+                    plan: GuestPlan, settings: Settings, holds: str) -> str | None:
+    """Why the ledger refuses `plan` (a port another guest holds; growth past max_forwards,
+    counted from the index: no scan of the other guests), or None.  `had`: what it holds now."""
+    clash = claims.conflicts(str(store.root), state.stem(domain), wanted)
     if clash:
         (k, public), other = clash[0]
-        raise FirewallError(f"{domain}: {claim_text(k, public)} is forwarded to guest {holder_name(store, other)!r}, "
-                            "which holds it (file left unchanged)")
-    had = claims_of(store.read(domain))
-    if not had or len(claims_of(plan)) <= len(had):
-        return  # a guest that does not run holds nothing now (its start is checked); a shrink is fine
+        return f"{claim_text(k, public)} is forwarded to guest {holder_name(store, other)!r}, {holds}"
+    if len(wanted) <= len(had):
+        return None  # not growing: never refused by the cap (one lowered below what is held)
     over = host_limit_error([("the other guests", claims.total(str(store.root)) - len(had)), plan], settings)
-    if over is not None:
-        raise FirewallError(f"{domain}: {over} (file left unchanged)")
+    return None if over is None else str(over)
 
 
 def hairpin_bridges(ctx: Context, xml: str | None, plan: GuestPlan | None, settings: Settings,
@@ -350,7 +347,6 @@ def remove(ctx: Context, domain: str, why: str = "", lock_timeout: float | None 
         old = store.read(domain)
         settings = settings_or_default(ctx.config_dir)  # a broken config.toml must not block removal
         _undo_left_pending(ctx, domain, settings.hairpin, wait=not hook)
-        store.sweep_temp(domain)
         old = store.read(domain)
         if old is None:
             return f"{domain}: nothing applied" + (f" ({why})" if why else "")

@@ -238,20 +238,23 @@ class StateStore:
         validate_record(data, domain, str(path))
         return GuestPlan.from_record(data["plan"]), str(data["backend"])
 
+    def commit_pending(self, domain: str) -> None:
+        """The pending record becomes the record: one rename, no second write of the same text."""
+        os.rename(self._pending_path(domain), self._path(domain))
+
     def delete_pending(self, domain: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self._pending_path(domain).unlink()
 
-    def sweep_temp(self, domain: str | None = None) -> None:
+    def sweep_temp(self) -> None:
         """Temp files of a writer killed mid-write ("NAME.json.PID.tmp"): nothing reads them;
         only under the lock (a live writer holds it while its temp file exists)."""
-        prefix = "" if domain is None else stem(domain) + "."
         try:
             names = os.listdir(self.guests)
         except FileNotFoundError:
             return
         for name in names:
-            if name.endswith(".tmp") and name.startswith(prefix):
+            if name.endswith(".tmp"):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.guests / name)
 
