@@ -328,8 +328,9 @@ class _FileEvents:
         return out
 
 
-def _children(pid: int, comm: str) -> list[int]:
-    """The live child processes of `pid` named `comm`."""
+def live_processes(match: Callable[[int, str, list[str]], bool]) -> list[int]:
+    """Pids of the processes that are not zombies and `match(pid, comm, stat fields after the
+    comm)` (fields[1] is the parent, fields[2] the process group)."""
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -338,10 +339,15 @@ def _children(pid: int, comm: str) -> list[int]:
             stat = Path(f"/proc/{entry}/stat").read_text()
         except OSError:
             continue
-        name, rest = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
-        if name == comm and rest[0] != "Z" and int(rest[1]) == pid:
+        comm, fields = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
+        if fields[0] != "Z" and match(int(entry), comm, fields):
             found.append(int(entry))
     return found
+
+
+def _children(pid: int, comm: str) -> list[int]:
+    """The live child processes of `pid` named `comm`."""
+    return live_processes(lambda _, name, fields: name == comm and int(fields[1]) == pid)
 
 
 @contextmanager

@@ -27,6 +27,7 @@ from typing import IO, Callable, Iterator
 import pytest
 
 from ledger_lab import InNetns, claims_index, kernel_forwards, shm_world, tcp_answer_retried, write_atomic
+import netns_util
 from netns_util import World
 from vflab.lab import PUBLIC4, domain_xml
 from virt_forward import fastpath, hook
@@ -53,26 +54,11 @@ def world(request: pytest.FixtureRequest) -> Iterator[World]:
 
 def ours_running(pgid: int) -> list[int]:
     """The processes of a process group that have not ended (zombies have)."""
-    alive = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rpartition(")")[2].split()
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            alive.append(int(entry))
-    return alive
+    return netns_util.live_processes(lambda _, __, fields: int(fields[2]) == pgid)
 
 
 def wait_until(what: str, done: Callable[[], bool], deadline: float = 15.0) -> None:
-    end = time.monotonic() + deadline
-    while not done():
-        if time.monotonic() > end:
-            raise AssertionError(f"not within {deadline} s: {what}")
-        time.sleep(0.005)
+    netns_util.wait_until(done, timeout=deadline, what=what, every=0.005)
 
 
 def leftovers(w: World, name: str) -> list[str]:

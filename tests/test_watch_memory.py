@@ -25,7 +25,7 @@ from typing import Iterator
 
 import pytest
 
-from netns_util import World, lab_world
+from netns_util import World, lab_world, live_processes
 from vflab.lab import PUBLIC4, domain_xml
 
 pytestmark = pytest.mark.netns
@@ -72,18 +72,13 @@ def rss_kb(pid: int) -> int:
 
 def monitors(pid: int) -> list[int]:
     """The `nft monitor` children of `pid`."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+    def monitor(entry: int, _: str, fields: list[str]) -> bool:
         try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            if stat[stat.rindex(")") + 2:].split()[1] == str(pid) and \
-                    Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")[1:2] == [b"monitor"]:
-                found.append(int(entry))
-        except (OSError, ValueError, IndexError):
-            continue
-    return found
+            return fields[1] == str(pid) and \
+                Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")[1:2] == [b"monitor"]
+        except OSError:
+            return False
+    return live_processes(monitor)
 
 
 @pytest.fixture
